@@ -1,0 +1,71 @@
+"""From data-set samples to model-ready prompts: the question text, the encoded image, the solution."""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tasks.images import ImageLoadError, load_image
+from tasks.manifest import ClassificationDataset, Sample
+from tasks.prompts import THINK_INSTRUCTION, DIRECT_INSTRUCTION, classification_prompt, question_prefix
+from vlm.inputs import PromptInputs, encode_prompt
+
+
+@dataclass
+class PromptExample:
+    """One prompt ready for rollout: `id` is stable across epochs (for exactly-once accounting)."""
+
+    id: str
+    dataset: str
+    text: str
+    inputs: PromptInputs
+    solution: str  # the class name
+
+
+def example_rng(seed: int, epoch: int, sample_id: str) -> random.Random:
+    """Each (seed, epoch, sample) draws its own candidate list, independent of batch order."""
+    return random.Random(f"{seed}:{epoch}:{sample_id}")
+
+
+def build_examples(processor, dataset: ClassificationDataset, samples: Sequence[Sample], style: str,
+                   min_pixels: int, max_pixels: int, seed: int, epoch: int = 0, skip_bad_images: bool = False,
+                   thing: str = "object", attribute: str = "category") -> tuple[list[PromptExample], list[str]]:
+    """Encode samples into prompts; returns (examples, skipped messages). Bad images raise unless skipping."""
+    examples, skipped = [], []
+    for s in samples:
+        try:
+            image = load_image(s.image, min_pixels, max_pixels)
+        except ImageLoadError as err:
+            if not skip_bad_images:
+                raise
+            skipped.append(str(err))
+            continue
+        text = classification_prompt(style, dataset.classnames, s.label, dataset.name,
+                                     example_rng(seed, epoch, s.id), thing=thing, attribute=attribute)
+        examples.append(PromptExample(s.id, dataset.name, text, encode_prompt(processor, image, text), s.label))
+    return examples, skipped
+
+
+def tokenizer_corpus(datasets: Sequence[ClassificationDataset]) -> list[str]:
+    """Text a tiny tokenizer is trained on: the tasks' own questions, class names and answer formats."""
+    lines = [THINK_INSTRUCTION, DIRECT_INSTRUCTION, "Please strictly follow the format.", "system user assistant",
+             "You are a helpful assistant.", "<think> </think> <answer> </answer>"]
+    for ds in sorted(datasets, key=lambda d: d.name):
+        lines.append(question_prefix(ds.name))
+        lines.append("Please choose one from list [ " + ", ".join(ds.classnames) + "].")
+        lines += [f"<think> The image shows {c}. </think> <answer>{c}</answer>" for c in ds.classnames]
+    return lines
+
+
+def format_target(style: str, answer: str) -> str:
+    """A completion in the task's answer format (warm start and SFT targets)."""
+    if style == "no_think":
+        return answer
+    return f"<think> The image shows {answer}. </think> <answer>{answer}</answer>"
+
+
+def candidates_in(text: str) -> list[str]:
+    """The class names offered in a CLS-RL prompt's list (for a warm start that teaches format, not labels)."""
+    start = text.find("[ ")
+    end = text.find("].", start)
+    return [c.strip() for c in text[start + 2:end].split(",")] if start >= 0 and end > start else []

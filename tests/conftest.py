@@ -1,0 +1,40 @@
+"""Shared fixtures: one cache for the tiny model and the bundled data across the whole run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("CLSRL_CACHE", str(REPO / ".cache" / "clsrl"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset():
+    from tasks.bundled import ensure_bundled
+    from tasks.manifest import read_dataset
+
+    return read_dataset(ensure_bundled("shapes"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shapes_dataset):
+    from tasks.examples import tokenizer_corpus
+    from vlm.tiny import TinyVLMSpec, ensure_tiny_vlm
+
+    return ensure_tiny_vlm(TinyVLMSpec(), tokenizer_corpus([shapes_dataset]))
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_model_dir):
+    """(model, processor) loaded the way a real checkpoint is."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlm.processor import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, load_processor(tiny_model_dir)

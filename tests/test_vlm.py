@@ -1,0 +1,129 @@
+"""The tiny offline VLM and the model I/O shared by rollout and learner."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForImageTextToText
+
+from learner.objective import pad_rows
+from tasks.examples import build_examples
+from vlm.generation import SamplingConfig, sample_completions
+from vlm.inputs import build_sequence_batch, encode_prompt, vision_token_ids
+from vlm.logprobs import completion_logprobs
+from vlm.processor import Qwen2VLImageOnlyProcessor, load_processor
+from vlm.tiny import TinyVLMSpec, ensure_tiny_vlm
+
+
+def _examples(processor, dataset, n=3, style="cls_rl"):
+    examples, skipped = build_examples(processor, dataset, dataset.split("train")[:n], style, 56 * 56, 112 * 112, seed=0)
+    assert not skipped
+    return examples
+
+
+def _max_logprob_gap(model, processor, prompts, cfg):
+    groups = sample_completions(model, processor.tokenizer, prompts, cfg, seed=1)
+    comps = [c for g in groups for c in g]
+    rows = [p for p, g in zip(prompts, groups) for _ in g]
+    batch = build_sequence_batch(rows, [c.token_ids for c in comps], model.generation_config.pad_token_id,
+                                 model.config.image_token_id)
+    with torch.no_grad():
+        lp, mask = completion_logprobs(model, batch, cfg.temperature, vision_token_ids(model.config))
+    old = pad_rows([c.logprobs for c in comps], lp.shape[1])
+    assert mask.sum() == sum(len(c.token_ids) for c in comps)
+    return float(((lp - old).abs() * mask).max()), comps
+
+
+def test_tiny_model_reloads_like_a_checkpoint(tiny_model_dir, tiny_policy):
+    model, processor = tiny_policy
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert isinstance(processor, Qwen2VLImageOnlyProcessor)  # no torchvision on CPU machines
+    assert processor.tokenizer.chat_template and "<|image_pad|>" in processor.tokenizer.get_vocab()
+    assert (tiny_model_dir / "model.safetensors").exists()
+
+
+def test_tiny_model_cache_is_reused(shapes_dataset, tiny_model_dir):
+    from tasks.examples import tokenizer_corpus
+
+    stamp = (tiny_model_dir / "config.json").stat().st_mtime_ns
+    again = ensure_tiny_vlm(TinyVLMSpec(), tokenizer_corpus([shapes_dataset]))
+    assert again == tiny_model_dir and (again / "config.json").stat().st_mtime_ns == stamp
+    other = ensure_tiny_vlm(TinyVLMSpec(seed=1), tokenizer_corpus([shapes_dataset]))
+    assert other != tiny_model_dir
+
+
+def test_rollout_and_learner_logprobs_agree(tiny_policy, shapes_dataset):
+    model, processor = tiny_policy
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset)]  # different lengths: left-padded in generate
+    gap, comps = _max_logprob_gap(model, processor, prompts, SamplingConfig(n=4, max_new_tokens=12, temperature=0.8))
+    assert gap < 1e-5
+    assert all(c.finish_reason in ("stop", "length") and len(c.token_ids) == len(c.logprobs) for c in comps)
+
+
+def test_sampling_never_emits_vision_tokens(tiny_policy, shapes_dataset):
+    model, processor = tiny_policy
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
+    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=16, max_new_tokens=24), seed=3)
+    blocked = set(vision_token_ids(model.config))
+    assert len(blocked) == 4
+    assert not any(blocked & set(c.token_ids) for g in groups for c in g)
+
+
+def test_greedy_is_deterministic_and_single(tiny_policy, shapes_dataset):
+    model, processor = tiny_policy
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
+    cfg = SamplingConfig(n=4, max_new_tokens=10, greedy=True)
+    a = sample_completions(model, processor.tokenizer, prompts, cfg)
+    b = sample_completions(model, processor.tokenizer, prompts, cfg)
+    assert [len(g) for g in a] == [1, 1]
+    assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
+
+
+def test_stop_token_ends_completion(tiny_policy, shapes_dataset):
+    model, processor = tiny_policy
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
+    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=16, max_new_tokens=6), seed=0)
+    eos = model.generation_config.eos_token_id
+    for c in (c for g in groups for c in g):
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == eos and eos not in c.token_ids[:-1]
+        else:
+            assert len(c.token_ids) == 6 and eos not in c.token_ids
+
+
+def test_mm_token_type_ids_match_the_processor(tiny_policy, shapes_dataset):
+    model, processor = tiny_policy
+    from tasks.images import load_image
+
+    img = load_image(shapes_dataset.split("train")[0].image, 56 * 56, 112 * 112)
+    prompt = encode_prompt(processor, img, "What colour?")
+    enc = processor(text=[processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
+        add_generation_prompt=True)], images=[img], return_tensors="pt")
+    batch = build_sequence_batch([prompt], [[5, 6]], 0, model.config.image_token_id)
+    assert torch.equal(batch.mm_token_type_ids[0, : len(prompt)], enc["mm_token_type_ids"][0])
+    assert int(prompt.image_grid_thw.prod()) // 4 == int((prompt.input_ids == model.config.image_token_id).sum())
+
+
+def test_qwen2_5_vl_builds_and_agrees(tmp_path, shapes_dataset):
+    from tasks.examples import tokenizer_corpus
+
+    path = ensure_tiny_vlm(TinyVLMSpec(kind="qwen2_5_vl"), tokenizer_corpus([shapes_dataset]), cache_dir=tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    processor = load_processor(path)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
+    gap, _ = _max_logprob_gap(model, processor, prompts, SamplingConfig(n=3, max_new_tokens=8))
+    assert gap < 1e-5
+
+
+def test_training_forward_backpropagates(tiny_model_dir, shapes_dataset):
+    from learner.objective import sft_objective
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    processor = load_processor(tiny_model_dir)
+    ex = _examples(processor, shapes_dataset, n=2)
+    batch = build_sequence_batch([e.inputs for e in ex], [[10, 11, 12], [13]], model.generation_config.pad_token_id,
+                                 model.config.image_token_id)
+    loss = sft_objective(model, batch)
+    loss.backward()
+    vision_grad = model.model.visual.patch_embed.proj.weight.grad
+    assert torch.isfinite(loss) and vision_grad is not None and vision_grad.abs().sum() > 0

@@ -1,0 +1,78 @@
+"""Sampling G completions per prompt with Hugging Face `generate` (the CPU engine, and a GPU fallback)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vlm.inputs import PromptInputs, left_pad_prompts, vision_token_ids
+from vlm.logprobs import policy_logprobs
+
+
+@dataclass
+class SamplingConfig:
+    """Maps onto the YAML `sampling` section."""
+
+    n: int = 4  # completions per prompt (the GRPO group size G)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False  # evaluation decodes greedily with n = 1
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"sampling.n and sampling.max_new_tokens must be >= 1, got {self.n}, {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature} (use greedy: true)")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # includes the end-of-turn token when the model stopped
+    logprobs: list[float]  # behaviour log-probs, one per token
+    text: str  # decoded with special tokens skipped (what rewards read)
+    finish_reason: str  # "stop" or "length"
+
+
+def _generation_config(model, cfg: SamplingConfig, n: int):
+    from transformers import GenerationConfig
+
+    # Built from scratch: real checkpoints ship near-greedy defaults (e.g. top_k=1) that must not leak in.
+    gen = model.generation_config
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_return_sequences=n, eos_token_id=gen.eos_token_id,
+                  pad_token_id=gen.pad_token_id, suppress_tokens=vision_token_ids(model.config),
+                  return_dict_in_generate=True, output_logits=True)
+    if cfg.greedy:
+        return GenerationConfig(do_sample=False, **kwargs)
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **kwargs)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: Sequence[PromptInputs], cfg: SamplingConfig,
+                       seed: int | None = None) -> list[list[Completion]]:
+    """For each prompt, `cfg.n` completions (1 when greedy) with their behaviour log-probs."""
+    n = 1 if cfg.greedy else cfg.n
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in
+              left_pad_prompts(prompts, model.generation_config.pad_token_id, model.config.image_token_id).items()}
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = model.generate(**inputs, generation_config=_generation_config(model, cfg, n))
+    new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    logits = torch.stack(out.logits, dim=1)  # raw logits, [rows, steps, V]
+    logprobs = policy_logprobs(logits, new_tokens, 1.0 if cfg.greedy else cfg.temperature,
+                               vision_token_ids(model.config)).cpu()
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    rows = new_tokens.cpu().tolist()
+    completions = []
+    for r, ids in enumerate(rows):
+        stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+        keep = len(ids) if stop is None else stop + 1
+        completions.append(Completion(
+            token_ids=ids[:keep], logprobs=logprobs[r, :keep].tolist(),
+            text=tokenizer.decode(ids[:keep], skip_special_tokens=True),
+            finish_reason="length" if stop is None else "stop"))
+    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -1,0 +1,58 @@
+"""Per-token log-probabilities of the sampling policy, computed the same way in rollout and learner.
+
+The policy is the model's distribution at the sampling temperature with the vision special tokens blocked
+(they are never sampled). Rollout applies this to the logits it sampled from; the learner to the logits of
+a training forward; with the same weights the two agree to float precision, so the reported gap measures
+engine drift, not a definition mismatch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vlm.inputs import SequenceBatch
+
+
+def policy_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+                    blocked_ids: Sequence[int] = ()) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature) with `blocked_ids` removed; shapes [..., V] -> [...]."""
+    scores = logits.float() / temperature
+    if blocked_ids:
+        scores = scores.index_fill(-1, torch.as_tensor(list(blocked_ids), device=scores.device), float("-inf"))
+    # gather - logsumexp avoids materialising a full log_softmax copy of the logits
+    picked = scores.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scores, dim=-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, blocked_ids: Sequence[int] = ()) -> torch.Tensor:
+    scores = logits.float() / temperature
+    if blocked_ids:
+        scores = scores.index_fill(-1, torch.as_tensor(list(blocked_ids), device=scores.device), float("-inf"))
+    logp = torch.log_softmax(scores, dim=-1)
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+
+
+def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits that predict each completion token: ([N, T, V], targets [N, T], mask [N, T]) for T = longest."""
+    logits = model(**batch.model_kwargs()).logits
+    steps = int(batch.completion_lens.max()) if len(batch.completion_lens) else 0
+    offsets = torch.arange(steps, device=logits.device)
+    mask = offsets[None, :] < batch.completion_lens[:, None].to(logits.device)
+    # the logit at position t predicts token t+1, so completion token j is predicted at prompt_len + j - 1
+    pos = (batch.prompt_lens[:, None].to(logits.device) - 1 + offsets[None, :]).clamp(max=logits.shape[1] - 1)
+    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    targets = batch.input_ids.to(logits.device).gather(1, (pos + 1).clamp(max=logits.shape[1] - 1))
+    return picked, targets * mask, mask
+
+
+def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0, blocked_ids: Sequence[int] = (),
+                        with_entropy: bool = False):
+    """Per-token policy log-probs of each row's completion: (logprobs [N, T], mask [N, T][, entropy [N, T]])."""
+    logits, targets, mask = completion_logits(model, batch)
+    logprobs = policy_logprobs(logits, targets, temperature, blocked_ids) * mask
+    if with_entropy:
+        with torch.no_grad():
+            entropy = token_entropy(logits, temperature, blocked_ids) * mask
+        return logprobs, mask, entropy
+    return logprobs, mask

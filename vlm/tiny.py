@@ -1,0 +1,132 @@
+"""A tiny random-weight Qwen2-VL / Qwen2.5-VL built offline, saved like a real checkpoint.
+
+Tests and the embedded default cannot download weights, so they build a small model from a config, save it
+with `save_pretrained`, and then load it back through exactly the path a real checkpoint (for example
+Qwen2-VL-2B-Instruct) takes. Builds are cached by a hash of everything that shapes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from vlm.processor import Qwen2VLImageOnlyProcessor, save_processor
+from vlm.tokenizer import QWEN_SPECIAL_TOKENS, QWEN2_VL_CHAT_TEMPLATE, train_qwen_tokenizer
+
+BUILDER_VERSION = 1  # bump when the build changes, so caches rebuild
+
+
+@dataclass
+class TinyVLMSpec:
+    """Shape of the tiny model; every field maps onto a YAML key under `model.tiny`."""
+
+    kind: str = "qwen2_vl"  # or "qwen2_5_vl"
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    min_pixels: int = 56 * 56
+    max_pixels: int = 112 * 112
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("qwen2_vl", "qwen2_5_vl"):
+            raise ValueError(f"model.tiny.kind must be 'qwen2_vl' or 'qwen2_5_vl', got {self.kind!r}")
+        head_dim = self.hidden_size // self.num_attention_heads
+        if head_dim % 8:  # mRoPE splits head_dim/2 into 3 sections
+            raise ValueError(f"hidden_size/num_attention_heads must be a multiple of 8, got {head_dim}")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CLSRL_CACHE", Path.home() / ".cache" / "clsrl"))
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    half = head_dim // 2  # sections cover half the head dim (temporal, height, width)
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str]):
+    """Return (model, processor) with random weights and a tokenizer trained on `corpus`."""
+    from transformers import Qwen2VLImageProcessor
+
+    from vlm.processor import torchvision_usable
+
+    if not torchvision_usable():  # the PIL backend is what transformers falls back to anyway, minus the warning
+        from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
+    tok = train_qwen_tokenizer(corpus, vocab_size=spec.vocab_size)
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+        min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    processor = Qwen2VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tok,
+                                          chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    text = dict(
+        vocab_size=((len(tok) + 63) // 64) * 64, hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True)
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=True)
+    if spec.kind == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+
+        vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
+                      num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    else:
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden_size,
+                      intermediate_size=2 * spec.vision_hidden_size, num_heads=2, out_hidden_size=spec.hidden_size,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[spec.vision_depth - 1])
+    torch.manual_seed(spec.seed)
+    model = Model(Config(text_config=text, vision_config=vision, **common))
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    return model, processor
+
+
+def tiny_vlm_key(spec: TinyVLMSpec, corpus: Sequence[str]) -> str:
+    import transformers
+
+    payload = json.dumps([BUILDER_VERSION, transformers.__version__, dataclasses.asdict(spec), list(corpus)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def ensure_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str], cache_dir: str | Path | None = None) -> Path:
+    """Build the tiny model once and return its directory; concurrent callers wait on a file lock."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir() / "models"
+    out = root / f"tiny-{spec.kind}-{tiny_vlm_key(spec, corpus)}"
+    if (out / "config.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").exists():
+            return out
+        model, processor = build_tiny_vlm(spec, corpus)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+        model.save_pretrained(tmp)
+        save_processor(processor, tmp)
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    return out
