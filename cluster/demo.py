@@ -103,7 +103,7 @@ def grpo_step(model, ref_model, opt, tokenizer, chunk: list[PromptExample], rewa
         loss.backward()
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
         opt.step()
-        stats["loss"] = float(loss)
+        stats["loss"] = float(loss.detach())
     lengths = [len(c.token_ids) for c in comps]
     return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},

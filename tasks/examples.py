@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tasks.images import ImageLoadError, load_image
 from tasks.manifest import ClassificationDataset, Sample
-from tasks.prompts import THINK_INSTRUCTION, DIRECT_INSTRUCTION, classification_prompt, question_prefix
+from tasks.prompts import DIRECT_INSTRUCTION, THINK_INSTRUCTION, classification_prompt, question_prefix
 from vlm.inputs import PromptInputs, encode_prompt
 
 

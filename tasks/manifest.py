@@ -109,7 +109,8 @@ def read_manifest(manifest: str | Path, classnames: str | Path | None = None, na
     return dataset
 
 
-def read_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "test"), name: str | None = None) -> ClassificationDataset:
+def read_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "test"),
+                      name: str | None = None) -> ClassificationDataset:
     """`root/<split>/<class folder>/*.<image>`; the class set is the union of the splits' folders."""
     root = Path(root)
     if not root.is_dir():

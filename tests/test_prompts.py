@@ -6,8 +6,15 @@ import random
 import pytest
 
 from tasks.examples import candidates_in
-from tasks.prompts import (candidate_count, candidate_list, classification_prompt, cls_rl_prompt, detection_prompt,
-                           grounding_prompt, visual_rft_cls_prompt)
+from tasks.prompts import (
+    candidate_count,
+    candidate_list,
+    classification_prompt,
+    cls_rl_prompt,
+    detection_prompt,
+    grounding_prompt,
+    visual_rft_cls_prompt,
+)
 
 
 @pytest.mark.parametrize("n, expected", [(4, 4), (29, 29), (74, 74), (75, 30), (100, 40), (250, 100), (1000, 100)])

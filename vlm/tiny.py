@@ -20,7 +20,7 @@ import torch
 from filelock import FileLock
 
 from vlm.processor import Qwen2VLImageOnlyProcessor, save_processor
-from vlm.tokenizer import QWEN_SPECIAL_TOKENS, QWEN2_VL_CHAT_TEMPLATE, train_qwen_tokenizer
+from vlm.tokenizer import QWEN2_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, train_qwen_tokenizer
 
 BUILDER_VERSION = 1  # bump when the build changes, so caches rebuild
 
@@ -89,12 +89,14 @@ def build_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str]):
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                   tie_word_embeddings=True)
     if spec.kind == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
 
         vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
                       num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
         vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden_size,
                       intermediate_size=2 * spec.vision_hidden_size, num_heads=2, out_hidden_size=spec.hidden_size,
