@@ -26,6 +26,8 @@ class RolloutGroup:
     request: RolloutRequest
     completions: list[Completion]
     policy_version: int
+    rewards: list[float] | None = None  # filled by the reward pool, one per completion
+    reward_components: dict[str, list[float]] = field(default_factory=dict)
 
 
 class RolloutEngine(Protocol):
