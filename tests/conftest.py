@@ -38,3 +38,18 @@ def tiny_policy(tiny_model_dir):
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     return model, load_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster on 127.0.0.1 for the whole session."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "CLSRL_CACHE": os.environ["CLSRL_CACHE"],
+                                           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}})
+    yield ray
+    ray.shutdown()

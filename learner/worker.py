@@ -1,0 +1,184 @@
+"""One learner rank: a DeepSpeed engine (ZeRO 1/2/3) over the policy, plus the frozen reference model.
+
+A plain class, so it can be tested in-process; the driver hosts one per rank as a Ray actor. All ranks
+take part in every call (ZeRO collectives), each with its own share of the rollout groups.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from learner.objective import GRPOConfig, grpo_objective, pad_rows
+from vlm.inputs import build_sequence_batch, vision_token_ids
+from vlm.logprobs import completion_logprobs
+
+
+@dataclass
+class LearnerConfig:
+    """Maps onto the YAML `learner` section."""
+
+    zero_stage: int = 2
+    micro_batch_size: int = 8  # sequences (prompt + one completion) per forward/backward
+    lr: float = 1e-6
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over the run, after warmup)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False  # train the language model only; only trainable weights are then synced
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
+    collective_timeout_s: float = 600.0  # a dead rank fails the step with an error instead of a 30-min hang
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"learner.lr_schedule must be constant|linear|cosine, got {self.lr_schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"learner.precision must be auto|fp32|bf16, got {self.precision!r}")
+
+
+def lr_lambda(cfg: LearnerConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 1.0 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def deepspeed_config(cfg: LearnerConfig, grad_accum: int, world_size: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": cfg.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
+            "torch_adam": not torch.cuda.is_available()}},  # the CPU fused Adam needs a 1-2 min op build
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+                 cfg: LearnerConfig, algo: GRPOConfig, samples_per_rank: int, total_steps: int,
+                 trust_remote_code: bool = False) -> None:
+        import deepspeed
+        from transformers import AutoModelForImageTextToText
+
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        cuda = torch.cuda.is_available()
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                   timeout=timedelta(seconds=cfg.collective_timeout_s))
+        self.rank, self.cfg, self.algo = rank, cfg, algo
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        if samples_per_rank % cfg.micro_batch_size:
+            raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple of "
+                             f"learner.micro_batch_size={cfg.micro_batch_size}")
+        self.grad_accum = samples_per_rank // cfg.micro_batch_size
+        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32,
+                                                            trust_remote_code=trust_remote_code)
+        if cfg.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.blocked = vision_token_ids(model.config)
+        self.pad_id, self.image_id = model.generation_config.pad_token_id, model.config.image_token_id
+        self.ref = None
+        if algo.beta > 0:  # the frozen reference exists only when the KL term does
+            self.ref = AutoModelForImageTextToText.from_pretrained(
+                model_path, dtype=torch.bfloat16 if self.bf16 else torch.float32, trust_remote_code=trust_remote_code)
+            self.ref.requires_grad_(False).eval().to("cuda" if cuda else "cpu")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=trainable,
+            config=deepspeed_config(cfg, self.grad_accum, world_size, self.bf16),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)))
+
+    def _micro_batches(self, groups) -> Iterator[tuple]:
+        rows = []
+        for g, adv in groups:
+            rows += [(g.request.inputs, c, float(a)) for c, a in zip(g.completions, adv)]
+        for i in range(0, len(rows), self.cfg.micro_batch_size):
+            chunk = rows[i:i + self.cfg.micro_batch_size]
+            batch = build_sequence_batch([r[0] for r in chunk], [r[1].token_ids for r in chunk], self.pad_id, self.image_id)
+            yield batch, pad_rows([r[1].logprobs for r in chunk]), torch.tensor([r[2] for r in chunk])
+
+    def train_step(self, groups: list, max_len: int | None = None) -> dict:
+        """One optimizer step on this rank's share: `groups` are (RolloutGroup, advantages) pairs."""
+        device = self.engine.device
+        sums: dict[str, float] = {}
+        self.engine.train()
+        count = 0
+        for batch, old, adv in self._micro_batches(groups):
+            for k, v in vars(batch).items():
+                setattr(batch, k, v.to(device))
+            if self.bf16:
+                batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
+            ref = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref = completion_logprobs(self.ref, batch, self.algo.temperature, self.blocked)[0]
+            loss, stats = grpo_objective(self.engine, batch, old.to(device), adv.to(device), self.algo, self.blocked,
+                                         ref_logprobs=ref, max_len=max_len)
+            self.engine.backward(loss)
+            self.engine.step()
+            count += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if count != self.grad_accum:
+            raise RuntimeError(f"learner rank {self.rank} ran {count} micro-batches, expected {self.grad_accum}")
+        out = {k: v / count for k, v in sums.items()}
+        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["lr"] = float(self.engine.get_lr()[0])
+        return out
+
+    def sync_parameters(self, trainable_only: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Parameters by name, each gathered whole under ZeRO-3 (all ranks must iterate together)."""
+        import deepspeed
+
+        for name, param in self.engine.module.named_parameters():
+            if trainable_only and not param.requires_grad:
+                continue
+            if self.cfg.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    yield name, param.data.detach().clone()
+            else:
+                yield name, param.data.detach()
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, export_hf: bool = True) -> None:
+        """DeepSpeed state for resume, plus (rank 0) a save_pretrained export transformers and vLLM load."""
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+        if export_hf:
+            state = {n: t.cpu() for n, t in self.sync_parameters(trainable_only=False)} if self.cfg.zero_stage == 3 else None
+            if self.rank == 0:
+                export = Path(ckpt_dir) / tag / "hf"
+                if state is None:
+                    self.engine.module.save_pretrained(export)
+                else:
+                    self.engine.module.save_pretrained(export, state_dict=state)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        return client_state or {}
+
+    def parameter_checksums(self) -> dict[str, float]:
+        """Per-parameter float64 sums, for checking that ranks and engines hold the same weights."""
+        return {n: float(t.double().sum()) for n, t in self.sync_parameters(trainable_only=False)}
+
+    def close(self) -> None:
+        torch.distributed.destroy_process_group()
