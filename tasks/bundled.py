@@ -8,15 +8,13 @@ Both are written in our manifest layout (manifest.jsonl + classnames.txt + image
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from PIL import Image, ImageDraw
+
+from vlm.cache import build_once, default_cache_dir
 
 SHAPE_COLOURS = {"red": (215, 40, 40), "green": (40, 190, 60), "blue": (45, 70, 220), "yellow": (230, 210, 40)}
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -68,23 +66,16 @@ BUNDLED: dict[str, tuple[list[str], Callable[[], Iterator[tuple[str, str, Image.
 
 
 def bundled_root() -> Path:
-    return Path(os.environ.get("CLSRL_CACHE", Path.home() / ".cache" / "clsrl")) / "data"
+    return default_cache_dir() / "data"
 
 
 def ensure_bundled(name: str, root: str | Path | None = None) -> Path:
     """Write the bundled data set `name` once (file-locked) and return its folder."""
     if name not in BUNDLED:
         raise ValueError(f"unknown bundled data set {name!r}; available: {sorted(BUNDLED)}")
-    base = Path(root) if root else bundled_root()
-    out = base / f"{name}-v{BUNDLED_VERSION}"
-    if (out / "manifest.jsonl").exists():
-        return out
-    base.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if (out / "manifest.jsonl").exists():
-            return out
-        classnames, generate = BUNDLED[name]
-        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".build-"))
+    classnames, generate = BUNDLED[name]
+
+    def write(tmp: Path) -> None:
         (tmp / "images").mkdir()
         lines = []
         for k, (split, label, img) in enumerate(generate()):
@@ -93,5 +84,5 @@ def ensure_bundled(name: str, root: str | Path | None = None) -> Path:
             lines.append(json.dumps({"id": f"{name}-{k:05d}", "image": rel, "label": label, "split": split}))
         (tmp / "classnames.txt").write_text("\n".join(classnames) + "\n")
         (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    return out
+
+    return build_once((Path(root) if root else bundled_root()) / f"{name}-v{BUNDLED_VERSION}", "manifest.jsonl", write)

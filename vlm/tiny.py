@@ -9,16 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
+from vlm.cache import build_once, default_cache_dir
 from vlm.processor import Qwen2VLImageOnlyProcessor, save_processor
 from vlm.tokenizer import QWEN2_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, train_qwen_tokenizer
 
@@ -48,10 +45,6 @@ class TinyVLMSpec:
         head_dim = self.hidden_size // self.num_attention_heads
         if head_dim % 8:  # mRoPE splits head_dim/2 into 3 sections
             raise ValueError(f"hidden_size/num_attention_heads must be a multiple of 8, got {head_dim}")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CLSRL_CACHE", Path.home() / ".cache" / "clsrl"))
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -119,16 +112,10 @@ def tiny_vlm_key(spec: TinyVLMSpec, corpus: Sequence[str]) -> str:
 def ensure_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str], cache_dir: str | Path | None = None) -> Path:
     """Build the tiny model once and return its directory; concurrent callers wait on a file lock."""
     root = Path(cache_dir) if cache_dir else default_cache_dir() / "models"
-    out = root / f"tiny-{spec.kind}-{tiny_vlm_key(spec, corpus)}"
-    if (out / "config.json").exists():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if (out / "config.json").exists():
-            return out
+
+    def write(tmp: Path) -> None:
         model, processor = build_tiny_vlm(spec, corpus)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
         model.save_pretrained(tmp)
         save_processor(processor, tmp)
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    return out
+
+    return build_once(root / f"tiny-{spec.kind}-{tiny_vlm_key(spec, corpus)}", "config.json", write)
