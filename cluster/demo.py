@@ -24,6 +24,7 @@ from tasks.manifest import read_dataset
 from tasks.sampling import k_shot
 from vlm.generation import SamplingConfig, sample_completions
 from vlm.inputs import build_sequence_batch, vision_token_ids
+from vlm.logprobs import completion_logprobs
 from vlm.processor import load_processor
 from vlm.tiny import ensure_tiny_vlm
 
@@ -94,7 +95,6 @@ def grpo_step(model, ref_model, opt, tokenizer, chunk: list[PromptExample], rewa
         ref = None
         if ref_model is not None:
             with torch.no_grad():
-                from vlm.logprobs import completion_logprobs
                 ref = completion_logprobs(ref_model, batch, cfg.algorithm.temperature, blocked)[0]
         model.train()
         loss, stats = grpo_objective(model, batch, old, adv[keep], cfg.algorithm, blocked, ref_logprobs=ref,
