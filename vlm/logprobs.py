@@ -11,26 +11,25 @@ from collections.abc import Sequence
 
 import torch
 
+from learner.grpo import token_entropy
 from vlm.inputs import SequenceBatch
+
+
+def policy_scores(logits: torch.Tensor, temperature: float = 1.0, blocked_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The sampling policy's logits: tempered, with `blocked_ids` at -inf (never sampled)."""
+    scores = logits.float() / temperature
+    if blocked_ids:
+        scores = scores.index_fill(-1, torch.as_tensor(list(blocked_ids), device=scores.device), float("-inf"))
+    return scores
 
 
 def policy_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
                     blocked_ids: Sequence[int] = ()) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature) with `blocked_ids` removed; shapes [..., V] -> [...]."""
-    scores = logits.float() / temperature
-    if blocked_ids:
-        scores = scores.index_fill(-1, torch.as_tensor(list(blocked_ids), device=scores.device), float("-inf"))
+    scores = policy_scores(logits, temperature, blocked_ids)
     # gather - logsumexp avoids materialising a full log_softmax copy of the logits
     picked = scores.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scores, dim=-1)
-
-
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0, blocked_ids: Sequence[int] = ()) -> torch.Tensor:
-    scores = logits.float() / temperature
-    if blocked_ids:
-        scores = scores.index_fill(-1, torch.as_tensor(list(blocked_ids), device=scores.device), float("-inf"))
-    logp = torch.log_softmax(scores, dim=-1)
-    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
 def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,6 +52,6 @@ def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0, b
     logprobs = policy_logprobs(logits, targets, temperature, blocked_ids) * mask
     if with_entropy:
         with torch.no_grad():
-            entropy = token_entropy(logits, temperature, blocked_ids) * mask
+            entropy = token_entropy(policy_scores(logits, temperature, blocked_ids)) * mask
         return logprobs, mask, entropy
     return logprobs, mask
