@@ -1,9 +1,12 @@
-"""The experiment config: one dataclass per YAML section, keys mapping one-to-one."""
+"""The experiment config: one dataclass per YAML section, keys mapping one-to-one (see configs/*.yaml)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.redis_server import RedisConfig
+from cluster.weight_group import WeightSyncConfig
 from learner.objective import GRPOConfig
+from learner.worker import LearnerConfig
 from rewards.composite import RewardTerm
 from vlm.generation import SamplingConfig
 from vlm.tiny import TinyVLMSpec
@@ -39,23 +42,93 @@ class TaskConfig:
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 30
-    prompts_per_step: int = 8
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warm_start_steps: int = 0  # supervised steps teaching the answer format (targets: random candidates)
-    warm_start_lr: float = 1e-3
-    eval_every: int = 10
-    seed: int = 0
+class RolloutConfig:
+    engine: str = "hf"  # hf = Hugging Face generate (CPU and GPU)
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
+    prompts_per_call: int = 16  # prompts per engine.generate call (each sampled G times)
+    eval_max_new_tokens: int = 32  # greedy eval answers are cut here
+
+    def __post_init__(self) -> None:
+        if self.engine != "hf":
+            raise ValueError(f"rollout.engine must be 'hf' (the vLLM engine is not in this build), got {self.engine!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"rollout.dtype must be auto|fp32|bf16, got {self.dtype!r}")
+        if self.prompts_per_call < 1:
+            raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
 
 
 @dataclass
-class DemoConfig:
+class ClusterConfig:
+    """The resource plan: one placement group holds a bundle per actor."""
+
+    address: str | None = None  # a Ray cluster to join; null = $RAY_ADDRESS (ray job submit) or a new local one
+    rollout_workers: int = 2
+    cpus_per_engine: float = 1.0
+    gpus_per_engine: float = 0.0
+    learner_ranks: int = 2
+    cpus_per_learner: float = 1.0
+    gpus_per_learner: float = 0.0
+    reward_actors: int = 1
+    cpus_per_reward_actor: float = 0.5
+    strategy: str = "PACK"  # Ray placement strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    ready_timeout_s: float = 300.0  # waiting for the placement group (cluster autoscaling included)
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_workers", "learner_ranks", "reward_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cluster.{name} must be >= 1, got {getattr(self, name)}")
+        if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"cluster.strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD, got {self.strategy!r}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    prompts_per_step: int = 8  # images per step; each is sampled sampling.n times
+    warm_start_steps: int = 0  # supervised steps teaching the answer format (targets: random candidates)
+    warm_start_lr: float = 1e-3
+    eval_every: int = 10  # greedy held-out accuracy at step 0, every N steps and at the end (0 = start/end only)
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    seed: int = 0
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.prompts_per_step < 1:
+            raise ValueError(f"train.steps and train.prompts_per_step must be >= 1, got {self.steps}, {self.prompts_per_step}")
+        if self.eval_every < 0 or self.save_every < 0 or self.warm_start_steps < 0:
+            raise ValueError("train.eval_every, train.save_every and train.warm_start_steps must be >= 0")
+
+
+@dataclass
+class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algorithm: GRPOConfig = field(default_factory=GRPOConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.algorithm.temperature != self.sampling.temperature:
+            raise ValueError(f"algorithm.temperature={self.algorithm.temperature} must equal sampling.temperature="
+                             f"{self.sampling.temperature}: the policy being trained is the tempered one that sampled")
+        if self.algorithm.dynamic_sampling:
+            raise ValueError("algorithm.dynamic_sampling needs the asynchronous runtime's top-up from the stream, "
+                             "which this build does not have; set it to false")
+        ranks, mb = self.cluster.learner_ranks, self.learner.micro_batch_size
+        if self.train.prompts_per_step % ranks:
+            raise ValueError(f"train.prompts_per_step={self.train.prompts_per_step} must be a multiple of "
+                             f"cluster.learner_ranks={ranks} (each rank trains on whole groups)")
+        per_rank = self.train.prompts_per_step // ranks * self.sampling.n
+        if per_rank % mb:
+            raise ValueError(f"each learner rank gets prompts_per_step/learner_ranks*sampling.n = {per_rank} sequences "
+                             f"per step, not a multiple of learner.micro_batch_size={mb}")
+
+    @property
+    def sequences_per_rank(self) -> int:
+        return self.train.prompts_per_step // self.cluster.learner_ranks * self.sampling.n

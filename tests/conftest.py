@@ -47,7 +47,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "CLSRL_CACHE": os.environ["CLSRL_CACHE"],
                                            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                                            "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}})
