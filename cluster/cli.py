@@ -11,22 +11,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads from a CLI run 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DEMO_CONFIG = REPO_ROOT / "configs" / "cpu_demo.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "cpu_demo.yaml"
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.config import DemoConfig
-    from cluster.demo import run_demo
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cluster.config import ExperimentConfig
+    from cluster.driver import train
     from cluster.schema import load_config
 
-    cfg = load_config(DemoConfig, args.config, args.overrides)
-    run_dir = Path(args.run_dir or REPO_ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S"))
-    t0 = time.time()
-    result = run_demo(cfg, run_dir)
-    print(f"\n| model | held-out accuracy |\n|---|---|\n| zero-shot (random init) | {result['zero_shot']:.3f} |"
-          f"\n| GRPO start (after format warm start) | {result['grpo_start']:.3f} |"
-          f"\n| after {cfg.train.steps} GRPO steps | {result['final']:.3f} |")
-    print(f"\nrun directory: {run_dir} ({time.time() - t0:.0f} s); metrics in {run_dir / 'metrics.jsonl'}")
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    if args.resume and not args.run_dir:
+        raise SystemExit("clsrl: error: --resume needs --run-dir (the run to continue)")
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime(f"{Path(args.config).stem}-%Y%m%d-%H%M%S"))
+    result = train(cfg, run_dir, resume=args.resume)
+    start = "GRPO start (step 0" + (", after the format warm start)" if cfg.train.warm_start_steps else ")")
+    print(f"\n| policy | held-out accuracy |\n|---|---|\n| {start} | {result['grpo_start']:.3f} |"
+          f"\n| after {result['steps']} GRPO steps | {result['final']:.3f} |")
+    print(f"\nrun directory: {run_dir} ({result['seconds']:.0f} s): metrics.jsonl, curves.png, tensorboard/, checkpoints/")
     return 0
 
 
@@ -39,13 +40,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clsrl", description="GRPO fine-tuning of vision-language models "
-                                     "with rule-based rewards.")
+                                     "with rule-based rewards, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="in-process GRPO on the embedded default (tiny model, bundled data)")
-    demo.add_argument("config", nargs="?", default=str(DEFAULT_DEMO_CONFIG))
-    demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
-    demo.add_argument("--run-dir", default=None)
-    demo.set_defaults(func=_cmd_demo)
+    for name, helptext in (("train", "run an experiment: rollout workers, reward actors, DeepSpeed learners, Redis"),
+                           ("demo", "`train` on the embedded default (tiny model, bundled data, local Ray)")):
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help=f"YAML config (default {DEFAULT_CONFIG.name})")
+        cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 data.root=DIR")
+        cmd.add_argument("--run-dir", default=None, help="where metrics, checkpoints and Redis data go")
+        cmd.add_argument("--resume", nargs="?", const=True, default=None, metavar="TAG",
+                         help="continue the run in --run-dir from its newest checkpoint (or TAG, e.g. step-000050)")
+        cmd.set_defaults(func=_cmd_train)
     data = sub.add_parser("data", help="write a bundled data set (shapes, digits) and print its folder")
     data.add_argument("name")
     data.add_argument("--root", default=None)
@@ -55,15 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo" and args.config and "=" in args.config:  # only overrides were given
+    if args.command in ("train", "demo") and args.config and "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
-        args.config = str(DEFAULT_DEMO_CONFIG)
+        args.config = str(DEFAULT_CONFIG)
     from cluster.schema import ConfigError
     from tasks.manifest import DatasetError
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, FileNotFoundError) as err:
         print(f"clsrl: error: {err}", file=sys.stderr)
         return 2
 

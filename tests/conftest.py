@@ -10,6 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CLSRL_CACHE", str(REPO / ".cache" / "clsrl"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at `import ray`: local clusters on 127.0.0.1
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,132 @@
+"""A learner rank as a Ray actor: consumes its share of rollout groups from Redis, trains, acks, and (rank 0)
+broadcasts the new weights to the engines.
+
+Created empty so the driver can ask rank 0 for a rendezvous address first, then `setup` on every rank.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from cluster.redis_server import RedisConfig
+from cluster.rollout_buffer import RolloutBuffer
+from cluster.weight_group import WeightSyncConfig
+from cluster.weight_sync import WeightSender
+from learner.grpo import group_advantages
+from learner.objective import GRPOConfig
+from learner.worker import LearnerConfig, LearnerWorker
+
+
+class LearnerActor:
+    def __init__(self, rank: int, world_size: int) -> None:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.rank, self.world_size = rank, world_size
+        self.worker: LearnerWorker | None = None
+        self.buffer: RolloutBuffer | None = None
+        self.sender: WeightSender | None = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (rank 0's answer is the DeepSpeed rendezvous)."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig, algo: GRPOConfig,
+              samples_per_rank: int, total_steps: int, redis_url: str, redis_cfg: RedisConfig,
+              trust_remote_code: bool = False) -> None:
+        self.algo = algo
+        self.worker = LearnerWorker(self.rank, self.world_size, master_addr, master_port, model_path, cfg, algo,
+                                    samples_per_rank, total_steps, trust_remote_code)
+        # a stable consumer name: a restarted rank finds its own unacked entries again
+        self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url, consumer=f"learner-{self.rank}")
+        self.buffer.ensure_group()
+
+    # ---- training ----
+
+    def _take(self, n: int, timeout_s: float) -> list:
+        got: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < n:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise TimeoutError(f"learner rank {self.rank}: {len(got)} of {n} rollout groups arrived in the stream "
+                                   f"{self.buffer.stream!r} within {timeout_s:.0f}s")
+            got += self.buffer.take(n - len(got), block_ms=min(left_ms, 1000))
+        return got
+
+    def _advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+        if self.algo.advantage_scale != "batch":
+            return group_advantages(rewards, group_size, self.algo.advantage_scale, self.algo.advantage_eps)
+        # batch scale: the std of every rank's rewards, so the result does not depend on how groups were split
+        moments = torch.tensor([rewards.sum(), (rewards ** 2).sum(), rewards.numel()], dtype=torch.float64)
+        dist.all_reduce(moments)
+        total, sq, count = moments.tolist()
+        std = ((sq - total * total / count) / max(count - 1, 1)) ** 0.5
+        return group_advantages(rewards, group_size, "none") / (std + self.algo.advantage_eps)
+
+    def train(self, n_groups: int, max_len: int | None, take_timeout_s: float) -> dict:
+        """Take n_groups from the stream, run one optimizer step on them, ack them; returns this rank's stats."""
+        t0 = time.perf_counter()
+        taken = self._take(n_groups, take_timeout_s)
+        t1 = time.perf_counter()
+        groups = [g for _, g in taken]
+        sizes = {len(g.completions) for g in groups}
+        if len(sizes) != 1 or any(g.rewards is None for g in groups):
+            raise ValueError(f"learner rank {self.rank}: groups must be scored and equally sized, got sizes {sizes}")
+        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+        adv = self._advantages(rewards, sizes.pop()).float().view(len(groups), -1)
+        stats = self.worker.train_step([(g, a.tolist()) for g, a in zip(groups, adv)], max_len)
+        self.buffer.ack([eid for eid, _ in taken])  # only after the optimizer step: a crash before it loses nothing
+        versions = [g.policy_version for g in groups]
+        return {**stats, "time/take": t1 - t0, "time/train_step": time.perf_counter() - t1,
+                "prompt_ids": [g.request.prompt_id for g in groups], "min_version": min(versions),
+                "max_version": max(versions), **self.buffer.metrics()}
+
+    # ---- weight broadcast (rank 0 hosts the group; every rank walks the parameters for ZeRO-3 gathers) ----
+
+    def open_weight_group(self, num_engines: int, cfg: WeightSyncConfig) -> tuple[str, int]:
+        if self.sender is not None:
+            self.sender.close()
+        host = self.address()[0]
+        self.sender = WeightSender(host, 0, num_engines, cfg, connect=False)
+        return host, self.sender.port
+
+    def connect_weight_group(self) -> None:
+        self.sender.connect()
+
+    def broadcast(self, version: int) -> dict:
+        params = self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision)
+        if self.rank == 0:
+            return self.sender.broadcast(params, version)
+        for _ in params:  # ZeRO-3: gather in lockstep with rank 0; otherwise a no-op walk
+            pass
+        return {}
+
+    # ---- checkpoints ----
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict) -> None:
+        self.worker.save_checkpoint(ckpt_dir, tag, client_state)
+
+    def load(self, ckpt_dir: str, tag: str) -> dict:
+        return self.worker.load_checkpoint(ckpt_dir, tag)
+
+    def checksums(self) -> dict[str, float]:
+        return self.worker.parameter_checksums()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+        if self.buffer is not None:
+            self.buffer.close()
+        if self.worker is not None:
+            self.worker.close()

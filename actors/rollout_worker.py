@@ -1,0 +1,127 @@
+"""A rollout worker: one engine, its end of the weight-sync group, and a producer on the Redis stream.
+
+The driver sends it prompts; it samples G completions per prompt, has the reward pool score them and appends
+each scored group to the stream, so rollouts never pass through the driver. Hosted as a Ray actor.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+
+from actors.engine import RolloutGroup, RolloutRequest
+from actors.hf_engine import HFEngine
+from cluster.redis_server import RedisConfig
+from cluster.rollout_buffer import RolloutBuffer
+from cluster.weight_group import WeightSyncConfig
+from cluster.weight_sync import WeightReceiver
+from rewards import get_reward
+from vlm.generation import SamplingConfig
+
+
+def engine_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+class RolloutWorker:
+    def __init__(self, rank: int, model_path: str, sampling: SamplingConfig, prompts_per_call: int, dtype: str,
+                 redis_url: str, redis_cfg: RedisConfig, reward_actors: list, correct_reward: str,
+                 trust_remote_code: bool = False) -> None:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.rank, self.name = rank, f"rollout-{rank} (pid {os.getpid()})"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.engine = HFEngine(model_path, device=device, dtype=engine_dtype(dtype), trust_remote_code=trust_remote_code)
+        self.sampling, self.prompts_per_call = sampling, prompts_per_call
+        self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url)
+        self.reward_actors = reward_actors
+        self.correct = get_reward(correct_reward)
+        self.receiver: WeightReceiver | None = None
+
+    # ---- weights ----
+
+    def join_weight_group(self, host: str, port: int, rank: int, num_engines: int, cfg: WeightSyncConfig) -> str:
+        """Leave any previous group and join the one at host:port (blocks until the group forms)."""
+        if self.receiver is not None:
+            self.receiver.close()
+        self.receiver = WeightReceiver(host, port, rank, num_engines, cfg, name=self.name)
+        return self.name
+
+    def receive_weights(self) -> dict:
+        if self.receiver is None:
+            raise RuntimeError(f"{self.name}: receive_weights before join_weight_group")
+        t0 = time.perf_counter()
+        version, named = self.receiver.receive()
+        loaded = self.engine.update_weights(named, version)
+        return {"version": version, "tensors": loaded, "seconds": time.perf_counter() - t0}
+
+    # ---- rollout ----
+
+    def _score(self, groups: list[RolloutGroup]) -> None:
+        import ray
+
+        comps = [(g, c) for g in groups for c in g.completions]
+        actor = self.reward_actors[self.rank % len(self.reward_actors)]  # Ray retries the call if that actor dies
+        totals, parts = ray.get(actor.score.remote([c.text for _, c in comps], [g.request.solution for g, _ in comps],
+                                                   [len(c.token_ids) for _, c in comps]))
+        i = 0
+        for g in groups:
+            k = len(g.completions)
+            g.rewards = totals[i:i + k]
+            g.reward_components = {name: vals[i:i + k] for name, vals in parts.items()}
+            i += k
+
+    def rollout(self, requests: list[RolloutRequest], seed: int) -> dict:
+        """Sample, score and publish groups for `requests`; returns what the driver logs (no tensors)."""
+        times = {"generate": 0.0, "reward": 0.0, "publish": 0.0}
+        summary: dict = {"prompt_ids": [], "rewards": [], "components": {}, "lengths": [], "truncated": 0, "entries": []}
+        for start in range(0, len(requests), self.prompts_per_call):
+            t0 = time.perf_counter()
+            groups = self.engine.generate(requests[start:start + self.prompts_per_call], self.sampling,
+                                          seed=random.Random(f"{seed}:{start}").getrandbits(48))
+            t1 = time.perf_counter()
+            self._score(groups)
+            t2 = time.perf_counter()
+            summary["entries"] += [self.buffer.put(g) for g in groups]
+            times["generate"] += t1 - t0
+            times["reward"] += t2 - t1
+            times["publish"] += time.perf_counter() - t2
+            for g in groups:
+                summary["prompt_ids"].append(g.request.prompt_id)
+                summary["rewards"] += g.rewards
+                for name, vals in g.reward_components.items():
+                    summary["components"].setdefault(name, []).extend(vals)
+                summary["lengths"] += [len(c.token_ids) for c in g.completions]
+                summary["truncated"] += sum(c.finish_reason == "length" for c in g.completions)
+        summary["times"] = times
+        summary["policy_version"] = self.engine.policy_version
+        return summary
+
+    def evaluate(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[dict]:
+        """Greedy answers, scored by the correctness reward (1 = correct)."""
+        cfg = SamplingConfig(n=1, max_new_tokens=max_new_tokens, greedy=True)
+        out = []
+        for start in range(0, len(requests), self.prompts_per_call):
+            chunk = requests[start:start + self.prompts_per_call]
+            groups = self.engine.generate(chunk, cfg)
+            texts = [g.completions[0].text for g in groups]
+            scores = self.correct(texts, [r.solution for r in chunk])
+            out += [{"prompt_id": r.prompt_id, "text": t, "solution": r.solution, "correct": float(s)}
+                    for r, t, s in zip(chunk, texts, scores)]
+        return out
+
+    def checksums(self) -> dict[str, float]:
+        """Per-parameter float64 sums, comparable with the learner's."""
+        return {n: float(p.double().sum()) for n, p in self.engine.model.named_parameters()}
+
+    def info(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "policy_version": self.engine.policy_version}
+
+    def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+        self.buffer.close()

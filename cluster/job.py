@@ -1,0 +1,239 @@
+"""Everything a run holds: the private Redis, Ray, the data, the placement group and the actors in it.
+
+`Job` is a context manager: it starts what the config asks for, resumes from a checkpoint if told to, forms the
+weight-sync group and sends the learners' weights to every engine, and tears it all down on exit (errors
+included). The loop itself is in cluster/driver.py and talks to the job through a handful of methods.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+import redis
+import yaml
+
+from actors.engine import RolloutRequest
+from actors.learner_actor import LearnerActor
+from actors.reward_actor import RewardActor
+from actors.rollout_worker import RolloutWorker
+from cluster.checkpoint import DriverState, read_checkpoint, tag_for, write_driver_state
+from cluster.config import ExperimentConfig
+from cluster.placement import init_ray, release, reserve
+from cluster.redis_server import connect, make_client
+from cluster.schema import to_dict
+from learner.warm_start import format_warm_start
+from tasks.bundled import ensure_bundled
+from tasks.examples import build_examples, tokenizer_corpus
+from tasks.manifest import read_dataset
+from tasks.order import EpochOrder
+from tasks.sampling import k_shot
+from vlm.processor import load_processor
+from vlm.tiny import ensure_tiny_vlm
+
+log = logging.getLogger("clsrl")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def local_runtime_env() -> dict:
+    """What actors of a cluster we start ourselves need: the repo importable, the shared cache, quiet threads."""
+    from vlm.cache import default_cache_dir
+
+    cache = default_cache_dir()
+    return {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "CLSRL_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+                         "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))}}
+
+
+def _split(items: list, parts: int) -> list[list]:
+    size = -(-len(items) // parts)
+    return [items[i * size:(i + 1) * size] for i in range(parts)]
+
+
+class Job:
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> None:
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.redis_server = self.placement = None
+        self.ray_desc = "existing"
+        self.rollout_workers: list = []
+        self.learners: list = []
+        self.reward_actors: list = []
+
+    # ---- setup ----
+
+    def __enter__(self) -> Job:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.state = DriverState(step=0, policy_version=0, config=to_dict(cfg))
+        resume_tag = None
+        if self.resume:
+            resume_tag, self.state = read_checkpoint(self.ckpt_root, None if self.resume is True else self.resume)
+            self._warn_config_changes(self.state.config)
+        self._load_data()
+        self.order = EpochOrder([e.id for e in self.train_examples], cfg.train.seed)
+        if resume_tag:
+            self.order.load_state_dict(self.state.data_order)
+        self.redis_url, self.redis_server = connect(cfg.redis, self.run_dir)
+        self._clear_stream()
+        self.ray_desc = init_ray(cfg.cluster, local_runtime_env())
+        print(f"ray: {self.ray_desc}")
+        self.placement = reserve(cfg.cluster, name=f"clsrl-{self.run_dir.name}-{os.getpid()}")
+        self._start_actors()
+        if resume_tag:
+            ray.get([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners])
+            print(f"resumed from {self.ckpt_root / resume_tag}: step {self.state.step}, "
+                  f"policy version {self.state.policy_version}, data epoch {self.order.epoch} position {self.order.position}")
+        self.form_weight_group()
+        self.broadcast(self.state.policy_version)  # engines start bit-equal to the learners (resumed or not)
+
+    def _warn_config_changes(self, saved: dict) -> None:
+        now = json.loads(json.dumps(to_dict(self.cfg)))  # tuples -> lists, as the saved JSON has them
+        changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() if isinstance(sec, dict)
+                   for k, v in sec.items() if saved.get(s, {}).get(k) != v]
+        if changed:
+            print("resuming with config changes:\n  " + "\n  ".join(changed))
+
+    def _load_data(self) -> None:
+        d, t = self.cfg.data, self.cfg.task
+        dataset = read_dataset(d.root or ensure_bundled(d.bundled or "shapes"), name=d.name)
+        model_path = self.cfg.model.path or str(ensure_tiny_vlm(self.cfg.model.tiny, tokenizer_corpus([dataset])))
+        processor = load_processor(model_path, self.cfg.model.trust_remote_code)
+        train = dataset.split("train")
+        if d.k_shot:
+            train = k_shot(train, d.k_shot, d.seed, dataset.classnames)
+        build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
+                     skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
+        self.train_examples, skipped = build_examples(processor, dataset, train, **build)
+        self.test_examples, skipped_test = build_examples(processor, dataset, dataset.split("test")[: d.eval_limit or None],
+                                                          **build)
+        if skipped or skipped_test:
+            print(f"skipped {len(skipped) + len(skipped_test)} unreadable images; first: {(skipped + skipped_test)[0]}")
+        if not self.train_examples or not self.test_examples:
+            raise ValueError(f"data set {dataset.name!r} has {len(self.train_examples)} train and "
+                             f"{len(self.test_examples)} test prompts; both splits need images")
+        self.examples = {e.id: e for e in self.train_examples + self.test_examples}
+        print(f"data: {dataset.name}, {len(dataset.classnames)} classes, {len(self.train_examples)} train / "
+              f"{len(self.test_examples)} test prompts")
+        self.model_path = model_path
+        if self.cfg.train.warm_start_steps:
+            self.model_path = str(format_warm_start(
+                model_path, self.run_dir / "warm_start", self.train_examples, t.prompt, self.cfg.train.warm_start_steps,
+                self.cfg.train.warm_start_lr, self.cfg.train.prompts_per_step, self.cfg.train.seed,
+                self.cfg.model.trust_remote_code))
+
+    def _clear_stream(self) -> None:
+        """On-policy: groups left over from an earlier attempt came from weights we no longer trust to match."""
+        client = make_client(self.redis_url, self.cfg.redis)
+        try:
+            left = client.xlen(self.cfg.redis.stream)
+            if left:
+                print(f"discarding {left} rollout groups left in stream {self.cfg.redis.stream!r} by an earlier attempt "
+                      f"(on-policy mode regenerates them)")
+            client.delete(self.cfg.redis.stream)
+        except redis.ResponseError:
+            pass
+        finally:
+            client.close()
+
+    def _start_actors(self) -> None:
+        cfg, p = self.cfg, self.placement
+        Reward = ray.remote(max_restarts=-1, max_task_retries=-1)(RewardActor)
+        self.reward_actors = [Reward.options(**p.options("reward", i)).remote(cfg.task.rewards)
+                              for i in range(cfg.cluster.reward_actors)]
+        Rollout = ray.remote(RolloutWorker)
+        self.rollout_workers = [Rollout.options(**p.options("rollout", i)).remote(
+            i, self.model_path, cfg.sampling, cfg.rollout.prompts_per_call, cfg.rollout.dtype, self.redis_url, cfg.redis,
+            self.reward_actors, cfg.task.correct_reward, cfg.model.trust_remote_code) for i in range(cfg.cluster.rollout_workers)]
+        Learner = ray.remote(LearnerActor)
+        n = cfg.cluster.learner_ranks
+        self.learners = [Learner.options(**p.options("learner", r)).remote(r, n) for r in range(n)]
+        addr, port = ray.get(self.learners[0].address.remote())
+        starting = {a.setup.remote(addr, port, self.model_path, cfg.learner, cfg.algorithm, cfg.sequences_per_rank,
+                                   cfg.train.steps, self.redis_url, cfg.redis, cfg.model.trust_remote_code): f"learner rank {r}"
+                    for r, a in enumerate(self.learners)}
+        starting.update({w.info.remote(): f"rollout worker {i}" for i, w in enumerate(self.rollout_workers)})
+        starting.update({a.ping.remote(): f"reward actor {i}" for i, a in enumerate(self.reward_actors)})
+        ready, late = ray.wait(list(starting), num_returns=len(starting), timeout=cfg.cluster.ready_timeout_s)
+        ray.get(ready)  # an actor that failed to start raises here with its own traceback
+        if late:
+            raise TimeoutError(f"not started within cluster.ready_timeout_s={cfg.cluster.ready_timeout_s:.0f}s: "
+                               f"{', '.join(starting[r] for r in late)} (see the Ray logs under /tmp/ray/session_latest/logs)")
+
+    def form_weight_group(self) -> None:
+        n = len(self.rollout_workers)
+        host, port = ray.get(self.learners[0].open_weight_group.remote(n, self.cfg.weight_sync))
+        ray.get([self.learners[0].connect_weight_group.remote()] + [
+            w.join_weight_group.remote(host, port, i + 1, n, self.cfg.weight_sync) for i, w in enumerate(self.rollout_workers)])
+
+    # ---- the calls the loop makes ----
+
+    def requests(self, ids: list[str]) -> list[RolloutRequest]:
+        return [RolloutRequest(i, self.examples[i].inputs, self.examples[i].solution) for i in ids]
+
+    def rollout(self, ids: list[str], step: int) -> list[dict]:
+        chunks = _split(ids, len(self.rollout_workers))
+        return ray.get([w.rollout.remote(self.requests(c), seed=self.cfg.train.seed * 1_000_003 + step * 1009 + i)
+                        for i, (w, c) in enumerate(zip(self.rollout_workers, chunks)) if c])
+
+    def train(self) -> list[dict]:
+        per_rank = self.cfg.train.prompts_per_step // len(self.learners)
+        return ray.get([a.train.remote(per_rank, self.cfg.sampling.max_new_tokens, self.cfg.weight_sync.timeout_s)
+                        for a in self.learners])
+
+    def broadcast(self, version: int) -> dict:
+        sending = [a.broadcast.remote(version) for a in self.learners]
+        receiving = [w.receive_weights.remote() for w in self.rollout_workers]
+        stats = ray.get(sending)[0]  # first: rank 0's error names the engine that failed, within the timeout
+        ray.get(receiving)
+        self.state.policy_version = version
+        return stats
+
+    def evaluate(self) -> list[dict]:
+        ids = [e.id for e in self.test_examples]
+        chunks = _split(ids, len(self.rollout_workers))
+        results = ray.get([w.evaluate.remote(self.requests(c), self.cfg.rollout.eval_max_new_tokens)
+                           for w, c in zip(self.rollout_workers, chunks) if c])
+        return [r for part in results for r in part]
+
+    def save(self, step: int) -> Path:
+        tag = tag_for(step)
+        t0 = time.perf_counter()
+        ray.get([a.save.remote(str(self.ckpt_root), tag, {"step": step}) for a in self.learners])
+        self.state.step, self.state.data_order = step, self.order.state_dict()
+        path = write_driver_state(self.ckpt_root, tag, self.state)
+        print(f"checkpoint {path.parent} ({time.perf_counter() - t0:.1f}s)")
+        return path.parent
+
+    # ---- teardown ----
+
+    def close(self) -> None:
+        handles = self.learners + self.rollout_workers
+        if handles:
+            ray.wait([h.close.remote() for h in handles], num_returns=len(handles), timeout=30)
+        for h in handles + self.reward_actors:
+            ray.kill(h)
+        self.learners, self.rollout_workers, self.reward_actors = [], [], []
+        release(self.placement)
+        self.placement = None
+        if self.redis_server is not None:
+            self.redis_server.stop()
+            self.redis_server = None
+        if self.ray_desc != "existing":  # a local cluster we started ends with the run
+            ray.shutdown()
+            self.ray_desc = "existing"

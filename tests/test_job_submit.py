@@ -1,0 +1,118 @@
+"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 (see tests/job_cluster.py).
+
+The entrypoint is a probe that imports project packages from the uploaded working dir and schedules Ray actors
+that import torch; switch ENTRYPOINT to `clsrl train ...` once the CLI lands.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.job_cluster import REPO, UPLOAD_EXCLUDES, head_cluster, job_runtime_env, submit_job
+
+pytestmark = pytest.mark.slow
+
+PROBE = r"""
+import json, os, sys
+import ray
+import cluster.schema, learner  # top-level packages of the uploaded working dir
+
+@ray.remote(num_cpus=1)
+class Probe:
+    def info(self):
+        import torch
+        import cluster.schema
+        return {"pid": os.getpid(), "torch": torch.__version__, "schema": cluster.schema.__file__, "cwd": os.getcwd(),
+                "env": {k: os.environ.get(k) for k in ("CLSRL_CACHE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}}
+
+ray.init()
+probes = [Probe.remote() for _ in range(2)]
+infos = ray.get([p.info.remote() for p in probes], timeout=180)
+print("CLSRL_PROBE " + json.dumps({
+    "pid": os.getpid(), "cwd": os.getcwd(), "prefix": sys.prefix, "schema": cluster.schema.__file__,
+    "learner": learner.__file__, "gcs": ray.get_runtime_context().gcs_address, "cpus": ray.cluster_resources().get("CPU"),
+    "present": {d: os.path.exists(d) for d in (".venv", ".cache", "runs", ".git", "cluster", "pyproject.toml")},
+    "actors": infos}))
+"""
+ENTRYPOINT = ["python", "-c", PROBE]
+
+
+def _probe(logs: str) -> dict:
+    lines = [ln for ln in logs.splitlines() if ln.startswith("CLSRL_PROBE ")]
+    assert lines, f"no probe output in the job's logs:\n{logs[-6000:]}"
+    return json.loads(lines[-1].removeprefix("CLSRL_PROBE "))
+
+
+def _leftovers(temp_dir: Path) -> list[str]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            cmd, cwd = " ".join(p.info["cmdline"] or []), p.info["cwd"] or ""
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if str(temp_dir) in cmd or cwd.startswith(str(temp_dir)):
+            out.append(f"{p.pid} {cmd[:200]}")
+    return out
+
+
+def test_head_cluster_beside_in_process_ray(ray_local, tmp_path):
+    """The head cluster neither joins nor disturbs the session's in-process cluster, and leaves nothing behind."""
+    ray = ray_local
+    ping = ray.remote(lambda: os.getpid())
+    assert isinstance(ray.get(ping.remote(), timeout=60), int)
+    local_cpus = ray.cluster_resources()["CPU"]
+    with head_cluster(tmp_path, num_cpus=2) as head:
+        code = "import ray; ray.init(); print('CPUS', ray.cluster_resources()['CPU'], ray.get_runtime_context().gcs_address)"
+        status, logs = submit_job(head, ["python", "-c", code], job_runtime_env(), timeout_s=120, via="sdk")
+        assert status == "SUCCEEDED", logs
+        assert f"CPUS 2.0 {head.gcs_address}" in logs
+        assert ray.cluster_resources()["CPU"] == local_cpus  # the head is not a node of the in-process cluster
+        temp_dir = head.temp_dir
+    assert not _leftovers(temp_dir), _leftovers(temp_dir)
+    assert not temp_dir.exists()
+    assert isinstance(ray.get(ping.remote(), timeout=60), int)  # the in-process cluster still serves
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    with head_cluster(tmp_path_factory.mktemp("head"), num_cpus=4) as cluster:
+        yield cluster
+
+
+def test_job_server_rejects_requests_without_token(head):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{head.address}/api/jobs/", timeout=30)
+    assert err.value.code == 401
+    req = urllib.request.Request(f"{head.address}/api/jobs/", headers=head.headers)
+    assert urllib.request.urlopen(req, timeout=30).status == 200
+
+
+def test_job_submit_runs_project_actors(head):
+    status, logs = submit_job(head, ENTRYPOINT, job_runtime_env(), timeout_s=240)  # `ray job submit` CLI
+    assert status == "SUCCEEDED", logs[-6000:]
+    probe = _probe(logs)
+
+    # the job ran in the uploaded copy of the repo on this cluster, with the venv's python
+    job_dir = probe["cwd"]
+    assert job_dir.startswith(str(head.temp_dir)) and Path(job_dir).resolve() != REPO
+    assert probe["gcs"] == head.gcs_address
+    assert probe["prefix"] == sys.prefix
+    assert probe["schema"].startswith(job_dir + os.sep) and probe["learner"].startswith(job_dir + os.sep)
+    assert probe["present"] == {".venv": False, ".cache": False, "runs": False, ".git": False,
+                                "cluster": True, "pyproject.toml": True}, UPLOAD_EXCLUDES
+
+    # two actors in their own worker processes, importing torch and the uploaded packages, with the job's env
+    actors = probe["actors"]
+    assert len({a["pid"] for a in actors} | {probe["pid"]}) == 3
+    for a in actors:
+        assert a["torch"] and a["schema"].startswith(job_dir + os.sep) and a["cwd"] == job_dir
+        assert a["env"] == {k: job_runtime_env()["env_vars"][k] for k in ("CLSRL_CACHE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}
+        assert os.path.isabs(a["env"]["CLSRL_CACHE"])
