@@ -55,7 +55,7 @@ def _split(items: list, parts: int) -> list[list]:
 
 class Job:
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> None:
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir).resolve(), resume  # actors may run elsewhere
         self.ckpt_root = self.run_dir / "checkpoints"
         self.redis_server = self.placement = None
         self.ray_desc = "existing"

@@ -76,17 +76,20 @@ def _visible_gpus() -> int:
 
 
 def init_ray(cluster: ClusterConfig, runtime_env: dict | None = None, log_to_driver: bool = True) -> str:
-    """Connect this driver to Ray: the configured address, else $RAY_ADDRESS (set by `ray job submit`), else a new local one."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only for a local cluster; inherited by GCS/raylet
+    """Connect this driver to Ray: the configured address, else $RAY_ADDRESS (set by `ray job submit`), else a new local one.
+
+    `runtime_env` is for a local cluster we start; on a joined one, the code and env come from `ray job submit`.
+    """
     import ray
     from ray._private import ray_constants
 
     if ray.is_initialized():
         return "existing"
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+    if address:  # the job's runtime_env (working dir, env vars from `ray job submit`) applies; ours would conflict with it
+        ray.init(address=address, log_to_driver=log_to_driver)
         return f"joined {address}"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only for a local cluster; inherited by GCS/raylet
     if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":  # ray read it at import; it may have been imported before
         ray_constants.ENABLE_RAY_CLUSTER = False
     # logical CPUs: our actors mostly wait on each other, so the plan may ask for more than there are cores

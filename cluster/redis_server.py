@@ -147,7 +147,7 @@ class PrivateRedis:
 
     def __init__(self, cfg: RedisConfig | None, run_dir: str | os.PathLike, die_with_parent: bool = True) -> None:
         self.cfg = cfg or RedisConfig()
-        self.dir = Path(run_dir) / "redis"
+        self.dir = Path(run_dir).resolve() / "redis"  # redis-server chdirs to `dir`: relative paths would break
         self.die_with_parent = die_with_parent
         self.binary = find_redis_server()
         self.proc: subprocess.Popen | None = None

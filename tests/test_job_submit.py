@@ -1,7 +1,7 @@
 """`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 (see tests/job_cluster.py).
 
-The entrypoint is a probe that imports project packages from the uploaded working dir and schedules Ray actors
-that import torch; switch ENTRYPOINT to `clsrl train ...` once the CLI lands.
+One job is a probe (imports project packages from the uploaded working dir, schedules actors that import torch,
+checks what was uploaded); the other is a short `clsrl train` run of the whole distributed loop.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_head_cluster_beside_in_process_ray(ray_local, tmp_path):
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    with head_cluster(tmp_path_factory.mktemp("head"), num_cpus=4) as cluster:
+    with head_cluster(tmp_path_factory.mktemp("head"), num_cpus=6) as cluster:  # the demo plan needs 4.5
         yield cluster
 
 
@@ -116,3 +116,17 @@ def test_job_submit_runs_project_actors(head):
         assert a["torch"] and a["schema"].startswith(job_dir + os.sep) and a["cwd"] == job_dir
         assert a["env"] == {k: job_runtime_env()["env_vars"][k] for k in ("CLSRL_CACHE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}
         assert os.path.isabs(a["env"]["CLSRL_CACHE"])
+
+
+def test_job_submit_runs_clsrl_train(head, tmp_path):
+    """The driver joins the cluster through RAY_ADDRESS and runs rollout, reward, learner actors and Redis there."""
+    run_dir = tmp_path / "run"
+    overrides = ["train.steps=2", "train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_every=0",
+                 "data.eval_limit=4", "sampling.n=4", "learner.micro_batch_size=8", "train.tensorboard=false"]
+    entry = ["python", "-m", "cluster.cli", "train", "configs/cpu_demo.yaml", *overrides, "--run-dir", str(run_dir)]
+    status, logs = submit_job(head, entry, job_runtime_env(), timeout_s=400)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert f"ray: joined {head.gcs_address}" in logs or "ray: joined" in logs, logs[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/accuracy" in rows[-1]
+    assert (run_dir / "checkpoints" / "step-000002" / "driver.json").is_file()

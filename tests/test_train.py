@@ -77,6 +77,14 @@ def test_engines_match_learners_and_a_killed_engine_is_named(ray_local, tmp_path
         assert victim["name"] in str(err.value), str(err.value)[-2000:]
 
 
+@pytest.mark.slow
+def test_default_config_shows_grpo_learning(ray_local, tmp_path):
+    """The README's main job: accuracy at GRPO start is chance (4 classes) and clearly higher after 100 steps."""
+    result = train(load_config(ExperimentConfig, DEFAULT_CONFIG), tmp_path)
+    assert result["grpo_start"] <= 0.4
+    assert result["final"] >= result["grpo_start"] + 0.3, result
+
+
 def test_cli_rejects_a_typo(capsys):
     assert main(["train", "train.stpes=3"]) == 2
     assert "did you mean 'train.steps'" in capsys.readouterr().err
