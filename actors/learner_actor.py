@@ -50,16 +50,34 @@ class LearnerActor:
 
     # ---- training ----
 
-    def _take(self, n: int, timeout_s: float) -> list:
+    def _take(self, n: int, version: int, max_staleness: int, timeout_s: float) -> tuple[list, dict]:
+        """n fresh, unseen groups from the stream; stale ones and duplicates are acked away and counted."""
         got: list = []
+        dropped: dict = {"stale": 0, "duplicate": 0, "stale_draws": []}
         deadline = time.monotonic() + timeout_s
         while len(got) < n:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 raise TimeoutError(f"learner rank {self.rank}: {len(got)} of {n} rollout groups arrived in the stream "
                                    f"{self.buffer.stream!r} within {timeout_s:.0f}s")
-            got += self.buffer.take(n - len(got), block_ms=min(left_ms, 1000))
-        return got
+            drop: list[str] = []
+            batch = self.buffer.take(n - len(got), block_ms=min(left_ms, 1000))
+            fresh = [(eid, g) for eid, g in batch if version - g.policy_version <= max_staleness]
+            stale = len(batch) - len(fresh)
+            drop += [eid for eid, g in batch if version - g.policy_version > max_staleness]
+            dropped["stale_draws"] += [g.request.meta.get("draw") for _, g in batch if version - g.policy_version > max_staleness]
+            firsts = self.buffer.claim([g.request.meta.get("draw", -1) for _, g in fresh])
+            for (eid, g), first in zip(fresh, firsts):  # not first: a re-issued request answered twice
+                if first:
+                    got.append((eid, g))
+                else:
+                    drop.append(eid)
+            dropped["stale"] += stale
+            dropped["duplicate"] += len(fresh) - sum(firsts)
+            if drop:
+                self.buffer.ack(drop)
+                self.buffer.add_released(stale)  # the driver issues replacements for stale slots (duplicates had one)
+        return got, dropped
 
     def _advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         if self.algo.advantage_scale != "batch":
@@ -71,10 +89,17 @@ class LearnerActor:
         std = ((sq - total * total / count) / max(count - 1, 1)) ** 0.5
         return group_advantages(rewards, group_size, "none") / (std + self.algo.advantage_eps)
 
-    def train(self, n_groups: int, max_len: int | None, take_timeout_s: float) -> dict:
-        """Take n_groups from the stream, run one optimizer step on them, ack them; returns this rank's stats."""
+    def train(self, n_groups: int, version: int, max_staleness: int, max_len: int | None, take_timeout_s: float,
+              forget_below: int = 0) -> dict:
+        """Take n_groups fresh groups, run one optimizer step on them, ack them; returns this rank's stats.
+
+        `version` is the policy version this rank holds; `forget_below` prunes the duplicate filter to draws that
+        may still arrive.
+        """
         t0 = time.perf_counter()
-        taken = self._take(n_groups, take_timeout_s)
+        if forget_below:
+            self.buffer.forget_claims(forget_below)
+        taken, dropped = self._take(n_groups, version, max_staleness, take_timeout_s)
         t1 = time.perf_counter()
         groups = [g for _, g in taken]
         sizes = {len(g.completions) for g in groups}
@@ -84,10 +109,10 @@ class LearnerActor:
         adv = self._advantages(rewards, sizes.pop()).float().view(len(groups), -1)
         stats = self.worker.train_step([(g, a.tolist()) for g, a in zip(groups, adv)], max_len)
         self.buffer.ack([eid for eid, _ in taken])  # only after the optimizer step: a crash before it loses nothing
-        versions = [g.policy_version for g in groups]
         return {**stats, "time/take": t1 - t0, "time/train_step": time.perf_counter() - t1,
-                "prompt_ids": [g.request.prompt_id for g in groups], "min_version": min(versions),
-                "max_version": max(versions), **self.buffer.metrics()}
+                "draws": [g.request.meta.get("draw") for g in groups], "prompt_ids": [g.request.prompt_id for g in groups],
+                "staleness": [version - g.policy_version for g in groups], "dropped/stale": dropped["stale"],
+                "dropped/duplicate": dropped["duplicate"], "stale_draws": dropped["stale_draws"], **self.buffer.metrics()}
 
     # ---- weight broadcast (rank 0 hosts the group; every rank walks the parameters for ZeRO-3 gathers) ----
 

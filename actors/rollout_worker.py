@@ -30,7 +30,7 @@ def engine_dtype(name: str) -> torch.dtype:
 class RolloutWorker:
     def __init__(self, rank: int, model_path: str, sampling: SamplingConfig, prompts_per_call: int, dtype: str,
                  redis_url: str, redis_cfg: RedisConfig, reward_actors: list, correct_reward: str,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, drop_equal_groups: bool = False) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.rank, self.name = rank, f"rollout-{rank} (pid {os.getpid()})"
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +40,7 @@ class RolloutWorker:
         self.reward_actors = reward_actors
         self.correct = get_reward(correct_reward)
         self.receiver: WeightReceiver | None = None
+        self.drop_equal_groups = drop_equal_groups  # dynamic sampling: such groups have zero advantage everywhere
 
     # ---- weights ----
 
@@ -77,7 +78,7 @@ class RolloutWorker:
     def rollout(self, requests: list[RolloutRequest], seed: int) -> dict:
         """Sample, score and publish groups for `requests`; returns what the driver logs (no tensors)."""
         times = {"generate": 0.0, "reward": 0.0, "publish": 0.0}
-        summary: dict = {"prompt_ids": [], "rewards": [], "components": {}, "lengths": [], "truncated": 0, "entries": []}
+        summary: dict = {"published": [], "filtered": [], "rewards": [], "components": {}, "lengths": [], "truncated": 0}
         for start in range(0, len(requests), self.prompts_per_call):
             t0 = time.perf_counter()
             groups = self.engine.generate(requests[start:start + self.prompts_per_call], self.sampling,
@@ -85,12 +86,14 @@ class RolloutWorker:
             t1 = time.perf_counter()
             self._score(groups)
             t2 = time.perf_counter()
-            summary["entries"] += [self.buffer.put(g) for g in groups]
+            keep = [g for g in groups if not (self.drop_equal_groups and len(set(g.rewards)) == 1)]
+            self.buffer.put_many(keep)  # all or nothing: a kill mid-call publishes none of them
             times["generate"] += t1 - t0
             times["reward"] += t2 - t1
             times["publish"] += time.perf_counter() - t2
+            summary["published"] += [g.request.meta.get("draw") for g in keep]
+            summary["filtered"] += [g.request.meta.get("draw") for g in groups if all(g is not k for k in keep)]
             for g in groups:
-                summary["prompt_ids"].append(g.request.prompt_id)
                 summary["rewards"] += g.rewards
                 for name, vals in g.reward_components.items():
                     summary["components"].setdefault(name, []).extend(vals)

@@ -47,6 +47,7 @@ class RolloutConfig:
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
     prompts_per_call: int = 16  # prompts per engine.generate call (each sampled G times)
     eval_max_new_tokens: int = 32  # greedy eval answers are cut here
+    max_staleness: int = 0  # policy versions a trained-on sample may lag; 0 = synchronous (see cluster/staleness.py)
 
     def __post_init__(self) -> None:
         if self.engine != "hf":
@@ -55,6 +56,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.dtype must be auto|fp32|bf16, got {self.dtype!r}")
         if self.prompts_per_call < 1:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
 
 
 @dataclass
@@ -117,9 +120,6 @@ class ExperimentConfig:
         if self.algorithm.temperature != self.sampling.temperature:
             raise ValueError(f"algorithm.temperature={self.algorithm.temperature} must equal sampling.temperature="
                              f"{self.sampling.temperature}: the policy being trained is the tempered one that sampled")
-        if self.algorithm.dynamic_sampling:
-            raise ValueError("algorithm.dynamic_sampling needs the asynchronous runtime's top-up from the stream, "
-                             "which this build does not have; set it to false")
         ranks, mb = self.cluster.learner_ranks, self.learner.micro_batch_size
         if self.train.prompts_per_step % ranks:
             raise ValueError(f"train.prompts_per_step={self.train.prompts_per_step} must be a multiple of "

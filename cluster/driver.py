@@ -1,11 +1,14 @@
-"""The RL loop: rollout -> train -> broadcast, on-policy, through the Redis stream. Setup lives in cluster/job.py."""
+"""The RL loop, on one screen. Rollout runs ahead of training by at most `rollout.max_staleness` policy versions
+(0 = synchronous: sample, train, broadcast). Setup lives in cluster/job.py, issuing work in cluster/scheduler.py."""
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
+import ray
 from tqdm import tqdm
 
 from cluster.config import ExperimentConfig
@@ -14,35 +17,41 @@ from cluster.metrics import MetricsLogger
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> dict:
-    t_start = time.time()
+    t_start, staleness_hist = time.time(), Counter()
     with Job(cfg, run_dir, resume) as job:
         first = job.state.step
-        metrics = MetricsLogger(job.run_dir, cfg.train.tensorboard, resume_step=first if resume else None)
-        with metrics:
+        sched = job.scheduler()
+        with MetricsLogger(job.run_dir, cfg.train.tensorboard, resume_step=first if resume else None) as metrics:
             if first == 0:
                 metrics.log({"step": 0, **evaluate(job, 0)})
             bar = tqdm(range(first + 1, cfg.train.steps + 1), desc="GRPO", initial=first, total=cfg.train.steps)
             for step in bar:
-                ids = job.order.take(cfg.train.prompts_per_step)
-                t0 = time.perf_counter()
-                rollouts = job.rollout(ids, step)  # generate, score, publish to the stream
+                t0, version = time.perf_counter(), step - 1
+                training, rollouts = job.start_train(version, sched.forget_below()), []
+                while pending := ray.wait(training, num_returns=len(training), timeout=0)[1]:
+                    sched.fill(version)  # admission: idle workers get a chunk while the staleness budget allows
+                    ray.wait(pending + list(sched.inflight), num_returns=1, timeout=1.0)
+                    rollouts += sched.poll(timeout_s=0)
+                    sched.staleness.release(job.newly_released())  # stale groups dropped by the learners
+                learned = job.finish_train(training)
+                sched.settle([d for r in learned for d in r["draws"] + r["stale_draws"]])
                 t1 = time.perf_counter()
-                learned = job.train()  # each rank takes its share from the stream, steps, acks
+                sync = job.broadcast(step, rejoin=bool(sched.revive()))  # engines take it between requests
                 t2 = time.perf_counter()
-                sync = job.broadcast(step)  # policy version = optimizer steps taken
-                t3 = time.perf_counter()
-                row = {"step": step, **rollout_metrics(rollouts), **learner_metrics(learned, ids, step),
-                       "time/rollout": t1 - t0, "time/train": t2 - t1, "time/sync": t3 - t2,
-                       "sync/mb_per_s": sync["mb_per_s"], "sync/mb": sync["bytes"] / 2**20}
+                staleness_hist.update(s for r in learned for s in r["staleness"])
+                row = {"step": step, **rollout_metrics(rollouts), **learner_metrics(learned), "time/step": t2 - t0,
+                       "time/train_wait": t1 - t0, "time/sync": t2 - t1, "sync/mb_per_s": sync["mb_per_s"],
+                       "sync/mb": sync["bytes"] / 2**20}
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                     row.update(evaluate(job, step))
                 metrics.log(row)
                 if cfg.train.save_every and step % cfg.train.save_every == 0 or step == cfg.train.steps:
-                    job.save(step)
-                bar.set_postfix(reward=f"{row['reward/mean']:.2f}", acc=row.get("eval/accuracy", ""))
+                    job.save(step, sched)
+                bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.2f}", acc=row.get("eval/accuracy", ""))
         evals = [r for r in metrics.rows if "eval/accuracy" in r]
+    (job.run_dir / "staleness.json").write_text(json.dumps(dict(sorted(staleness_hist.items()))))
     return {"grpo_start": evals[0]["eval/accuracy"], "final": evals[-1]["eval/accuracy"], "steps": cfg.train.steps,
-            "seconds": time.time() - t_start, "run_dir": str(run_dir)}
+            "seconds": time.time() - t_start, "run_dir": str(run_dir), "staleness": dict(sorted(staleness_hist.items()))}
 
 
 def evaluate(job: Job, step: int) -> dict:
@@ -55,26 +64,28 @@ def evaluate(job: Job, step: int) -> dict:
 
 
 def rollout_metrics(parts: list[dict]) -> dict:
+    """Over the chunks that finished during this step (none, when rollout ran far enough ahead)."""
     rewards = [r for p in parts for r in p["rewards"]]
     lengths = [n for p in parts for n in p["lengths"]]
+    if not rewards:
+        return {}
     row = {"reward/mean": statistics.fmean(rewards), "reward/std": statistics.pstdev(rewards),
            "length/mean": statistics.fmean(lengths), "length/max": max(lengths),
-           "length/truncated": sum(p["truncated"] for p in parts) / len(lengths)}
+           "length/truncated": sum(p["truncated"] for p in parts) / len(lengths),
+           "dropped/filtered": sum(len(p["filtered"]) for p in parts)}
     for name in parts[0]["components"]:
         row[f"reward/{name}"] = statistics.fmean(v for p in parts for v in p["components"][name])
-    for stage in parts[0]["times"]:  # the slowest worker sets the pace
-        row[f"time/{stage}"] = max(p["times"][stage] for p in parts)
+    for stage in parts[0]["times"]:  # summed over chunks and workers: busy seconds, not wall time
+        row[f"time/{stage}"] = sum(p["times"][stage] for p in parts)
     return row
 
 
-def learner_metrics(ranks: list[dict], ids: list[str], step: int) -> dict:
-    trained = sorted(i for r in ranks for i in r["prompt_ids"])
-    if trained != sorted(ids):  # exactly once: every prompt of the step, no leftovers, no repeats
-        raise RuntimeError(f"step {step}: the learners trained on {len(trained)} groups that are not this step's "
-                           f"{len(ids)} prompts (missing {sorted(set(ids) - set(trained))[:5]}, "
-                           f"extra {sorted(set(trained) - set(ids))[:5]})")
-    keys = [k for k, v in ranks[0].items() if isinstance(v, float | int) and not k.startswith("buffer/")]
-    row = {k: statistics.fmean(r[k] for r in ranks) for k in keys if k not in ("min_version", "max_version")}
-    row["staleness/max"] = step - 1 - min(r["min_version"] for r in ranks)  # 0 on-policy: sampled by the last weights
+def learner_metrics(ranks: list[dict]) -> dict:
+    keys = [k for k, v in ranks[0].items() if isinstance(v, float | int) and not k.startswith(("buffer/", "dropped/"))]
+    row = {k: statistics.fmean(r[k] for r in ranks) for k in keys}
+    lags = [s for r in ranks for s in r["staleness"]]
+    row.update({"staleness/mean": statistics.fmean(lags), "staleness/max": max(lags),
+                "dropped/stale": sum(r["dropped/stale"] for r in ranks),
+                "dropped/duplicate": sum(r["dropped/duplicate"] for r in ranks)})
     row.update({k: v for k, v in ranks[0].items() if k.startswith("buffer/")})
     return row

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import ray
-import redis
 import yaml
 
 from actors.engine import RolloutRequest
@@ -23,8 +22,11 @@ from actors.rollout_worker import RolloutWorker
 from cluster.checkpoint import DriverState, read_checkpoint, tag_for, write_driver_state
 from cluster.config import ExperimentConfig
 from cluster.placement import init_ray, release, reserve
-from cluster.redis_server import connect, make_client
+from cluster.redis_server import connect
+from cluster.rollout_buffer import RolloutBuffer
+from cluster.scheduler import RolloutScheduler
 from cluster.schema import to_dict
+from cluster.staleness import StalenessManager
 from learner.warm_start import format_warm_start
 from tasks.bundled import ensure_bundled
 from tasks.examples import build_examples, tokenizer_corpus
@@ -88,9 +90,13 @@ class Job:
         self._load_data()
         self.order = EpochOrder([e.id for e in self.train_examples], cfg.train.seed)
         if resume_tag:
-            self.order.load_state_dict(self.state.data_order)
+            self.order.load_state_dict(self.state.data_order["order"])
         self.redis_url, self.redis_server = connect(cfg.redis, self.run_dir)
-        self._clear_stream()
+        self.buffer = RolloutBuffer.from_config(cfg.redis, self.redis_url, consumer="driver")
+        left = self.buffer.reset()  # whatever an earlier attempt left is regenerated: its draws are in the checkpoint
+        if left:
+            print(f"discarded {left} rollout groups left in stream {cfg.redis.stream!r} by an earlier attempt")
+        self._released = 0
         self.ray_desc = init_ray(cfg.cluster, local_runtime_env())
         print(f"ray: {self.ray_desc}")
         self.placement = reserve(cfg.cluster, name=f"clsrl-{self.run_dir.name}-{os.getpid()}")
@@ -137,29 +143,16 @@ class Job:
                 self.cfg.train.warm_start_lr, self.cfg.train.prompts_per_step, self.cfg.train.seed,
                 self.cfg.model.trust_remote_code))
 
-    def _clear_stream(self) -> None:
-        """On-policy: groups left over from an earlier attempt came from weights we no longer trust to match."""
-        client = make_client(self.redis_url, self.cfg.redis)
-        try:
-            left = client.xlen(self.cfg.redis.stream)
-            if left:
-                print(f"discarding {left} rollout groups left in stream {self.cfg.redis.stream!r} by an earlier attempt "
-                      f"(on-policy mode regenerates them)")
-            client.delete(self.cfg.redis.stream)
-        except redis.ResponseError:
-            pass
-        finally:
-            client.close()
-
     def _start_actors(self) -> None:
         cfg, p = self.cfg, self.placement
         Reward = ray.remote(max_restarts=-1, max_task_retries=-1)(RewardActor)
         self.reward_actors = [Reward.options(**p.options("reward", i)).remote(cfg.task.rewards)
                               for i in range(cfg.cluster.reward_actors)]
-        Rollout = ray.remote(RolloutWorker)
+        Rollout = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)  # we re-issue, the learners dedupe
         self.rollout_workers = [Rollout.options(**p.options("rollout", i)).remote(
             i, self.model_path, cfg.sampling, cfg.rollout.prompts_per_call, cfg.rollout.dtype, self.redis_url, cfg.redis,
-            self.reward_actors, cfg.task.correct_reward, cfg.model.trust_remote_code) for i in range(cfg.cluster.rollout_workers)]
+            self.reward_actors, cfg.task.correct_reward, cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling)
+            for i in range(cfg.cluster.rollout_workers)]
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks
         self.learners = [Learner.options(**p.options("learner", r)).remote(r, n) for r in range(n)]
@@ -183,39 +176,85 @@ class Job:
 
     # ---- the calls the loop makes ----
 
-    def requests(self, ids: list[str]) -> list[RolloutRequest]:
-        return [RolloutRequest(i, self.examples[i].inputs, self.examples[i].solution) for i in ids]
+    def prompt(self, prompt_id: str) -> tuple:
+        e = self.examples[prompt_id]
+        return e.inputs, e.solution
 
-    def rollout(self, ids: list[str], step: int) -> list[dict]:
-        chunks = _split(ids, len(self.rollout_workers))
-        return ray.get([w.rollout.remote(self.requests(c), seed=self.cfg.train.seed * 1_000_003 + step * 1009 + i)
-                        for i, (w, c) in enumerate(zip(self.rollout_workers, chunks)) if c])
+    def scheduler(self) -> RolloutScheduler:
+        cfg, saved = self.cfg, self.state.data_order
+        staleness = StalenessManager(cfg.train.prompts_per_step, cfg.rollout.max_staleness,
+                                     started=self.state.step * cfg.train.prompts_per_step)
+        return RolloutScheduler(self.rollout_workers, self.order, self.prompt, staleness, cfg.rollout.prompts_per_call,
+                                cfg.train.seed, next_draw=saved.get("next_draw", 0),
+                                reissue=[tuple(d) for d in saved.get("reissue", [])])
 
-    def train(self) -> list[dict]:
+    def start_train(self, version: int, forget_below: int) -> list:
         per_rank = self.cfg.train.prompts_per_step // len(self.learners)
-        return ray.get([a.train.remote(per_rank, self.cfg.sampling.max_new_tokens, self.cfg.weight_sync.timeout_s)
-                        for a in self.learners])
+        return [a.train.remote(per_rank, version, self.cfg.rollout.max_staleness, self.cfg.sampling.max_new_tokens,
+                               self.cfg.weight_sync.timeout_s * 10, forget_below) for a in self.learners]
 
-    def broadcast(self, version: int) -> dict:
-        sending = [a.broadcast.remote(version) for a in self.learners]
-        receiving = [w.receive_weights.remote() for w in self.rollout_workers]
-        stats = ray.get(sending)[0]  # first: rank 0's error names the engine that failed, within the timeout
-        ray.get(receiving)
-        self.state.policy_version = version
-        return stats
+    def finish_train(self, refs: list) -> list[dict]:
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as err:
+            raise RuntimeError(f"a learner rank died during the optimizer step ({type(err).__name__}: {err}). The run "
+                               f"stops; its last finished checkpoint is in {self.ckpt_root}: continue with --resume") from None
+
+    def newly_released(self) -> int:
+        """Groups the learners dropped as stale since the last call (their slots go to replacements)."""
+        total = self.buffer.released()
+        delta, self._released = total - self._released, total
+        return delta
+
+    def broadcast(self, version: int, rejoin: bool = False, attempts: int = 3) -> dict:
+        """Send the learners' weights to every engine; on a failure, restart the engines that do not answer,
+        re-form the group and try again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                if rejoin:
+                    self._await_engines()
+                    self.form_weight_group()
+                sending = [a.broadcast.remote(version) for a in self.learners]
+                receiving = [w.receive_weights.remote() for w in self.rollout_workers]
+                stats = ray.get(sending)[0]  # first: rank 0's error names the engine that failed, within the timeout
+                ray.get(receiving)
+                self.state.policy_version = version
+                return stats
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
+                if attempt == attempts:
+                    raise
+                print(f"weight broadcast of version {version} failed (attempt {attempt}/{attempts}): "
+                      f"{str(err).splitlines()[-1][:500]}\nrestarting the engines that do not answer and re-forming the group")
+                rejoin = True
+        raise AssertionError("unreachable")
+
+    def _await_engines(self) -> None:
+        """Every rollout worker answers (Ray restarts dead ones); a stuck one is killed so Ray restarts it."""
+        timeout = self.cfg.weight_sync.timeout_s
+        probes = {w.info.remote(): w for w in self.rollout_workers}
+        ready, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
+        for ref in stuck:
+            print("a rollout worker did not answer within weight_sync.timeout_s: killing it so Ray restarts it")
+            ray.kill(probes[ref], no_restart=False)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pass  # died: Ray is restarting it
+        ray.get([w.info.remote() for w in self.rollout_workers], timeout=self.cfg.cluster.ready_timeout_s)
 
     def evaluate(self) -> list[dict]:
-        ids = [e.id for e in self.test_examples]
-        chunks = _split(ids, len(self.rollout_workers))
-        results = ray.get([w.evaluate.remote(self.requests(c), self.cfg.rollout.eval_max_new_tokens)
+        reqs = [RolloutRequest(e.id, e.inputs, e.solution) for e in self.test_examples]
+        chunks = _split(reqs, len(self.rollout_workers))
+        results = ray.get([w.evaluate.remote(c, self.cfg.rollout.eval_max_new_tokens)
                            for w, c in zip(self.rollout_workers, chunks) if c])
         return [r for part in results for r in part]
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, scheduler: RolloutScheduler) -> Path:
         tag = tag_for(step)
         t0 = time.perf_counter()
         ray.get([a.save.remote(str(self.ckpt_root), tag, {"step": step}) for a in self.learners])
-        self.state.step, self.state.data_order = step, self.order.state_dict()
+        self.state.step, self.state.data_order = step, scheduler.state_dict()
         path = write_driver_state(self.ckpt_root, tag, self.state)
         print(f"checkpoint {path.parent} ({time.perf_counter() - t0:.1f}s)")
         return path.parent
@@ -231,6 +270,9 @@ class Job:
         self.learners, self.rollout_workers, self.reward_actors = [], [], []
         release(self.placement)
         self.placement = None
+        if getattr(self, "buffer", None) is not None:
+            self.buffer.close()
+            self.buffer = None
         if self.redis_server is not None:
             self.redis_server.stop()
             self.redis_server = None

@@ -136,6 +136,57 @@ class RolloutBuffer:
                   "policy_version": str(group.policy_version), "v": str(FORMAT_VERSION)}
         return _s(self._call("XADD", self._r.xadd, self.stream, fields, maxlen=self.maxlen, approximate=True))
 
+    def put_many(self, groups: list[RolloutGroup]) -> list[str]:
+        """Append groups in one MULTI: a producer killed mid-call publishes all of them or none."""
+        if not groups:
+            return []
+        payloads = [({"g": encode_group(g), "prompt_id": g.request.prompt_id, "policy_version": str(g.policy_version),
+                      "v": str(FORMAT_VERSION)}) for g in groups]
+
+        def run() -> list:
+            pipe = self._r.pipeline(transaction=True)
+            for fields in payloads:
+                pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+            return pipe.execute()
+
+        return [_s(eid) for eid in self._call(f"XADD x{len(groups)}", run)]
+
+    # -------------------------------------------------------------- released slots (dropped groups), for admission
+
+    @property
+    def _released_key(self) -> str:
+        return f"{self.stream}:released"
+
+    def add_released(self, n: int) -> None:
+        """Learners count groups they dropped (stale): the driver hands their slots to replacements."""
+        if n:
+            self._call("INCRBY", self._r.incrby, self._released_key, n)
+
+    def released(self) -> int:
+        return int(self._call("GET", self._r.get, self._released_key) or 0)
+
+    def claim(self, draws: list[int]) -> list[bool]:
+        """First claim of each draw wins, across all learner ranks (a re-issued request may be answered twice)."""
+        def run() -> list:
+            pipe = self._r.pipeline(transaction=True)
+            for d in draws:
+                pipe.zadd(f"{self.stream}:claimed", {str(d): d}, nx=True)
+            return pipe.execute()
+
+        return [bool(x) for x in self._call("ZADD NX", run)] if draws else []
+
+    def forget_claims(self, below: int) -> None:
+        """Draws under `below` can no longer arrive; their claims only cost memory."""
+        self._call("ZREMRANGEBYSCORE", self._r.zremrangebyscore, f"{self.stream}:claimed", "-inf", f"({below}")
+
+    def reset(self) -> int:
+        """Delete the stream (its group and pending list with it) and the counters; returns the entries dropped."""
+        left = int(self._call("XLEN", self._r.xlen, self.stream))
+        self._call("DEL", self._r.delete, self.stream, self._released_key, f"{self.stream}:claimed")
+        self._group_ready = False
+        self._inflight.clear()
+        return left
+
     # ----------------------------------------------------------------------------------------- consumer
 
     def ensure_group(self) -> None:

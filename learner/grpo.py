@@ -22,6 +22,7 @@ __all__ = [
     "ADV_SCALES",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "OFF_POLICY",
     "aggregate",
     "equal_reward_groups",
     "expand_group_mask",
@@ -34,6 +35,10 @@ __all__ = [
 ADV_SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+# "decoupled" PPO (Hilton et al. 2021, AReaL) with a *truncated* behaviour weight is the same formula as "tis"
+# (Yao et al. 2025): clip against the proximal policy, times min(pi_prox / mu, cap); hence one name. (AReaL's
+# cap drops tokens above it instead of truncating; not offered.)
+OFF_POLICY = ("ppo", "tis")
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:
@@ -209,6 +214,9 @@ def policy_loss(
     max_len: int | None = None,
     log_ratio_clamp: float | None = 20.0,
     kl_clamp: float | None = 10.0,
+    off_policy: str = "ppo",
+    is_cap: float = 2.0,
+    prox_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO surrogate plus optional KL to a reference, aggregated to a scalar.
 
@@ -237,6 +245,17 @@ def policy_loss(
     (default 10, verl) bounds the per-token KL. Neither triggers in healthy
     training; both zero the gradient where they do.
 
+    Off-policy correction (``old_logprobs`` are always the behaviour policy mu's, i.e. the engine's):
+
+    * ``"ppo"``: the above, ratio and clip against mu.
+    * ``"tis"`` (truncated importance sampling, Yao et al. 2025; = decoupled PPO, Hilton et al. 2021 / AReaL,
+      with a truncated weight): ratio and clip against the proximal policy ``prox_logprobs`` (default
+      ``logprobs.detach()``: the learner's own log-probs at the parameters this optimizer step starts from),
+      and the surrogate (dual clip included, KL excluded) times the constant
+      ``w = min(exp(prox - old_logp), is_cap)``. With the default proximal the ratio is exactly 1, so the clips
+      never bind and the per-token gradient is ``-w * A * grad(logp)``: a truncated-IS policy gradient that
+      corrects both staleness and engine/learner numerics. ``w == 1`` when mu is the current policy.
+
     ``stats`` (python floats, all over masked tokens): ``pg_loss`` (the aggregated
     surrogate without KL), ``clip_frac_low``/``clip_frac_high`` (share of tokens
     where the clipped term was selected: ratio < 1-clip_low with A < 0, resp.
@@ -244,12 +263,21 @@ def policy_loss(
     (share where the dual-clip cap was active; only with ``dual_clip``),
     ``ratio_mean``/``ratio_min``/``ratio_max`` (1.0 when no token is masked in),
     ``kl`` (token-mean of the per-token KL; whenever ``ref_logprobs`` is given, even
-    with beta 0) and ``entropy`` (token-mean of ``entropy``; when given).
+    with beta 0), ``entropy`` (token-mean of ``entropy``; when given) and, with ``"tis"``,
+    ``is_weight_mean``/``is_weight_max`` (of ``exp(prox - old_logp)`` *before* truncation; 1.0 when no token is
+    masked in) and ``is_truncated_frac`` (share of tokens whose weight exceeded ``is_cap``). With ``"tis"`` the
+    ratio and clip stats are against the proximal policy.
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
-    others = {"old_logprobs": old_logprobs, "mask": mask, "ref_logprobs": ref_logprobs, "entropy": entropy}
+    others = {
+        "old_logprobs": old_logprobs,
+        "mask": mask,
+        "ref_logprobs": ref_logprobs,
+        "entropy": entropy,
+        "prox_logprobs": prox_logprobs,
+    }
     for name, t in others.items():
         if t is not None and t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like logprobs")
@@ -267,6 +295,10 @@ def policy_loss(
         raise ValueError(f"unknown KL estimator {kl!r}; expected one of {KL_ESTIMATORS}")
     if agg not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {agg!r}; expected one of {AGGREGATIONS}")
+    if off_policy not in OFF_POLICY:
+        raise ValueError(f"unknown off_policy {off_policy!r}; expected one of {OFF_POLICY}")
+    if not is_cap > 0:
+        raise ValueError(f"is_cap must be > 0, got {is_cap}")
 
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     mask = mask.bool()
@@ -279,6 +311,15 @@ def policy_loss(
     logp = clean(logprobs)
     old = clean(old_logprobs.detach())
     adv = advantages.detach().to(dtype).unsqueeze(-1)  # [N, 1]
+    weight = None
+    if off_policy == "tis":
+        prox = logp.detach() if prox_logprobs is None else clean(prox_logprobs.detach())
+        log_w = prox - old
+        if log_ratio_clamp is not None:
+            log_w = log_w.clamp(-log_ratio_clamp, log_ratio_clamp)
+        raw_w = torch.exp(log_w)
+        weight = raw_w.clamp(max=is_cap)
+        old = prox  # ratio and clip against the proximal policy from here on
 
     log_ratio = logp - old
     if log_ratio_clamp is not None:
@@ -292,6 +333,8 @@ def policy_loss(
         pg_dual = torch.where(adv < 0, torch.minimum(pg, cap), pg)
         dual_active = (adv < 0) & (pg > cap) & mask
         pg = pg_dual
+    if weight is not None:
+        pg = weight * pg
 
     per_token = pg
     kl_tok = None
@@ -328,6 +371,10 @@ def policy_loss(
             named["kl"] = (kl_tok * m).sum() / count
         if entropy is not None:
             named["entropy"] = (clean(entropy.detach()) * m).sum() / count
+        if weight is not None:
+            named["is_weight_mean"] = (raw_w * m).sum() / count if any_tok else zero + 1.0
+            named["is_weight_max"] = raw_w[mask].max() if any_tok else zero + 1.0
+            named["is_truncated_frac"] = frac(raw_w > is_cap)
         # One device->host transfer for all metrics instead of one sync per .item().
         values = torch.stack([v.detach().to(dtype).reshape(()) for v in named.values()]).tolist()
     stats = {k: float(v) for k, v in zip(named, values, strict=True)}

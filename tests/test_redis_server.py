@@ -156,7 +156,56 @@ def test_redact_url():
 
 
 @pytest.mark.parametrize("bad", [dict(stream_maxlen=0), dict(retry_attempts=0), dict(socket_timeout_s=0),
-                                 dict(claim_idle_ms=-1), dict(stream="")])
+                                 dict(claim_idle_ms=-1), dict(stream=""), dict(appendfsync="often")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="redis."):
         RedisConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------------ restart
+
+
+def test_restart_keeps_url_password_and_data_dir(tmp_path, caplog):
+    with PrivateRedis(RedisConfig(), tmp_path) as srv:
+        url, port, conf = srv.url, srv.port, srv.dir / "redis.conf"
+        c = srv.client()
+        c.set("k", "v")
+        for kill in (True, False):
+            pid = srv.proc.pid
+            srv.restart(kill=kill)
+            assert srv.proc.pid != pid and not alive(pid)
+            assert (srv.url, srv.port) == (url, port) and srv.dir / "redis.conf" == conf
+            assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+            assert c.ping() and c.get("k") is None  # the same client reconnects; no AOF: the data is gone
+            c.set("k", "v")
+        assert srv.restarts == 2
+        assert "without appendonly" in caplog.text and srv.password not in caplog.text
+    assert srv.port is None and refuses(port)
+    with pytest.raises(RuntimeError, match="never started, or was stopped"):
+        srv.restart()
+
+
+def test_restart_after_the_server_died_and_with_appendonly(tmp_path):
+    with PrivateRedis(RedisConfig(appendonly=True), tmp_path) as srv:
+        c = srv.client()
+        assert c.config_get("appendfsync")["appendfsync"] == "always"
+        c.set("k", "v")
+        pid = srv.proc.pid
+        os.kill(pid, signal.SIGKILL)  # a crash from outside (OOM killer, kill -9)
+        while alive(pid):
+            time.sleep(0.01)
+        assert refuses(srv.port)
+        srv.restart()
+        assert redis.Redis.from_url(srv.url).get("k") == b"v"  # replayed from the AOF
+
+
+def test_restart_fails_clearly_when_the_port_was_taken(tmp_path):
+    with PrivateRedis(RedisConfig(start_timeout_s=1), tmp_path) as srv:
+        port = srv.port
+        srv._terminate(kill=True)
+        with socket.socket() as squatter:  # someone else binds the port while the server is down
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            with pytest.raises(RuntimeError, match=rf"(?s)did not restart on 127.0.0.1:{port}.*cannot move.*in use"):
+                srv.restart()
+        assert srv.proc is None and srv.port is None

@@ -37,7 +37,7 @@ def test_three_steps_then_resume_gives_the_same_next_step(ray_local, tmp_path):
     assert result["grpo_start"] == rows[0]["eval/accuracy"] and result["final"] == rows[-1]["eval/accuracy"]
     step = rows[1]
     for key in ("reward/mean", "reward/cls_equality", "length/mean", "pg_loss", "kl", "clip_frac", "grad_norm",
-                "time/generate", "time/train", "time/sync", "sync/mb_per_s", "buffer/depth"):
+                "time/generate", "time/train_step", "time/step", "time/sync", "sync/mb_per_s", "buffer/depth"):
         assert key in step, key
     assert all(r["logprob_gap"] < 1e-4 for r in rows[1:])  # engines and learners score the same tokens the same way
     assert all(r["staleness/max"] == 0 for r in rows[1:])  # on-policy: every group came from the latest weights
@@ -56,6 +56,17 @@ def test_three_steps_then_resume_gives_the_same_next_step(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_asynchronous_run_respects_the_staleness_bound(ray_local, tmp_path):
+    """Rollout runs ahead by up to 2 versions; nothing older is trained on, every draw is trained on once."""
+    cfg = _cfg("rollout.max_staleness=2", "rollout.prompts_per_call=2", "train.steps=4", "train.save_every=0")
+    result = train(cfg, tmp_path)
+    rows = _rows(tmp_path)[1:]
+    assert max(r["staleness/max"] for r in rows) <= 2
+    assert set(result["staleness"]) <= {0, 1, 2} and sum(result["staleness"].values()) == 4 * 4
+    assert all(r["dropped/duplicate"] == 0 for r in rows)
+
+
+@pytest.mark.slow
 def test_engines_match_learners_and_a_killed_engine_is_named(ray_local, tmp_path):
     cfg = _cfg("train.warm_start_steps=0", "weight_sync.timeout_s=8", "weight_sync.heartbeat_s=0.5")
     with Job(cfg, tmp_path) as job:
@@ -64,15 +75,17 @@ def test_engines_match_learners_and_a_killed_engine_is_named(ray_local, tmp_path
             return all(ray.get(w.checksums.remote()) == learner for w in job.rollout_workers)
 
         assert same_weights()  # after the initial broadcast
-        job.rollout(job.order.take(4), 1)
-        job.train()
+        sched = job.scheduler()
+        sched.fill(0)
+        learned = job.finish_train(job.start_train(0, 0))
+        sched.settle([d for r in learned for d in r["draws"]])
         job.broadcast(1)
         assert same_weights()  # bit for bit after a trained step
         victim = ray.get(job.rollout_workers[1].info.remote())
         os.kill(victim["pid"], signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(Exception) as err:
-            job.broadcast(2)
+            job.broadcast(2, attempts=1)
         assert time.monotonic() - t0 < 30
         assert victim["name"] in str(err.value), str(err.value)[-2000:]
 
