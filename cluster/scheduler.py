@@ -15,6 +15,8 @@ from actors.engine import RolloutRequest
 from cluster.staleness import StalenessManager
 from tasks.order import EpochOrder
 
+MAX_FILTERED_IN_A_ROW = 1000  # groups; beyond this dynamic sampling is not finding signal, it is spinning
+
 
 class RolloutScheduler:
     def __init__(self, workers: list, order: EpochOrder, requests, staleness: StalenessManager, chunk: int,
@@ -27,6 +29,7 @@ class RolloutScheduler:
         self.inflight: dict = {}  # ObjectRef -> (worker index, draws)
         self.lost_workers: list[int] = []  # died since the last weight-group re-form
         self.dead: set[int] = set()
+        self.filtered_in_a_row = 0
 
     def fill(self, version: int) -> None:
         busy = {w for w, _ in self.inflight.values()} | self.dead
@@ -66,6 +69,11 @@ class RolloutScheduler:
                 continue
             self.settle(summary["filtered"])  # dynamic sampling: dropped at the source, slots reused
             self.staleness.release(len(summary["filtered"]))
+            self.filtered_in_a_row = 0 if summary["published"] else self.filtered_in_a_row + len(summary["filtered"])
+            if self.filtered_in_a_row > MAX_FILTERED_IN_A_ROW:
+                raise RuntimeError(f"dynamic sampling dropped {self.filtered_in_a_row} groups in a row: every group's "
+                                   f"rewards were all equal (reward always 0 or always 1?); check the reward and prompt, "
+                                   f"or set algorithm.dynamic_sampling=false")
             out.append(summary)
         return out
 
