@@ -42,12 +42,13 @@ class RedisConfig:
     url: str | None = None  # an existing server, redis://:password@host:port/db; null = start a private one
     appendonly: bool = False  # private server: AOF, so a restart on the same run dir keeps stream + pending list
     # Private server with appendonly: when the AOF is fsynced. "always" (the default) fsyncs before Redis replies,
-    # so an XADD/XREADGROUP/XACK the client saw succeed is on disk even if the machine dies; "everysec" (Redis'
-    # own default) survives a killed redis-server just as well (the write() to the AOF precedes the reply, the
-    # page cache outlives the process) except when a slow disk makes Redis postpone that write, and loses up to
-    # ~2 s of acknowledged entries on a power loss or kernel crash. Measured cost of "always": ~0.5-2.5 ms per put
-    # for ~10 KB entries (fsync latency), within noise for ~300 KB ones (bandwidth-bound either way); far below
-    # the rate rollout groups are produced at, so correctness of the pending list wins. "no" leaves it to the OS.
+    # so an XADD/XREADGROUP/XACK the client saw succeed is on disk even if the machine dies. "everysec" (Redis'
+    # own default) survives a killed redis-server as well (the AOF write() precedes the reply and the page cache
+    # outlives the process; 0 entries lost in our SIGKILL trials with any setting) except when a slow disk makes
+    # Redis postpone that write, and it loses up to ~2 s of acknowledged entries on a power loss or kernel crash,
+    # after which the driver's count of what is in the stream is wrong. "always" costs one fsync per command:
+    # measured +0.5-2.5 ms per put (9-300 KB entries) and ~+5 ms per take(20)+ack, i.e. still hundreds of puts/s,
+    # far above the rate rollout groups are generated at; correctness of the pending list wins. "no": the OS.
     appendfsync: str = "always"
     stream_maxlen: int = 10000  # approximate cap on stream entries (see cluster/rollout_buffer.py on trimming)
     stream: str = "clsrl:rollouts"

@@ -22,17 +22,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def alive(pid: int) -> bool:
-    """Running and not a zombie (a container's init may never reap an orphan's corpse)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    except OSError:  # no /proc: fall back to a signal probe
+    """Running and not a zombie (a container's init may never reap an orphan's corpse). Every thread counts: a
+    killed multi-threaded redis-server's leader turns zombie while its other threads still hold the sockets."""
+    if not Path("/proc/self/task").is_dir():  # no /proc: a signal probe
         try:
             os.kill(pid, 0)
             return True
         except ProcessLookupError:
             return False
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    states = []
+    for tid in threads:
+        try:
+            states.append(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # that thread is gone already
+            pass
+    return any(state not in ("Z", "X") for state in states)
 
 
 def refuses(port: int) -> bool:
@@ -192,7 +200,7 @@ def test_restart_after_the_server_died_and_with_appendonly(tmp_path):
         c.set("k", "v")
         pid = srv.proc.pid
         os.kill(pid, signal.SIGKILL)  # a crash from outside (OOM killer, kill -9)
-        srv.proc.wait()  # not alive(pid): the leader is a zombie while its other threads still hold the socket
+        srv.proc.wait()
         assert refuses(srv.port)
         srv.restart()
         assert redis.Redis.from_url(srv.url).get("k") == b"v"  # replayed from the AOF
