@@ -34,12 +34,13 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                     rollouts += sched.poll(timeout_s=0)
                     sched.staleness.release(job.newly_released())  # stale groups dropped by the learners
                 learned = job.finish_train(training)
+                backlog = {k: v for k, v in job.buffer.metrics().items() if k in ("buffer/depth", "buffer/pending")}
                 sched.settle([d for r in learned for d in r["draws"] + r["stale_draws"]])
                 t1 = time.perf_counter()
                 sync = job.broadcast(step, rejoin=bool(sched.revive()))  # engines take it between requests
                 t2 = time.perf_counter()
                 staleness_hist.update(s for r in learned for s in r["staleness"])
-                row = {"step": step, **rollout_metrics(rollouts), **learner_metrics(learned), "time/step": t2 - t0,
+                row = {"step": step, **rollout_metrics(rollouts), **learner_metrics(learned), **backlog, "time/step": t2 - t0,
                        "time/train_wait": t1 - t0, "time/sync": t2 - t1, "sync/mb_per_s": sync["mb_per_s"],
                        "sync/mb": sync["bytes"] / 2**20}
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -87,5 +88,5 @@ def learner_metrics(ranks: list[dict]) -> dict:
     row.update({"staleness/mean": statistics.fmean(lags), "staleness/max": max(lags),
                 "dropped/stale": sum(r["dropped/stale"] for r in ranks),
                 "dropped/duplicate": sum(r["dropped/duplicate"] for r in ranks)})
-    row.update({k: v for k, v in ranks[0].items() if k.startswith("buffer/")})
+    row.update({k: sum(r[k] for r in ranks) for k in ("buffer/lost", "buffer/corrupt")})
     return row
