@@ -53,30 +53,31 @@ class LearnerActor:
     def _take(self, n: int, version: int, max_staleness: int, timeout_s: float) -> tuple[list, dict]:
         """n fresh, unseen groups from the stream; stale ones and duplicates are acked away and counted."""
         got: list = []
-        dropped: dict = {"stale": 0, "duplicate": 0, "stale_draws": []}
+        dropped: dict = {"duplicate": 0, "stale_draws": []}
         deadline = time.monotonic() + timeout_s
         while len(got) < n:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 raise TimeoutError(f"learner rank {self.rank}: {len(got)} of {n} rollout groups arrived in the stream "
                                    f"{self.buffer.stream!r} within {timeout_s:.0f}s")
-            drop: list[str] = []
-            batch = self.buffer.take(n - len(got), block_ms=min(left_ms, 1000))
-            fresh = [(eid, g) for eid, g in batch if version - g.policy_version <= max_staleness]
-            stale = len(batch) - len(fresh)
-            drop += [eid for eid, g in batch if version - g.policy_version > max_staleness]
-            dropped["stale_draws"] += [g.request.meta.get("draw") for _, g in batch if version - g.policy_version > max_staleness]
+            fresh, drop, stale = [], [], []
+            for eid, g in self.buffer.take(n - len(got), block_ms=min(left_ms, 1000)):
+                if version - g.policy_version <= max_staleness:
+                    fresh.append((eid, g))
+                else:
+                    drop.append(eid)
+                    stale.append(g.request.meta.get("draw"))
             firsts = self.buffer.claim([g.request.meta.get("draw", -1) for _, g in fresh])
             for (eid, g), first in zip(fresh, firsts):  # not first: a re-issued request answered twice
                 if first:
                     got.append((eid, g))
                 else:
                     drop.append(eid)
-            dropped["stale"] += stale
+            dropped["stale_draws"] += stale
             dropped["duplicate"] += len(fresh) - sum(firsts)
             if drop:
                 self.buffer.ack(drop)
-                self.buffer.add_released(stale)  # the driver issues replacements for stale slots (duplicates had one)
+                self.buffer.add_released(len(stale))  # the driver issues replacements for stale slots (duplicates had one)
         return got, dropped
 
     def _advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -111,7 +112,7 @@ class LearnerActor:
         self.buffer.ack([eid for eid, _ in taken])  # only after the optimizer step: a crash before it loses nothing
         return {**stats, "time/take": t1 - t0, "time/train_step": time.perf_counter() - t1,
                 "draws": [g.request.meta.get("draw") for g in groups], "prompt_ids": [g.request.prompt_id for g in groups],
-                "staleness": [version - g.policy_version for g in groups], "dropped/stale": dropped["stale"],
+                "staleness": [version - g.policy_version for g in groups], "dropped/stale": len(dropped["stale_draws"]),
                 "dropped/duplicate": dropped["duplicate"], "stale_draws": dropped["stale_draws"], **self.buffer.metrics()}
 
     # ---- weight broadcast (rank 0 hosts the group; every rank walks the parameters for ZeRO-3 gathers) ----

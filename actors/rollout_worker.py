@@ -86,13 +86,15 @@ class RolloutWorker:
             t1 = time.perf_counter()
             self._score(groups)
             t2 = time.perf_counter()
-            keep = [g for g in groups if not (self.drop_equal_groups and len(set(g.rewards)) == 1)]
+            keep, filtered = [], []
+            for g in groups:
+                (filtered if self.drop_equal_groups and len(set(g.rewards)) == 1 else keep).append(g)
             self.buffer.put_many(keep)  # all or nothing: a kill mid-call publishes none of them
             times["generate"] += t1 - t0
             times["reward"] += t2 - t1
             times["publish"] += time.perf_counter() - t2
             summary["published"] += [g.request.meta.get("draw") for g in keep]
-            summary["filtered"] += [g.request.meta.get("draw") for g in groups if all(g is not k for k in keep)]
+            summary["filtered"] += [g.request.meta.get("draw") for g in filtered]
             for g in groups:
                 summary["rewards"] += g.rewards
                 for name, vals in g.reward_components.items():

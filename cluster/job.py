@@ -7,7 +7,6 @@ included). The loop itself is in cluster/driver.py and talks to the job through 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -36,7 +35,6 @@ from tasks.sampling import k_shot
 from vlm.processor import load_processor
 from vlm.tiny import ensure_tiny_vlm
 
-log = logging.getLogger("clsrl")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
