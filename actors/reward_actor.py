@@ -12,13 +12,15 @@ from rewards.composite import RewardTerm
 
 
 class RewardActor:
-    def __init__(self, terms: Sequence[RewardTerm]) -> None:
-        self.reward = CompositeReward(list(terms))
+    def __init__(self, terms_by_dataset: dict[str, Sequence[RewardTerm]]) -> None:
+        self.rewards = {name: CompositeReward(list(terms)) for name, terms in terms_by_dataset.items()}
 
-    def score(self, texts: list[str], solutions: list, completion_lengths: list[int]
+    def score(self, dataset: str, texts: list[str], solutions: list, completion_lengths: list[int]
               ) -> tuple[list[float], dict[str, list[float]]]:
-        """(total per completion, {component name: value per completion})."""
-        return self.reward(texts, solutions, completion_lengths=completion_lengths)
+        """(total per completion, {component name: value per completion}) under `dataset`'s task rewards."""
+        if dataset not in self.rewards:
+            raise KeyError(f"no rewards configured for data set {dataset!r}; known: {sorted(self.rewards)}")
+        return self.rewards[dataset](texts, solutions, completion_lengths=completion_lengths)
 
     def ping(self) -> bool:
         return True

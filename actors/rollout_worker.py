@@ -29,7 +29,7 @@ def engine_dtype(name: str) -> torch.dtype:
 
 class RolloutWorker:
     def __init__(self, rank: int, model_path: str, sampling: SamplingConfig, prompts_per_call: int, dtype: str,
-                 redis_url: str, redis_cfg: RedisConfig, reward_actors: list, correct_reward: str,
+                 redis_url: str, redis_cfg: RedisConfig, reward_actors: list, correct_reward: dict[str, str],
                  trust_remote_code: bool = False, drop_equal_groups: bool = False) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.rank, self.name = rank, f"rollout-{rank} (pid {os.getpid()})"
@@ -38,7 +38,7 @@ class RolloutWorker:
         self.sampling, self.prompts_per_call = sampling, prompts_per_call
         self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url)
         self.reward_actors = reward_actors
-        self.correct = get_reward(correct_reward)
+        self.correct = {dataset: get_reward(name) for dataset, name in correct_reward.items()}  # eval scoring
         self.receiver: WeightReceiver | None = None
         self.drop_equal_groups = drop_equal_groups  # dynamic sampling: such groups have zero advantage everywhere
 
@@ -62,23 +62,32 @@ class RolloutWorker:
     # ---- rollout ----
 
     def _score(self, groups: list[RolloutGroup]) -> None:
+        """One call per data set in the chunk (each has its own rewards), all in flight at once."""
         import ray
 
-        comps = [(g, c) for g in groups for c in g.completions]
-        actor = self.reward_actors[self.rank % len(self.reward_actors)]  # Ray retries the call if that actor dies
-        totals, parts = ray.get(actor.score.remote([c.text for _, c in comps], [g.request.solution for g, _ in comps],
-                                                   [len(c.token_ids) for _, c in comps]))
-        i = 0
+        by_dataset: dict[str, list[RolloutGroup]] = {}
         for g in groups:
-            k = len(g.completions)
-            g.rewards = totals[i:i + k]
-            g.reward_components = {name: vals[i:i + k] for name, vals in parts.items()}
-            i += k
+            by_dataset.setdefault(g.request.meta["dataset"], []).append(g)
+        calls = []
+        for j, (dataset, gs) in enumerate(by_dataset.items()):
+            comps = [(g, c) for g in gs for c in g.completions]
+            actor = self.reward_actors[(self.rank + j) % len(self.reward_actors)]  # Ray retries if that actor dies
+            calls.append((gs, actor.score.remote(dataset, [c.text for _, c in comps], [g.request.solution for g, _ in comps],
+                                                 [len(c.token_ids) for _, c in comps])))
+        for gs, ref in calls:
+            totals, parts = ray.get(ref)
+            i = 0
+            for g in gs:
+                k = len(g.completions)
+                g.rewards = totals[i:i + k]
+                g.reward_components = {name: vals[i:i + k] for name, vals in parts.items()}
+                i += k
 
     def rollout(self, requests: list[RolloutRequest], seed: int) -> dict:
         """Sample, score and publish groups for `requests`; returns what the driver logs (no tensors)."""
         times = {"generate": 0.0, "reward": 0.0, "publish": 0.0}
-        summary: dict = {"published": [], "filtered": [], "rewards": [], "components": {}, "lengths": [], "truncated": 0}
+        summary: dict = {"published": [], "filtered": [], "rewards": [], "components": {}, "lengths": [], "truncated": 0,
+                         "datasets": {}}
         for start in range(0, len(requests), self.prompts_per_call):
             t0 = time.perf_counter()
             groups = self.engine.generate(requests[start:start + self.prompts_per_call], self.sampling,
@@ -97,8 +106,11 @@ class RolloutWorker:
             summary["filtered"] += [g.request.meta.get("draw") for g in filtered]
             for g in groups:
                 summary["rewards"] += g.rewards
+                per = summary["datasets"].setdefault(g.request.meta["dataset"], {"rewards": [], "components": {}})
+                per["rewards"] += g.rewards
                 for name, vals in g.reward_components.items():
                     summary["components"].setdefault(name, []).extend(vals)
+                    per["components"].setdefault(name, []).extend(vals)
                 summary["lengths"] += [len(c.token_ids) for c in g.completions]
                 summary["truncated"] += sum(c.finish_reason == "length" for c in g.completions)
         summary["times"] = times
@@ -106,16 +118,16 @@ class RolloutWorker:
         return summary
 
     def evaluate(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[dict]:
-        """Greedy answers, scored by the correctness reward (1 = correct)."""
+        """Greedy answers, scored by each data set's correctness reward (1 = correct)."""
         cfg = SamplingConfig(n=1, max_new_tokens=max_new_tokens, greedy=True)
         out = []
         for start in range(0, len(requests), self.prompts_per_call):
             chunk = requests[start:start + self.prompts_per_call]
-            groups = self.engine.generate(chunk, cfg)
-            texts = [g.completions[0].text for g in groups]
-            scores = self.correct(texts, [r.solution for r in chunk])
-            out += [{"prompt_id": r.prompt_id, "text": t, "solution": r.solution, "correct": float(s)}
-                    for r, t, s in zip(chunk, texts, scores)]
+            texts = [g.completions[0].text for g in self.engine.generate(chunk, cfg)]
+            for r, t in zip(chunk, texts):
+                dataset = r.meta["dataset"]
+                out.append({"dataset": dataset, "prompt_id": r.prompt_id, "text": t, "solution": r.solution,
+                            "correct": float(self.correct[dataset]([t], [r.solution])[0])})
         return out
 
     def checksums(self) -> dict[str, float]:

@@ -42,6 +42,19 @@ class TaskConfig:
 
 
 @dataclass
+class DatasetEntry:
+    """One data set of a multi-data-set run (an item of the YAML `datasets` list)."""
+
+    weight: float = 1.0  # share of each batch, relative to the other entries' weights
+    data: DataConfig = field(default_factory=DataConfig)  # data.name names it in prompts, metrics and checkpoints
+    task: TaskConfig = field(default_factory=TaskConfig)  # its prompt style, rewards and eval scoring
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0 or self.weight == float("inf"):
+            raise ValueError(f"datasets[].weight must be a finite number > 0, got {self.weight}")
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf = Hugging Face generate (CPU and GPU)
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
@@ -92,14 +105,18 @@ class TrainConfig:
     warm_start_lr: float = 1e-3
     eval_every: int = 10  # greedy held-out accuracy at step 0, every N steps and at the end (0 = start/end only)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 0  # checkpoints kept: the newest K (0 = keep all) ...
+    keep_best: int = 0  # ... plus the K with the best held-out accuracy at their step
     seed: int = 0
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError(f"train.steps and train.prompts_per_step must be >= 1, got {self.steps}, {self.prompts_per_step}")
-        if self.eval_every < 0 or self.save_every < 0 or self.warm_start_steps < 0:
-            raise ValueError("train.eval_every, train.save_every and train.warm_start_steps must be >= 0")
+        if min(self.eval_every, self.save_every, self.warm_start_steps, self.keep_last, self.keep_best) < 0:
+            raise ValueError("train.eval_every, save_every, warm_start_steps, keep_last and keep_best must be >= 0")
+        if self.keep_best and not self.keep_last:
+            raise ValueError("train.keep_best needs train.keep_last >= 1 (keep_last: 0 keeps every checkpoint)")
 
 
 @dataclass
@@ -107,6 +124,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    datasets: list[DatasetEntry] = field(default_factory=list)  # several data sets; empty = the one in data + task
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algorithm: GRPOConfig = field(default_factory=GRPOConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -117,6 +135,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.datasets and (self.data != DataConfig() or self.task != TaskConfig()):
+            raise ValueError("give the data either as `data` + `task` (one data set) or as a `datasets` list (each entry "
+                             "with its own data, task and weight), not both")
         if self.algorithm.temperature != self.sampling.temperature:
             raise ValueError(f"algorithm.temperature={self.algorithm.temperature} must equal sampling.temperature="
                              f"{self.sampling.temperature}: the policy being trained is the tempered one that sampled")
@@ -128,6 +149,9 @@ class ExperimentConfig:
         if per_rank % mb:
             raise ValueError(f"each learner rank gets prompts_per_step/learner_ranks*sampling.n = {per_rank} sequences "
                              f"per step, not a multiple of learner.micro_batch_size={mb}")
+
+    def dataset_entries(self) -> list[DatasetEntry]:
+        return self.datasets or [DatasetEntry(1.0, self.data, self.task)]
 
     @property
     def sequences_per_rank(self) -> int:

@@ -13,15 +13,20 @@ from tqdm import tqdm
 
 from cluster.config import ExperimentConfig
 from cluster.job import Job
+from cluster.logs import run_logging
 from cluster.metrics import MetricsLogger
+
+TRAINED_FILE = "trained.jsonl"  # per step: the draws and prompt ids trained on
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> dict:
     t_start, staleness_hist = time.time(), Counter()
-    with Job(cfg, run_dir, resume) as job:
+    with run_logging(run_dir) as log, Job(cfg, run_dir, resume) as job:  # log: runs/NAME/driver.log, rotated
         first = job.state.step
         sched = job.scheduler()
-        with MetricsLogger(job.run_dir, cfg.train.tensorboard, resume_step=first if resume else None) as metrics:
+        resume_step = first if resume else None
+        with MetricsLogger(job.run_dir, cfg.train.tensorboard, resume_step) as metrics, \
+                MetricsLogger(job.run_dir, False, resume_step, TRAINED_FILE, keep_rows=False) as trained:
             if first == 0:
                 metrics.log({"step": 0, **evaluate(job, 0)})
             bar = tqdm(range(first + 1, cfg.train.steps + 1), desc="GRPO", initial=first, total=cfg.train.steps)
@@ -40,14 +45,17 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                 sync = job.broadcast(step, rejoin=bool(sched.revive()))  # engines take it between requests
                 t2 = time.perf_counter()
                 staleness_hist.update(s for r in learned for s in r["staleness"])
+                trained.log({"step": step, "draws": [d for r in learned for d in r["draws"]],  # exactly-once audit
+                             "prompt_ids": [p for r in learned for p in r["prompt_ids"]]})
                 row = {"step": step, **rollout_metrics(rollouts), **learner_metrics(learned), **backlog, "time/step": t2 - t0,
                        "time/train_wait": t1 - t0, "time/sync": t2 - t1, "sync/mb_per_s": sync["mb_per_s"],
-                       "sync/mb": sync["bytes"] / 2**20}
+                       "sync/mb": sync["bytes"] / 2**20, **{f"data/{n}/epoch": e for n, e in job.order.epochs().items()}}
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                     row.update(evaluate(job, step))
                 metrics.log(row)
+                log.info("step %d: %s", step, json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}))
                 if cfg.train.save_every and step % cfg.train.save_every == 0 or step == cfg.train.steps:
-                    job.save(step, sched)
+                    job.save(step, sched, score=row.get("eval/accuracy"))
                 bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.2f}", acc=row.get("eval/accuracy", ""))
         evals = [r for r in metrics.rows if "eval/accuracy" in r]
     (job.run_dir / "staleness.json").write_text(json.dumps(dict(sorted(staleness_hist.items()))))
@@ -56,12 +64,18 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
 
 
 def evaluate(job: Job, step: int) -> dict:
+    """Greedy held-out accuracy per data set; eval/accuracy is their unweighted mean (each data set counts once)."""
     t0 = time.perf_counter()
     results = job.evaluate()
     out = job.run_dir / "eval" / f"step-{step:06d}.jsonl"
     out.parent.mkdir(exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in results))  # the raw answers, for inspection
-    return {"eval/accuracy": sum(r["correct"] for r in results) / len(results), "time/eval": time.perf_counter() - t0}
+    by_dataset: dict[str, list[float]] = {}
+    for r in results:
+        by_dataset.setdefault(r["dataset"], []).append(r["correct"])
+    row = {f"eval/{name}/accuracy": statistics.fmean(v) for name, v in by_dataset.items()} if len(by_dataset) > 1 else {}
+    return {"eval/accuracy": statistics.fmean(statistics.fmean(v) for v in by_dataset.values()), **row,
+            "time/eval": time.perf_counter() - t0}
 
 
 def rollout_metrics(parts: list[dict]) -> dict:
@@ -74,8 +88,14 @@ def rollout_metrics(parts: list[dict]) -> dict:
            "length/mean": statistics.fmean(lengths), "length/max": max(lengths),
            "length/truncated": sum(p["truncated"] for p in parts) / len(lengths),
            "dropped/filtered": sum(len(p["filtered"]) for p in parts)}
-    for name in parts[0]["components"]:
-        row[f"reward/{name}"] = statistics.fmean(v for p in parts for v in p["components"][name])
+    for name in {c for p in parts for c in p["components"]}:  # data sets may have different reward components
+        row[f"reward/{name}"] = statistics.fmean(v for p in parts for v in p["components"].get(name, []))
+    datasets = {name for p in parts for name in p["datasets"]}
+    for name in sorted(datasets) if len(datasets) > 1 else []:
+        per = [p["datasets"][name] for p in parts if name in p["datasets"]]
+        row[f"reward/{name}/mean"] = statistics.fmean(r for d in per for r in d["rewards"])
+        for comp in per[0]["components"]:
+            row[f"reward/{name}/{comp}"] = statistics.fmean(v for d in per for v in d["components"][comp])
     for stage in parts[0]["times"]:  # summed over chunks and workers: busy seconds, not wall time
         row[f"time/{stage}"] = sum(p["times"][stage] for p in parts)
     return row

@@ -7,6 +7,7 @@ included). The loop itself is in cluster/driver.py and talks to the job through 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ from actors.engine import RolloutRequest
 from actors.learner_actor import LearnerActor
 from actors.reward_actor import RewardActor
 from actors.rollout_worker import RolloutWorker
-from cluster.checkpoint import DriverState, read_checkpoint, tag_for, write_driver_state
+from cluster.checkpoint import DriverState, prune_checkpoints, read_checkpoint, tag_for, write_driver_state
 from cluster.config import ExperimentConfig
+from cluster.logs import announce
 from cluster.placement import init_ray, release, reserve
 from cluster.redis_server import connect
 from cluster.rollout_buffer import RolloutBuffer
@@ -30,7 +32,7 @@ from learner.warm_start import format_warm_start
 from tasks.bundled import ensure_bundled
 from tasks.examples import build_examples, tokenizer_corpus
 from tasks.manifest import read_dataset
-from tasks.order import EpochOrder
+from tasks.mixture import MixtureOrder
 from tasks.sampling import k_shot
 from vlm.processor import load_processor
 from vlm.tiny import ensure_tiny_vlm
@@ -86,23 +88,27 @@ class Job:
             resume_tag, self.state = read_checkpoint(self.ckpt_root, None if self.resume is True else self.resume)
             self._warn_config_changes(self.state.config)
         self._load_data()
-        self.order = EpochOrder([e.id for e in self.train_examples], cfg.train.seed)
-        if resume_tag:
-            self.order.load_state_dict(self.state.data_order["order"])
+        by_dataset: dict[str, list[str]] = {name: [] for name in self.tasks}
+        for e in self.train_examples:
+            by_dataset[e.dataset].append(e.id)
+        self.order = MixtureOrder(by_dataset, self.weights, cfg.train.seed)
+        if resume_tag:  # a data set added or removed since the checkpoint starts fresh / is dropped, with a warning
+            self.order.load_state_dict(self.state.data_order["order"], allow_new=True, allow_removed=True)
         self.redis_url, self.redis_server = connect(cfg.redis, self.run_dir)
         self.buffer = RolloutBuffer.from_config(cfg.redis, self.redis_url, consumer="driver")
         left = self.buffer.reset()  # whatever an earlier attempt left is regenerated: its draws are in the checkpoint
         if left:
-            print(f"discarded {left} rollout groups left in stream {cfg.redis.stream!r} by an earlier attempt")
+            announce(f"discarded {left} rollout groups left in stream {cfg.redis.stream!r} by an earlier attempt")
         self._released = 0
         self.ray_desc = init_ray(cfg.cluster, local_runtime_env())
-        print(f"ray: {self.ray_desc}")
+        announce(f"ray: {self.ray_desc}")
         self.placement = reserve(cfg.cluster, name=f"clsrl-{self.run_dir.name}-{os.getpid()}")
         self._start_actors()
         if resume_tag:
             ray.get([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners])
-            print(f"resumed from {self.ckpt_root / resume_tag}: step {self.state.step}, "
-                  f"policy version {self.state.policy_version}, data epoch {self.order.epoch} position {self.order.position}")
+            epochs = ", ".join(f"{name} {e:.2f}" for name, e in self.order.epochs().items())
+            announce(f"resumed from {self.ckpt_root / resume_tag}: step {self.state.step}, "
+                  f"policy version {self.state.policy_version}, epochs done: {epochs}")
         self.form_weight_group()
         self.broadcast(self.state.policy_version)  # engines start bit-equal to the learners (resumed or not)
 
@@ -111,45 +117,65 @@ class Job:
         changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() if isinstance(sec, dict)
                    for k, v in sec.items() if saved.get(s, {}).get(k) != v]
         if changed:
-            print("resuming with config changes:\n  " + "\n  ".join(changed))
+            announce("resuming with config changes:\n  " + "\n  ".join(changed))
 
     def _load_data(self) -> None:
-        d, t = self.cfg.data, self.cfg.task
-        dataset = read_dataset(d.root or ensure_bundled(d.bundled or "shapes"), name=d.name)
-        model_path = self.cfg.model.path or str(ensure_tiny_vlm(self.cfg.model.tiny, tokenizer_corpus([dataset])))
-        processor = load_processor(model_path, self.cfg.model.trust_remote_code)
+        """Every data set's train and test prompts; ids are "<data set>/<sample id>", unique run-wide."""
+        cfg = self.cfg
+        entries = cfg.dataset_entries()
+        read = [read_dataset(e.data.root or ensure_bundled(e.data.bundled or "shapes"), name=e.data.name) for e in entries]
+        names = [ds.name for ds in read]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart")
+        model_path = cfg.model.path or str(ensure_tiny_vlm(cfg.model.tiny, tokenizer_corpus(read)))
+        processor = load_processor(model_path, cfg.model.trust_remote_code)
+        self.tasks = {ds.name: e.task for ds, e in zip(read, entries)}
+        self.weights = {ds.name: e.weight for ds, e in zip(read, entries)}
+        self.train_examples, self.test_examples = [], []
+        for dataset, entry in zip(read, entries):
+            train, test = self._dataset_examples(processor, dataset, entry.data, entry.task)
+            self.train_examples += train
+            self.test_examples += test
+        self.examples = {e.id: e for e in self.train_examples + self.test_examples}
+        self.model_path = model_path
+        if cfg.train.warm_start_steps:
+            self.model_path = str(format_warm_start(
+                model_path, self.run_dir / "warm_start", self.train_examples,
+                {name: t.prompt for name, t in self.tasks.items()}, cfg.train.warm_start_steps, cfg.train.warm_start_lr,
+                cfg.train.prompts_per_step, cfg.train.seed, cfg.model.trust_remote_code))
+
+    @staticmethod
+    def _dataset_examples(processor, dataset, d, t) -> tuple[list, list]:
         train = dataset.split("train")
         if d.k_shot:
             train = k_shot(train, d.k_shot, d.seed, dataset.classnames)
         build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
                      skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
-        self.train_examples, skipped = build_examples(processor, dataset, train, **build)
-        self.test_examples, skipped_test = build_examples(processor, dataset, dataset.split("test")[: d.eval_limit or None],
-                                                          **build)
+        train_examples, skipped = build_examples(processor, dataset, train, **build)
+        test_examples, skipped_test = build_examples(processor, dataset, dataset.split("test")[: d.eval_limit or None],
+                                                     **build)
         if skipped or skipped_test:
-            print(f"skipped {len(skipped) + len(skipped_test)} unreadable images; first: {(skipped + skipped_test)[0]}")
-        if not self.train_examples or not self.test_examples:
-            raise ValueError(f"data set {dataset.name!r} has {len(self.train_examples)} train and "
-                             f"{len(self.test_examples)} test prompts; both splits need images")
-        self.examples = {e.id: e for e in self.train_examples + self.test_examples}
-        print(f"data: {dataset.name}, {len(dataset.classnames)} classes, {len(self.train_examples)} train / "
-              f"{len(self.test_examples)} test prompts")
-        self.model_path = model_path
-        if self.cfg.train.warm_start_steps:
-            self.model_path = str(format_warm_start(
-                model_path, self.run_dir / "warm_start", self.train_examples, t.prompt, self.cfg.train.warm_start_steps,
-                self.cfg.train.warm_start_lr, self.cfg.train.prompts_per_step, self.cfg.train.seed,
-                self.cfg.model.trust_remote_code))
+            announce(f"{dataset.name}: skipped {len(skipped) + len(skipped_test)} unreadable images; first: "
+                  f"{(skipped + skipped_test)[0]}")
+        if not train_examples or not test_examples:
+            raise ValueError(f"data set {dataset.name!r} has {len(train_examples)} train and {len(test_examples)} test "
+                             f"prompts; both splits need images")
+        for e in train_examples + test_examples:
+            e.id = f"{dataset.name}/{e.id}"
+        announce(f"data: {dataset.name}, {len(dataset.classnames)} classes, {len(train_examples)} train / "
+              f"{len(test_examples)} test prompts")
+        return train_examples, test_examples
 
     def _start_actors(self) -> None:
         cfg, p = self.cfg, self.placement
         Reward = ray.remote(max_restarts=-1, max_task_retries=-1)(RewardActor)
-        self.reward_actors = [Reward.options(**p.options("reward", i)).remote(cfg.task.rewards)
+        self.reward_actors = [Reward.options(**p.options("reward", i)).remote({n: t.rewards for n, t in self.tasks.items()})
                               for i in range(cfg.cluster.reward_actors)]
         Rollout = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)  # we re-issue, the learners dedupe
+        correct = {n: t.correct_reward for n, t in self.tasks.items()}
         self.rollout_workers = [Rollout.options(**p.options("rollout", i)).remote(
             i, self.model_path, cfg.sampling, cfg.rollout.prompts_per_call, cfg.rollout.dtype, self.redis_url, cfg.redis,
-            self.reward_actors, cfg.task.correct_reward, cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling)
+            self.reward_actors, correct, cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling)
             for i in range(cfg.cluster.rollout_workers)]
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks
@@ -174,17 +200,19 @@ class Job:
 
     # ---- the calls the loop makes ----
 
-    def prompt(self, prompt_id: str) -> tuple:
+    def request(self, prompt_id: str, draw: int | None = None) -> RolloutRequest:
         e = self.examples[prompt_id]
-        return e.inputs, e.solution
+        return RolloutRequest(prompt_id, e.inputs, e.solution, meta={"draw": draw, "dataset": e.dataset})
 
     def scheduler(self) -> RolloutScheduler:
         cfg, saved = self.cfg, self.state.data_order
         staleness = StalenessManager(cfg.train.prompts_per_step, cfg.rollout.max_staleness,
                                      started=self.state.step * cfg.train.prompts_per_step)
-        return RolloutScheduler(self.rollout_workers, self.order, self.prompt, staleness, cfg.rollout.prompts_per_call,
-                                cfg.train.seed, next_draw=saved.get("next_draw", 0),
-                                reissue=[tuple(d) for d in saved.get("reissue", [])])
+        reissue = [(d, pid) for d, pid in saved.get("reissue", []) if pid in self.examples]
+        if len(reissue) < len(saved.get("reissue", [])):
+            announce(f"{len(saved['reissue']) - len(reissue)} checkpointed prompts belong to data sets this run lacks: dropped")
+        return RolloutScheduler(self.rollout_workers, self.order, self.request, staleness, cfg.rollout.prompts_per_call,
+                                cfg.train.seed, next_draw=saved.get("next_draw", 0), reissue=reissue)
 
     def start_train(self, version: int, forget_below: int) -> list:
         per_rank = self.cfg.train.prompts_per_step // len(self.learners)
@@ -221,8 +249,9 @@ class Job:
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
                 if attempt == attempts:
                     raise
-                print(f"weight broadcast of version {version} failed (attempt {attempt}/{attempts}): "
-                      f"{str(err).splitlines()[-1][:500]}\nrestarting the engines that do not answer and re-forming the group")
+                announce(f"weight broadcast of version {version} failed (attempt {attempt}/{attempts}): "
+                         f"{str(err).splitlines()[-1][:500]}\nrestarting the engines that do not answer and re-forming "
+                         f"the group", "clsrl.job", logging.WARNING)
                 rejoin = True
         raise AssertionError("unreachable")
 
@@ -232,7 +261,8 @@ class Job:
         probes = {w.info.remote(): w for w in self.rollout_workers}
         ready, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
         for ref in stuck:
-            print("a rollout worker did not answer within weight_sync.timeout_s: killing it so Ray restarts it")
+            announce("a rollout worker did not answer within weight_sync.timeout_s: killing it so Ray restarts it",
+                     "clsrl.job", logging.WARNING)
             ray.kill(probes[ref], no_restart=False)
         for ref in ready:
             try:
@@ -242,19 +272,21 @@ class Job:
         ray.get([w.info.remote() for w in self.rollout_workers], timeout=self.cfg.cluster.ready_timeout_s)
 
     def evaluate(self) -> list[dict]:
-        reqs = [RolloutRequest(e.id, e.inputs, e.solution) for e in self.test_examples]
+        reqs = [self.request(e.id) for e in self.test_examples]
         chunks = _split(reqs, len(self.rollout_workers))
         results = ray.get([w.evaluate.remote(c, self.cfg.rollout.eval_max_new_tokens)
                            for w, c in zip(self.rollout_workers, chunks) if c])
         return [r for part in results for r in part]
 
-    def save(self, step: int, scheduler: RolloutScheduler) -> Path:
+    def save(self, step: int, scheduler: RolloutScheduler, score: float | None = None) -> Path:
+        """Checkpoint learners + driver state (score: held-out accuracy at this step, for train.keep_best)."""
         tag = tag_for(step)
         t0 = time.perf_counter()
         ray.get([a.save.remote(str(self.ckpt_root), tag, {"step": step}) for a in self.learners])
-        self.state.step, self.state.data_order = step, scheduler.state_dict()
+        self.state.step, self.state.data_order, self.state.score = step, scheduler.state_dict(), score
         path = write_driver_state(self.ckpt_root, tag, self.state)
-        print(f"checkpoint {path.parent} ({time.perf_counter() - t0:.1f}s)")
+        announce(f"checkpoint {path.parent} ({time.perf_counter() - t0:.1f}s)")
+        prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, self.cfg.train.keep_best)
         return path.parent
 
     # ---- teardown ----

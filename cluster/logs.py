@@ -16,12 +16,15 @@ import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 LOGGER = "clsrl"
 LOG_FILE = "driver.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s"  # asctime: 2025-01-31 12:00:00,123
 _MARK = "_clsrl_run_log"  # attribute on the handlers we own: "file" or "console"
+_ANNOUNCED = "clsrl_announced"  # record attribute: already printed by announce(), the console handler skips it
 
 
 class _RunLogFilter(logging.Filter):
@@ -73,6 +76,7 @@ def setup_run_logging(run_dir: str | os.PathLike, max_bytes: int = 10 * 2**20, b
     if console and not others and not _owned("console"):
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setLevel(logging.WARNING)
+        stderr.addFilter(lambda record: not getattr(record, _ANNOUNCED, False))
         stderr.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         setattr(stderr, _MARK, "console")
         root.addHandler(stderr)
@@ -93,3 +97,19 @@ def run_log_path() -> Path | None:
     """The file the driver log goes to now, or None."""
     current = _owned("file")
     return Path(current[0].baseFilename) if current else None
+
+
+def announce(message: str, logger: str = LOGGER, level: int = logging.INFO) -> None:
+    """A line for the user: printed to stdout, and kept in driver.log at `level` (not echoed to stderr again)."""
+    print(message, flush=True)
+    logging.getLogger(logger).log(level, message, extra={_ANNOUNCED: True})
+
+
+@contextmanager
+def run_logging(run_dir: str | os.PathLike, **kwargs) -> Iterator[logging.Logger]:
+    """setup_run_logging for the length of a `with` block, closed on the way out (errors included)."""
+    logger = setup_run_logging(run_dir, **kwargs)
+    try:
+        yield logger
+    finally:
+        close_run_logging()

@@ -138,15 +138,20 @@ def plot_curves(rows: list[dict], out_png: str | Path, title: str | None = None)
 class MetricsLogger:
     """Appends one row per step to run_dir/metrics.jsonl and mirrors numeric values to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None,
+                 filename: str = METRICS_FILE, keep_rows: bool = True) -> None:
+        """keep_rows=False: a write-only log (no curves.png, rows not held in memory), e.g. the trained-ids audit."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / METRICS_FILE
+        self.path = self.run_dir / filename
+        self._keep = keep_rows
         self._rows: list[dict] = _parse_lines(self.path) if self.path.exists() else []
         if resume_step is not None:
             # steps after the checkpoint will be redone: drop them so they are not shown twice
             self._rows = [r for r in self._rows if _is_number(r.get("step")) and r["step"] <= resume_step]
             _atomic_write_lines(self.path, self._rows)
+        if not keep_rows:
+            self._rows = []
         self._file = open(self.path, "a", encoding="utf-8")
         if _ends_mid_line(self.path):
             self._file.write("\n")  # a crash mid-line: keep the next row off the broken one
@@ -172,7 +177,8 @@ class MetricsLogger:
         clean = _jsonable(row)
         self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()  # a crash loses at most the row being written
-        self._rows.append(clean)
+        if self._keep:
+            self._rows.append(clean)
         if self._tb is not None:
             # non-finite values are null in the jsonl (missing), so the TensorBoard view skips them too
             for key, value in clean.items():
@@ -190,7 +196,8 @@ class MetricsLogger:
             self._tb.flush()
             self._tb.close()
         self._file.close()
-        self.plot()
+        if self._keep:
+            self.plot()
 
     def __enter__(self) -> MetricsLogger:
         return self

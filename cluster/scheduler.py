@@ -7,19 +7,23 @@ second answer to a draw if both arrive.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
+from collections.abc import Callable
 
 import ray
 
 from actors.engine import RolloutRequest
+from cluster.logs import announce
 from cluster.staleness import StalenessManager
-from tasks.order import EpochOrder
+from tasks.mixture import MixtureOrder
 
 MAX_FILTERED_IN_A_ROW = 1000  # groups; beyond this dynamic sampling is not finding signal, it is spinning
 
 
 class RolloutScheduler:
-    def __init__(self, workers: list, order: EpochOrder, requests, staleness: StalenessManager, chunk: int,
+    def __init__(self, workers: list, order: MixtureOrder, requests: Callable[[str, int], RolloutRequest],
+                 staleness: StalenessManager, chunk: int,
                  seed: int, next_draw: int = 0, reissue: list[tuple[int, str]] | None = None) -> None:
         self.workers, self.order, self.requests = workers, order, requests
         self.staleness, self.chunk, self.seed = staleness, chunk, seed
@@ -38,12 +42,12 @@ class RolloutScheduler:
             if n <= 0:
                 return
             draws = [self.reissue.popleft() for _ in range(min(n, len(self.reissue)))]
-            for pid in self.order.take(n - len(draws)):
+            for pid in self.order.next_batch(n - len(draws)) if n > len(draws) else []:
                 draws.append((self.next_draw, pid))
                 self.next_draw += 1
             self.staleness.start(len(draws))
             self.outstanding.update(draws)
-            reqs = [RolloutRequest(pid, *self.requests(pid), meta={"draw": d}) for d, pid in draws]
+            reqs = [self.requests(pid, d) for d, pid in draws]
             ref = self.workers[w].rollout.remote(reqs, seed=self.seed * 1_000_003 + draws[0][0])
             self.inflight[ref] = (w, draws)
 
@@ -58,8 +62,8 @@ class RolloutScheduler:
             try:
                 summary = ray.get(ref)
             except ray.exceptions.RayActorError as err:
-                print(f"rollout worker {w} died ({type(err).__name__}); issuing its {len(draws)} prompts again, "
-                      f"it rejoins the weight group at the next broadcast")
+                announce(f"rollout worker {w} died ({type(err).__name__}); issuing its {len(draws)} prompts again, "
+                         f"it rejoins the weight group at the next broadcast", "clsrl.scheduler", logging.WARNING)
                 self.staleness.release(len(draws))
                 self.reissue.extend(draws)
                 for d, _ in draws:

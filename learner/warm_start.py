@@ -19,9 +19,10 @@ from vlm.inputs import build_sequence_batch
 from vlm.processor import load_processor, save_processor
 
 
-def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: list[PromptExample], style: str,
+def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: list[PromptExample], styles: dict[str, str],
                       steps: int, lr: float, batch: int, seed: int, trust_remote_code: bool = False) -> Path:
-    """Train `steps` SFT steps from model_path and save model + processor to out_dir (once: reused on resume)."""
+    """Train `steps` SFT steps from model_path and save model + processor to out_dir (once: reused on resume).
+    `styles` maps each example's data set to its prompt style (the answer format taught)."""
     def build(out: Path) -> None:
         from transformers import AutoModelForImageTextToText
 
@@ -35,7 +36,7 @@ def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: lis
         model.train()
         for _ in tqdm(range(steps), desc="warm start (answer format only)", leave=False):
             chunk = rng.sample(examples, min(batch, len(examples)))
-            targets = [format_target(style, rng.choice(candidates_in(e.text) or [e.solution])) for e in chunk]
+            targets = [format_target(styles[e.dataset], rng.choice(candidates_in(e.text) or [e.solution])) for e in chunk]
             rows = [tok.encode(t, add_special_tokens=False) + [eos] for t in targets]
             loss = sft_objective(model, build_sequence_batch([e.inputs for e in chunk], rows,
                                                              model.generation_config.pad_token_id,

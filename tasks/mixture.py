@@ -95,6 +95,7 @@ class MixtureOrder:
         self.orders: dict[str, EpochOrder] = {name: EpochOrder(ids, dataset_seed(seed, name))
                                               for name, ids in ids_by_dataset.items()}
         self._phase = _hash64(f"{seed}:mixture")
+        self.calls = 0  # next_batch calls so far: the `step` of the next one
         self._quotas: dict[int, list[tuple[str, int, Fraction]]] = {}
 
     def _quota(self, k: int) -> list[tuple[str, int, Fraction]]:
@@ -131,12 +132,19 @@ class MixtureOrder:
         """This step's k prompts as (data set, id), grouped by data set in ids_by_dataset order; advances the orders."""
         return [(name, i) for name, n in self.counts(k, step).items() for i in self.orders[name].take(n)]
 
+    def next_batch(self, k: int) -> list[str]:
+        """The next k ids (the rollout scheduler's chunks): take(k, step) with step counting the calls."""
+        batch = [i for _, i in self.take(k, self.calls)]
+        self.calls += 1
+        return batch
+
     def epochs(self) -> dict[str, float]:
         """Epochs consumed per data set (epoch + position / size), for logging."""
         return {name: o.epoch + o.position / len(o.ids) for name, o in self.orders.items()}
 
     def state_dict(self) -> dict:
-        return {"datasets": {name: o.state_dict() for name, o in self.orders.items()}, "seed": self.seed}
+        return {"datasets": {name: o.state_dict() for name, o in self.orders.items()}, "seed": self.seed,
+                "calls": self.calls}
 
     def load_state_dict(self, state: dict, *, allow_new: bool = False, allow_removed: bool = False) -> None:
         """Restore every data set's (epoch, position); all or nothing.
@@ -176,6 +184,7 @@ class MixtureOrder:
             for name, o in self.orders.items():
                 o.epoch, o.position = before[name]
             raise
+        self.calls = int(state.get("calls", 0))
         if new:
             log.warning("data order: data set(s) %s not in the checkpoint; starting them at epoch 0", _names(new))
         if removed:

@@ -139,7 +139,7 @@ def test_single_dataset_is_epoch_order():
     for step, k in enumerate([4, 5, 13, 1, 20, 7, 9]):
         assert m.counts(k, step) == {"s": k}
         assert m.take(k, step) == [("s", i) for i in ref.take(k)]
-    assert m.state_dict() == {"datasets": {"s": ref.state_dict()}, "seed": 7}
+    assert m.state_dict() == {"datasets": {"s": ref.state_dict()}, "seed": 7, "calls": 0}
 
 
 @pytest.mark.parametrize("n_first", [0, 1, 37, 123])
@@ -240,3 +240,16 @@ def test_new_and_removed_datasets_when_allowed(caplog):
         back.load_state_dict(m.state_dict())
     back.load_state_dict(m.state_dict(), allow_removed=True)
     assert back.state_dict() == old.state_dict()
+
+
+def test_next_batch_counts_calls_and_resumes_where_it_left_off():
+    ids = {"a": [f"a{i}" for i in range(7)], "b": [f"b{i}" for i in range(5)]}
+    first = MixtureOrder(ids, {"a": 2.0, "b": 1.0}, 3)
+    batches = [first.next_batch(4) for _ in range(3)]
+    assert first.calls == 3 and [len(b) for b in batches] == [4, 4, 4]
+    assert batches[0] == [i for _, i in MixtureOrder(ids, {"a": 2.0, "b": 1.0}, 3).take(4, 0)]
+    state = first.state_dict()
+    ahead = [first.next_batch(4) for _ in range(5)]
+    resumed = MixtureOrder(ids, {"a": 2.0, "b": 1.0}, 3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch(4) for _ in range(5)] == ahead  # same seats, same epoch positions
