@@ -123,7 +123,9 @@ class Job:
         """Every data set's train and test prompts; ids are "<data set>/<sample id>", unique run-wide."""
         cfg = self.cfg
         entries = cfg.dataset_entries()
-        read = [read_dataset(e.data.root or ensure_bundled(e.data.bundled or "shapes"), name=e.data.name) for e in entries]
+        read = [read_dataset(e.data.root, name=e.data.name) if e.data.root else
+                read_dataset(ensure_bundled(e.data.bundled or "shapes"), name=e.data.name or e.data.bundled or "shapes")
+                for e in entries]
         names = [ds.name for ds in read]
         if len(set(names)) != len(names):
             raise ValueError(f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart")

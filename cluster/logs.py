@@ -102,7 +102,7 @@ def run_log_path() -> Path | None:
 def announce(message: str, logger: str = LOGGER, level: int = logging.INFO) -> None:
     """A line for the user: printed to stdout, and kept in driver.log at `level` (not echoed to stderr again)."""
     print(message, flush=True)
-    logging.getLogger(logger).log(level, message, extra={_ANNOUNCED: True})
+    logging.getLogger(logger).log(level, message, extra={_ANNOUNCED: True}, stacklevel=2)
 
 
 @contextmanager

@@ -79,11 +79,23 @@ def test_the_paper_configs_are_there():
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_its_rewards_resolve(path):
     cfg = load_config(ExperimentConfig, path)
-    assert cfg.task.prompt in PROMPT_STYLES
-    composite = rewards.CompositeReward(cfg.task.rewards)  # unknown names or params raise here
-    assert set(composite.names) <= set(rewards.available())
-    assert cfg.task.correct_reward in rewards.available()
-    rewards.get_reward(cfg.task.correct_reward)
+    for entry in cfg.dataset_entries():
+        assert entry.task.prompt in PROMPT_STYLES
+        composite = rewards.CompositeReward(entry.task.rewards)  # unknown names or params raise here
+        assert set(composite.names) <= set(rewards.available())
+        assert entry.task.correct_reward in rewards.available()
+        rewards.get_reward(entry.task.correct_reward)
+
+
+def test_datasets_list_and_single_data_section_exclude_each_other():
+    with pytest.raises(ConfigError, match="either as `data` \\+ `task`"):
+        load_config(ExperimentConfig, CONFIGS / "cpu_multi.yaml", ["data.k_shot=4"])
+    with pytest.raises(ConfigError, match=r"section 'datasets\[1\]'.*weight must be"):
+        load_config(ExperimentConfig, CONFIGS / "cpu_multi.yaml", ["datasets=[{weight: 1}, {weight: -2}]"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'datasets\[0\].task.promt'"):
+        load_config(ExperimentConfig, CONFIGS / "cpu_multi.yaml", ["datasets=[{task: {promt: cls_rl}}]"])
+    with pytest.raises(ConfigError, match="keep_best needs train.keep_last"):
+        load_config(ExperimentConfig, CONFIGS / "cpu_demo.yaml", ["train.keep_best=1"])
 
 
 @pytest.mark.parametrize("name", sorted(PAPERS))
