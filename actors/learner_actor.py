@@ -110,7 +110,8 @@ class LearnerActor:
         adv = self._advantages(rewards, sizes.pop()).float().view(len(groups), -1)
         stats = self.worker.train_step([(g, a.tolist()) for g, a in zip(groups, adv)], max_len)
         self.buffer.ack([eid for eid, _ in taken])  # only after the optimizer step: a crash before it loses nothing
-        return {**stats, "time/take": t1 - t0, "time/train_step": time.perf_counter() - t1,
+        equal = sum(len(set(g.rewards)) == 1 for g in groups) / len(groups)  # no learning signal in these groups
+        return {**stats, "time/take": t1 - t0, "time/train_step": time.perf_counter() - t1, "groups/equal_rewards": equal,
                 "draws": [g.request.meta.get("draw") for g in groups], "prompt_ids": [g.request.prompt_id for g in groups],
                 "staleness": [version - g.policy_version for g in groups], "dropped/stale": len(dropped["stale_draws"]),
                 "dropped/duplicate": dropped["duplicate"], "stale_draws": dropped["stale_draws"], **self.buffer.metrics()}
