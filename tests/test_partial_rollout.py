@@ -13,7 +13,7 @@ from actors.hf_engine import HFEngine
 from cluster.cli import DEFAULT_CONFIG
 from cluster.config import ExperimentConfig
 from cluster.driver import train
-from cluster.schema import load_config
+from cluster.schema import ConfigError, load_config
 from learner.objective import pad_rows
 from tasks.examples import build_examples
 from vlm.generation import SamplingConfig
@@ -179,6 +179,12 @@ def test_continuation_inputs_keep_each_rows_own_image(tiny_policy, shapes_datase
         one = model(**continuation_inputs(prompts, rows[:1], pad, image)).logits[0, -4]
         ref = model(**fresh).logits[0, -1]
     assert torch.allclose(one, ref, atol=1e-4)
+
+
+def test_partial_rollout_needs_rollout_to_run_ahead():
+    with pytest.raises(ConfigError, match="rollout.partial_rollout needs rollout.max_staleness >= 1"):
+        load_config(ExperimentConfig, DEFAULT_CONFIG, ["rollout.partial_rollout=true"])
+    assert load_config(ExperimentConfig, DEFAULT_CONFIG, ["rollout.partial_rollout=true", "rollout.max_staleness=1"])
 
 
 @pytest.mark.slow
