@@ -21,7 +21,8 @@ class RolloutRequest:
 
 @dataclass
 class RolloutGroup:
-    """The G completions of one prompt, stamped with the policy version that produced them."""
+    """The G completions of one prompt, stamped with the policy version that produced them (with partial rollout:
+    that of their first tokens; later ones may come from newer versions, see `version_span`)."""
 
     request: RolloutRequest
     completions: list[Completion]
@@ -29,11 +30,18 @@ class RolloutGroup:
     rewards: list[float] | None = None  # filled by the reward pool, one per completion
     reward_components: dict[str, list[float]] = field(default_factory=dict)
 
+    @property
+    def version_span(self) -> tuple[int, int]:
+        """(oldest, newest) policy version that sampled a token of this group; staleness counts from the oldest."""
+        ends = [v for c in self.completions for v in ((c.versions[0], c.versions[-1]) if c.versions
+                                                       else (self.policy_version,))]
+        return (min(ends), max(ends)) if ends else (self.policy_version, self.policy_version)
+
 
 class RolloutEngine(Protocol):
     policy_version: int
 
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,
-                 seed: int | None = None) -> list[RolloutGroup]: ...
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
+                 interruptible: bool = True) -> list[RolloutGroup]: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int: ...

@@ -1,4 +1,9 @@
-"""Rollout with Hugging Face `generate`: the engine on CPUs, and a fallback on GPUs without vLLM."""
+"""Rollout with Hugging Face `generate`: the engine on CPUs, and a fallback on GPUs without vLLM.
+
+Generation and weight updates may come from two threads (a threaded Ray actor): `gate` makes an update wait
+for the generate call in flight, which with `partial_rollout` is interrupted and continued under the new weights
+(vlm/partial.py) and otherwise finishes first.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -8,12 +13,13 @@ import torch
 
 from actors.engine import RolloutGroup, RolloutRequest
 from vlm.generation import SamplingConfig, sample_completions
+from vlm.partial import WeightGate, sample_in_segments
 from vlm.processor import load_processor
 
 
 class HFEngine:
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, partial_rollout: bool = False) -> None:
         from transformers import AutoModelForImageTextToText
 
         self.processor = load_processor(model_path, trust_remote_code)
@@ -21,30 +27,44 @@ class HFEngine:
             model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
         self.model.requires_grad_(False)
         self.policy_version = 0
+        self.partial_rollout = partial_rollout
+        self.gate = WeightGate()
 
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,
-                 seed: int | None = None) -> list[RolloutGroup]:
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
+                 interruptible: bool = True) -> list[RolloutGroup]:
+        """Groups stamped with the version their first token was sampled with (the oldest, when partial rollout
+        continued some completions under newer weights: each completion's `versions` says which token had which)."""
         if not requests:
             return []
-        groups = sample_completions(self.model, self.processor.tokenizer, [r.inputs for r in requests], sampling, seed)
-        return [RolloutGroup(r, g, self.policy_version) for r, g in zip(requests, groups)]
+        prompts, tok = [r.inputs for r in requests], self.processor.tokenizer
+        if self.partial_rollout and interruptible:
+            groups = sample_in_segments(self.model, tok, prompts, sampling, self.gate, lambda: self.policy_version, seed)
+        else:
+            with self.gate.segment():
+                version = self.policy_version
+                groups = sample_completions(self.model, tok, prompts, sampling, seed)
+            for c in (c for g in groups for c in g):
+                c.versions = [version] * len(c.token_ids)
+        return [RolloutGroup(r, g, min(c.versions[0] for c in g)) for r, g in zip(requests, groups)]
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Copy received tensors into the model by name; returns how many were loaded.
 
-        A name or shape that does not fit is an error naming it: a silent partial update would leave the
-        engine sampling from a policy the learner never had.
+        A name or shape that does not fit is an error naming it, before anything is copied: a partial update
+        would leave the engine sampling from a policy the learner never had. Waits for the generate call in
+        flight to end (or, with partial rollout, to be interrupted).
         """
         params = dict(self.model.named_parameters())
-        loaded = 0
+        named_tensors = list(named_tensors)
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"engine has no parameter {name!r} (version {version})")
             if params[name].shape != tensor.shape:
                 raise ValueError(f"parameter {name!r}: engine shape {tuple(params[name].shape)}, "
                                  f"received {tuple(tensor.shape)} (version {version})")
-            params[name].copy_(tensor)
-            loaded += 1
-        self.policy_version = version
-        return loaded
+        with self.gate.update():
+            for name, tensor in named_tensors:
+                params[name].copy_(tensor)
+            self.policy_version = version
+        return len(named_tensors)

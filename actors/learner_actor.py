@@ -62,7 +62,7 @@ class LearnerActor:
                                    f"{self.buffer.stream!r} within {timeout_s:.0f}s")
             fresh, drop, stale = [], [], []
             for eid, g in self.buffer.take(n - len(got), block_ms=min(left_ms, 1000)):
-                if version - g.policy_version <= max_staleness:
+                if version - g.version_span[0] <= max_staleness:  # from the oldest token (partial rollout)
                     fresh.append((eid, g))
                 else:
                     drop.append(eid)
@@ -113,7 +113,7 @@ class LearnerActor:
         equal = sum(len(set(g.rewards)) == 1 for g in groups) / len(groups)  # no learning signal in these groups
         return {**stats, "time/take": t1 - t0, "time/train_step": time.perf_counter() - t1, "groups/equal_rewards": equal,
                 "draws": [g.request.meta.get("draw") for g in groups], "prompt_ids": [g.request.prompt_id for g in groups],
-                "staleness": [version - g.policy_version for g in groups], "dropped/stale": len(dropped["stale_draws"]),
+                "staleness": [version - g.version_span[0] for g in groups], "dropped/stale": len(dropped["stale_draws"]),
                 "dropped/duplicate": dropped["duplicate"], "stale_draws": dropped["stale_draws"], **self.buffer.metrics()}
 
     # ---- weight broadcast (rank 0 hosts the group; every rank walks the parameters for ZeRO-3 gathers) ----

@@ -30,11 +30,12 @@ def engine_dtype(name: str) -> torch.dtype:
 class RolloutWorker:
     def __init__(self, rank: int, model_path: str, sampling: SamplingConfig, prompts_per_call: int, dtype: str,
                  redis_url: str, redis_cfg: RedisConfig, reward_actors: list, correct_reward: dict[str, str],
-                 trust_remote_code: bool = False, drop_equal_groups: bool = False) -> None:
+                 trust_remote_code: bool = False, drop_equal_groups: bool = False, partial_rollout: bool = False) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.rank, self.name = rank, f"rollout-{rank} (pid {os.getpid()})"
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.engine = HFEngine(model_path, device=device, dtype=engine_dtype(dtype), trust_remote_code=trust_remote_code)
+        self.engine = HFEngine(model_path, device=device, dtype=engine_dtype(dtype), trust_remote_code=trust_remote_code,
+                               partial_rollout=partial_rollout)  # hosted with max_concurrency=2 then (cluster/job.py)
         self.sampling, self.prompts_per_call = sampling, prompts_per_call
         self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url)
         self.reward_actors = reward_actors
@@ -52,6 +53,8 @@ class RolloutWorker:
         return self.name
 
     def receive_weights(self) -> dict:
+        """With partial rollout (a threaded actor) this runs while rollout() samples: the transfer overlaps
+        generation, and only the copy interrupts it (the engine continues under the new weights)."""
         if self.receiver is None:
             raise RuntimeError(f"{self.name}: receive_weights before join_weight_group")
         t0 = time.perf_counter()
@@ -87,7 +90,7 @@ class RolloutWorker:
         """Sample, score and publish groups for `requests`; returns what the driver logs (no tensors)."""
         times = {"generate": 0.0, "reward": 0.0, "publish": 0.0}
         summary: dict = {"published": [], "filtered": [], "rewards": [], "components": {}, "lengths": [], "truncated": 0,
-                         "datasets": {}}
+                         "datasets": {}, "version_spans": []}
         for start in range(0, len(requests), self.prompts_per_call):
             t0 = time.perf_counter()
             groups = self.engine.generate(requests[start:start + self.prompts_per_call], self.sampling,
@@ -113,6 +116,7 @@ class RolloutWorker:
                     per["components"].setdefault(name, []).extend(vals)
                 summary["lengths"] += [len(c.token_ids) for c in g.completions]
                 summary["truncated"] += sum(c.finish_reason == "length" for c in g.completions)
+                summary["version_spans"].append(g.version_span[1] - g.version_span[0])
         summary["times"] = times
         summary["policy_version"] = self.engine.policy_version
         return summary
@@ -123,11 +127,11 @@ class RolloutWorker:
         out = []
         for start in range(0, len(requests), self.prompts_per_call):
             chunk = requests[start:start + self.prompts_per_call]
-            texts = [g.completions[0].text for g in self.engine.generate(chunk, cfg)]
-            for r, t in zip(chunk, texts):
-                dataset = r.meta["dataset"]
-                out.append({"dataset": dataset, "prompt_id": r.prompt_id, "text": t, "solution": r.solution,
-                            "correct": float(self.correct[dataset]([t], [r.solution])[0])})
+            groups = self.engine.generate(chunk, cfg, interruptible=False)  # one version per answer
+            for r, g in zip(chunk, groups):
+                dataset, text = r.meta["dataset"], g.completions[0].text
+                out.append({"dataset": dataset, "prompt_id": r.prompt_id, "text": text, "solution": r.solution,
+                            "correct": float(self.correct[dataset]([text], [r.solution])[0])})
         return out
 
     def checksums(self) -> dict[str, float]:

@@ -6,6 +6,8 @@ bytes}; decoding allocates them from an allow-list of dtypes and checks the byte
 payload is a `CodecError`, never something executed. Every round trip is exact: tensors bit for bit
 (bfloat16 included), floats as float64 (log-probs as float32 bytes when that is lossless, else float64), text
 as any Python str (lone surrogates and NUL included). Tuples in `solution`/`meta` come back as lists.
+A completion's per-token policy versions travel run-length encoded as [[first token, version], ...] under the
+optional key "versions" (absent = empty), which readers of the same format version without it ignore.
 """
 from __future__ import annotations
 
@@ -86,6 +88,29 @@ def _pack_logprobs(values: Any, where: str) -> tuple[bytes, str]:
     return f64.astype("<f8").tobytes(), "f8"
 
 
+def _pack_versions(versions: Any, n_tokens: int, where: str) -> list[list[int]]:
+    """Per-token versions as runs [[first token, version], ...]; a partial rollout has a handful at most."""
+    if not isinstance(versions, (list, tuple)) or not all(type(v) is int for v in versions):
+        raise CodecError(f"{where}.versions must be a list of ints")
+    if versions and len(versions) != n_tokens:
+        raise CodecError(f"{where}.versions has {len(versions)} entries for {n_tokens} tokens")
+    runs: list[list[int]] = []
+    for i, v in enumerate(versions):
+        if not runs or runs[-1][1] != v:
+            runs.append([i, _check_plain(v, f"{where}.versions[{i}]")])
+    return runs
+
+
+def _unpack_versions(runs: Any, n_tokens: int, where: str) -> list[int]:
+    if not isinstance(runs, list) or not all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+                                             for r in runs):
+        raise CodecError(f"{where}.versions: expected [[first token, version], ...], got {runs!r:.200}")
+    starts = [r[0] for r in runs] + [n_tokens]
+    if runs and (starts[0] != 0 or any(a >= b for a, b in zip(starts, starts[1:]))):
+        raise CodecError(f"{where}.versions: run starts {starts[:-1]} do not cover {n_tokens} tokens in order")
+    return [v for (start, v), end in zip(runs, starts[1:]) for _ in range(end - start)]
+
+
 def _pack_completion(c: Any, i: int) -> dict:
     where = f"completions[{i}]"
     if not isinstance(c, Completion):
@@ -97,8 +122,12 @@ def _pack_completion(c: Any, i: int) -> dict:
     for name in ("text", "finish_reason"):
         if not isinstance(getattr(c, name), str):
             raise CodecError(f"{where}.{name} must be str, got {type(getattr(c, name)).__name__}")
-    return {"token_ids": ids, "logprobs": lp, "logprobs_dtype": lp_dtype, "text": c.text,
-            "finish_reason": c.finish_reason}
+    doc = {"token_ids": ids, "logprobs": lp, "logprobs_dtype": lp_dtype, "text": c.text,
+           "finish_reason": c.finish_reason}
+    versions = _pack_versions(c.versions, len(ids), where)
+    if versions:
+        doc["versions"] = versions
+    return doc
 
 
 def encode_group(group: RolloutGroup) -> bytes:
@@ -173,7 +202,8 @@ def _unpack_completion(d: Any, where: str) -> Completion:
         raise CodecError(f"{where}: bad logprobs ({lp_dtype!r}, {len(raw)} bytes)")
     logprobs = np.frombuffer(raw, dtype="<" + lp_dtype).astype(np.float64).tolist()
     return Completion(token_ids=ids, logprobs=logprobs, text=_get(d, "text", str, where),
-                      finish_reason=_get(d, "finish_reason", str, where))
+                      finish_reason=_get(d, "finish_reason", str, where),
+                      versions=_unpack_versions(d.get("versions", []), len(ids), where))
 
 
 def decode_group(data: bytes) -> RolloutGroup:

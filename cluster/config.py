@@ -61,6 +61,9 @@ class RolloutConfig:
     prompts_per_call: int = 16  # prompts per engine.generate call (each sampled G times)
     eval_max_new_tokens: int = 32  # greedy eval answers are cut here
     max_staleness: int = 0  # policy versions a trained-on sample may lag; 0 = synchronous (see cluster/staleness.py)
+    # interrupt generation in flight for a weight update and continue it under the new weights (vlm/partial.py);
+    # a completion then mixes versions, its staleness counts from the oldest. Needs max_staleness >= 1.
+    partial_rollout: bool = False
 
     def __post_init__(self) -> None:
         if self.engine != "hf":
@@ -71,6 +74,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.partial_rollout and self.max_staleness < 1:
+            raise ValueError("rollout.partial_rollout needs rollout.max_staleness >= 1: with 0 (synchronous) no "
+                             "generation is ever in flight when weights arrive, so there is nothing to interrupt")
 
 
 @dataclass

@@ -42,7 +42,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                 backlog = {k: v for k, v in job.buffer.metrics().items() if k in ("buffer/depth", "buffer/pending")}
                 sched.settle([d for r in learned for d in r["draws"] + r["stale_draws"]])
                 t1 = time.perf_counter()
-                sync = job.broadcast(step, rejoin=bool(sched.revive()))  # engines take it between requests
+                sync = job.broadcast(step, rejoin=bool(sched.revive()))  # between requests (mid-request: rollout.partial_rollout)
                 t2 = time.perf_counter()
                 staleness_hist.update(s for r in learned for s in r["staleness"])
                 trained.log({"step": step, "draws": [d for r in learned for d in r["draws"]],  # exactly-once audit
@@ -88,6 +88,8 @@ def rollout_metrics(parts: list[dict]) -> dict:
            "length/mean": statistics.fmean(lengths), "length/max": max(lengths),
            "length/truncated": sum(p["truncated"] for p in parts) / len(lengths),
            "dropped/filtered": sum(len(p["filtered"]) for p in parts)}
+    spans = [s for p in parts for s in p["version_spans"]]  # > 0: continued under newer weights (partial rollout)
+    row.update({"rollout/partial_frac": sum(s > 0 for s in spans) / len(spans), "rollout/span_max": max(spans)})
     for name in {c for p in parts for c in p["components"]}:  # data sets may have different reward components
         row[f"reward/{name}"] = statistics.fmean(v for p in parts for v in p["components"].get(name, []))
     datasets = {name for p in parts for name in p["datasets"]}

@@ -175,9 +175,11 @@ class Job:
                               for i in range(cfg.cluster.reward_actors)]
         Rollout = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)  # we re-issue, the learners dedupe
         correct = {n: t.correct_reward for n, t in self.tasks.items()}
-        self.rollout_workers = [Rollout.options(**p.options("rollout", i)).remote(
+        concurrency = 2 if cfg.rollout.partial_rollout else 1  # partial: receive_weights runs while rollout() samples
+        self.rollout_workers = [Rollout.options(max_concurrency=concurrency, **p.options("rollout", i)).remote(
             i, self.model_path, cfg.sampling, cfg.rollout.prompts_per_call, cfg.rollout.dtype, self.redis_url, cfg.redis,
-            self.reward_actors, correct, cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling)
+            self.reward_actors, correct, cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling,
+            partial_rollout=cfg.rollout.partial_rollout)
             for i in range(cfg.cluster.rollout_workers)]
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks

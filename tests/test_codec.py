@@ -61,7 +61,7 @@ def assert_same_group(a: RolloutGroup, b: RolloutGroup) -> None:
     assert len(a.completions) == len(b.completions)
     for x, y in zip(a.completions, b.completions):
         assert x.token_ids == y.token_ids and same(x.logprobs, y.logprobs)
-        assert x.text == y.text and x.finish_reason == y.finish_reason
+        assert x.text == y.text and x.finish_reason == y.finish_reason and x.versions == y.versions
 
 
 def test_round_trip_typical_group():
@@ -100,6 +100,24 @@ def test_logprobs_exact_and_compact():
     assert len(doc["completions"][0]["logprobs"]) == 400
     g.completions[0].logprobs = [float("nan"), -0.0, 0.0, 5e-324]
     assert same(decode_group(encode_group(g)).completions[0].logprobs, g.completions[0].logprobs)
+
+
+def test_token_versions_travel_as_runs():
+    g = make_group(g=3, tokens=6)
+    g.completions[0].versions = [4, 4, 4, 5, 5, 7]  # partial rollout: continued under versions 5 and 7
+    g.completions[1].versions = [4] * 6
+    doc = msgpack.unpackb(encode_group(g))
+    assert [c.get("versions") for c in doc["completions"]] == [[[0, 4], [3, 5], [5, 7]], [[0, 4]], None]
+    out = decode_group(encode_group(g))
+    assert_same_group(g, out)
+    assert out.completions[2].versions == [] and out.version_span == (4, 7)
+    g.completions[0].versions = [4, 5]
+    with pytest.raises(CodecError, match=r"completions\[0\].versions has 2 entries for 6 tokens"):
+        encode_group(g)
+    for runs in ([[1, 4]], [[0, 4], [0, 5]], [[0, 4], [6, 5]], [[0, "4"]]):
+        doc["completions"][0]["versions"] = runs
+        with pytest.raises(CodecError, match=r"completions\[0\].versions"):
+            decode_group(msgpack.packb(doc))
 
 
 def test_text_with_nul_and_lone_surrogates():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,14 +34,17 @@ class Completion:
     logprobs: list[float]  # behaviour log-probs, one per token
     text: str  # decoded with special tokens skipped (what rewards read)
     finish_reason: str  # "stop" or "length"
+    # policy version that sampled each token; empty = all of them the group's policy_version. Several versions
+    # when generation was interrupted by a weight update and continued under the new weights (partial rollout).
+    versions: list[int] = field(default_factory=list)
 
 
-def _generation_config(model, cfg: SamplingConfig, n: int):
+def _generation_config(model, cfg: SamplingConfig, n: int, max_new_tokens: int):
     from transformers import GenerationConfig
 
     # Built from scratch: real checkpoints ship near-greedy defaults (e.g. top_k=1) that must not leak in.
     gen = model.generation_config
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_return_sequences=n, eos_token_id=gen.eos_token_id,
+    kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=gen.eos_token_id,
                   pad_token_id=gen.pad_token_id, suppress_tokens=vision_token_ids(model.config),
                   return_dict_in_generate=True, output_logits=True)
     if cfg.greedy:
@@ -49,27 +52,45 @@ def _generation_config(model, cfg: SamplingConfig, n: int):
     return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **kwargs)
 
 
+def eos_token_ids(model) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    return set(ids if isinstance(ids, list) else [ids])
+
+
+@torch.no_grad()
+def generate_segment(model, inputs: dict, cfg: SamplingConfig, n: int, max_new_tokens: int,
+                     stopping_criteria=None) -> tuple[list[list[int]], torch.Tensor]:
+    """One `generate` call on left-padded `inputs`, each row sampled `n` times: (new token ids per row, their
+    behaviour log-probs [rows, steps] on the CPU). Rows that stopped early are padded after their stop token."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    out = model.generate(**inputs, generation_config=_generation_config(model, cfg, n, max_new_tokens),
+                         stopping_criteria=stopping_criteria)
+    new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    logits = torch.stack(out.logits, dim=1)  # raw logits, [rows, steps, V]
+    logprobs = policy_logprobs(logits, new_tokens, 1.0 if cfg.greedy else cfg.temperature,
+                               vision_token_ids(model.config)).cpu()
+    return new_tokens.cpu().tolist(), logprobs
+
+
+def stop_index(ids: Sequence[int], eos_ids: set[int]) -> int | None:
+    """Position of the first stop token in `ids`, or None."""
+    return next((i for i, t in enumerate(ids) if t in eos_ids), None)
+
+
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: Sequence[PromptInputs], cfg: SamplingConfig,
                        seed: int | None = None) -> list[list[Completion]]:
     """For each prompt, `cfg.n` completions (1 when greedy) with their behaviour log-probs."""
     n = 1 if cfg.greedy else cfg.n
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in
-              left_pad_prompts(prompts, model.generation_config.pad_token_id, model.config.image_token_id).items()}
+    inputs = left_pad_prompts(prompts, model.generation_config.pad_token_id, model.config.image_token_id)
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.generate(**inputs, generation_config=_generation_config(model, cfg, n))
-    new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    logits = torch.stack(out.logits, dim=1)  # raw logits, [rows, steps, V]
-    logprobs = policy_logprobs(logits, new_tokens, 1.0 if cfg.greedy else cfg.temperature,
-                               vision_token_ids(model.config)).cpu()
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
-    rows = new_tokens.cpu().tolist()
+    rows, logprobs = generate_segment(model, inputs, cfg, n, cfg.max_new_tokens)
+    eos_ids = eos_token_ids(model)
     completions = []
     for r, ids in enumerate(rows):
-        stop = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+        stop = stop_index(ids, eos_ids)
         keep = len(ids) if stop is None else stop + 1
         completions.append(Completion(
             token_ids=ids[:keep], logprobs=logprobs[r, :keep].tolist(),
