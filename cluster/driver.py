@@ -14,7 +14,7 @@ from tqdm import tqdm
 from cluster.config import ExperimentConfig
 from cluster.job import Job
 from cluster.logs import run_logging
-from cluster.metrics import MetricsLogger
+from cluster.metrics import MetricsLogger, plot_histogram
 
 TRAINED_FILE = "trained.jsonl"  # per step: the draws and prompt ids trained on
 
@@ -59,6 +59,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                 bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.2f}", acc=row.get("eval/accuracy", ""))
         evals = [r for r in metrics.rows if "eval/accuracy" in r]
     (job.run_dir / "staleness.json").write_text(json.dumps(dict(sorted(staleness_hist.items()))))
+    plot_histogram(staleness_hist, job.run_dir / "staleness.png", f"staleness of trained groups, {cfg.train.steps} steps "
+                   f"(max_staleness {cfg.rollout.max_staleness})", "policy versions behind the learner")
     return {"grpo_start": evals[0]["eval/accuracy"], "final": evals[-1]["eval/accuracy"], "steps": cfg.train.steps,
             "seconds": time.time() - t_start, "run_dir": str(run_dir), "staleness": dict(sorted(staleness_hist.items()))}
 

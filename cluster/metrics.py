@@ -135,6 +135,27 @@ def plot_curves(rows: list[dict], out_png: str | Path, title: str | None = None)
     return out_png
 
 
+def plot_histogram(counts: dict[int, int], out_png: str | Path, title: str, xlabel: str) -> Path:
+    """A bar chart of integer-keyed counts (e.g. the staleness of every trained group), each bar labelled."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_png = Path(out_png)
+    fig = Figure(figsize=(4.8, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    keys = sorted(counts)
+    bars = ax.bar([str(k) for k in keys], [counts[k] for k in keys], color="tab:blue")
+    ax.bar_label(bars, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("count", fontsize=8)
+    tmp = out_png.with_name(out_png.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, out_png)
+    return out_png
+
+
 class MetricsLogger:
     """Appends one row per step to run_dir/metrics.jsonl and mirrors numeric values to TensorBoard."""
 

@@ -64,6 +64,8 @@ def test_asynchronous_run_respects_the_staleness_bound(ray_local, tmp_path):
     assert max(r["staleness/max"] for r in rows) <= 2
     assert set(result["staleness"]) <= {0, 1, 2} and sum(result["staleness"].values()) == 4 * 4
     assert all(r["dropped/duplicate"] == 0 for r in rows)
+    assert json.loads((tmp_path / "staleness.json").read_text()) == {str(k): v for k, v in result["staleness"].items()}
+    assert (tmp_path / "staleness.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
