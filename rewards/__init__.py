@@ -19,9 +19,11 @@ Registered rewards (value range):
     grounding_giou  [0, 2]  LISA grounding: GIoU + 1 of the first (x1,y1),(x2,y2)
     rec_iou         [0, 1]  VLM-R1 REC: IoU of the first [x1,y1,x2,y2] (threshold=t: IoU > t)
     length          [0, 1]  sigmoid length bonus from info["completion_lengths"]
+    eval_cls_rl     {0, 1}  CLS-RL's eval: equal ignoring case, or contains the label (_ as space)
+    eval_visual_rft {0, 1}  Visual-RFT's eval: answer tag required, containment without spaces/_
 """
 
-from . import classification, detection, format_check, grounding, length  # noqa: F401  (register)
+from . import classification, detection, eval_protocols, format_check, grounding, length  # noqa: F401  (register)
 from .composite import CompositeReward, RewardTerm
 from .registry import (
     BoundReward,

@@ -16,6 +16,8 @@ ALL = [
     "cls_equality",
     "det_confidence",
     "det_iou",
+    "eval_cls_rl",
+    "eval_visual_rft",
     "format",
     "grounding_giou",
     "length",

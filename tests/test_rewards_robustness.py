@@ -20,6 +20,8 @@ SOLUTION = {
     "cls_accuracy": "golden retriever",
     "cls_equality": "golden retriever",
     "cls_contains": "golden retriever",
+    "eval_cls_rl": "golden retriever",
+    "eval_visual_rft": "golden retriever",
     "det_iou": [[0, 0, 100, 100], [200, 200, 300, 300]],
     "det_confidence": [[0, 0, 100, 100], [200, 200, 300, 300]],
     "grounding_giou": [[0, 0, 100, 100], [200, 200, 300, 300]],
