@@ -12,6 +12,7 @@ import time
 import torch
 
 from actors.engine import RolloutGroup, RolloutRequest
+from actors.eval_worker import greedy_answers
 from actors.hf_engine import HFEngine
 from cluster.redis_server import RedisConfig
 from cluster.rollout_buffer import RolloutBuffer
@@ -123,16 +124,7 @@ class RolloutWorker:
 
     def evaluate(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[dict]:
         """Greedy answers, scored by each data set's correctness reward (1 = correct)."""
-        cfg = SamplingConfig(n=1, max_new_tokens=max_new_tokens, greedy=True)
-        out = []
-        for start in range(0, len(requests), self.prompts_per_call):
-            chunk = requests[start:start + self.prompts_per_call]
-            groups = self.engine.generate(chunk, cfg, interruptible=False)  # one version per answer
-            for r, g in zip(chunk, groups):
-                dataset, text = r.meta["dataset"], g.completions[0].text
-                out.append({"dataset": dataset, "prompt_id": r.prompt_id, "text": text, "solution": r.solution,
-                            "correct": float(self.correct[dataset]([text], [r.solution])[0])})
-        return out
+        return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call)
 
     def checksums(self) -> dict[str, float]:
         """Per-parameter float64 sums, comparable with the learner's."""

@@ -31,6 +31,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cluster.config import ExperimentConfig
+    from cluster.evaluation import resolve_model, run_eval
+    from cluster.schema import load_config
+
+    overrides = list(args.overrides) + ([f"model.path={resolve_model(args.model)}"] if args.model else [])
+    cfg = load_config(ExperimentConfig, args.config, overrides)
+    out = Path(args.out or Path("runs") / time.strftime(f"eval-{Path(args.config).stem}-%Y%m%d-%H%M%S"))
+    result = run_eval(cfg, out, args.protocol, args.base_to_new, args.max_new_tokens)
+    print("\n" + (out / "eval.md").read_text())
+    print(f"results: {out / 'eval.json'} (every answer kept), {result['seconds']:.0f} s")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from tasks.bundled import ensure_bundled
 
@@ -51,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--resume", nargs="?", const=True, default=None, metavar="TAG",
                          help="continue the run in --run-dir from its newest checkpoint (or TAG, e.g. step-000050)")
         cmd.set_defaults(func=_cmd_train)
+    ev = sub.add_parser("eval", help="greedy accuracy on the test split of the config's data sets, over Ray engines")
+    ev.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config naming the model and data sets")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=DIR rollout.eval_max_new_tokens=1024")
+    ev.add_argument("--model", default=None, help="a model folder, a checkpoint (step-N) or a run dir (its newest one)")
+    ev.add_argument("--protocol", choices=["cls_rl", "visual_rft"], default=None,
+                    help="score every data set with this paper's protocol (default: each task's correct_reward)")
+    ev.add_argument("--base-to-new", action="store_true", help="evaluate base and new classes apart; report H")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: rollout.eval_max_new_tokens")
+    ev.add_argument("--out", default=None, help="folder for eval.json and eval.md (default runs/eval-CONFIG-TIME)")
+    ev.set_defaults(func=_cmd_eval)
     data = sub.add_parser("data", help="write a bundled data set (shapes, digits) and print its folder")
     data.add_argument("name")
     data.add_argument("--root", default=None)
@@ -60,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "demo") and args.config and "=" in args.config:  # only overrides were given
+    if args.command in ("train", "demo", "eval") and args.config and "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
     from cluster.schema import ConfigError

@@ -30,6 +30,11 @@ class DataConfig:
     max_pixels: int = 112 * 112
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping
     eval_limit: int | None = None  # evaluate on at most this many test images (null = all)
+    classes: str = "all"  # all | base | new: base-to-new runs keep one half of the classes (CoOp: first half = base)
+
+    def __post_init__(self) -> None:
+        if self.classes not in ("all", "base", "new"):
+            raise ValueError(f"data.classes must be all|base|new, got {self.classes!r}")
 
 
 @dataclass

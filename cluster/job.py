@@ -21,6 +21,7 @@ from actors.reward_actor import RewardActor
 from actors.rollout_worker import RolloutWorker
 from cluster.checkpoint import DriverState, prune_checkpoints, read_checkpoint, tag_for, write_driver_state
 from cluster.config import ExperimentConfig
+from cluster.data import load_run_data
 from cluster.logs import announce
 from cluster.placement import init_ray, release, reserve
 from cluster.redis_server import connect
@@ -29,13 +30,7 @@ from cluster.scheduler import RolloutScheduler
 from cluster.schema import to_dict
 from cluster.staleness import StalenessManager
 from learner.warm_start import format_warm_start
-from tasks.bundled import ensure_bundled
-from tasks.examples import build_examples, tokenizer_corpus
-from tasks.manifest import read_dataset
 from tasks.mixture import MixtureOrder
-from tasks.sampling import k_shot
-from vlm.processor import load_processor
-from vlm.tiny import ensure_tiny_vlm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,53 +115,17 @@ class Job:
             announce("resuming with config changes:\n  " + "\n  ".join(changed))
 
     def _load_data(self) -> None:
-        """Every data set's train and test prompts; ids are "<data set>/<sample id>", unique run-wide."""
         cfg = self.cfg
-        entries = cfg.dataset_entries()
-        read = [read_dataset(e.data.root, name=e.data.name) if e.data.root else
-                read_dataset(ensure_bundled(e.data.bundled or "shapes"), name=e.data.name or e.data.bundled or "shapes")
-                for e in entries]
-        names = [ds.name for ds in read]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart")
-        model_path = cfg.model.path or str(ensure_tiny_vlm(cfg.model.tiny, tokenizer_corpus(read)))
-        processor = load_processor(model_path, cfg.model.trust_remote_code)
-        self.tasks = {ds.name: e.task for ds, e in zip(read, entries)}
-        self.weights = {ds.name: e.weight for ds, e in zip(read, entries)}
-        self.train_examples, self.test_examples = [], []
-        for dataset, entry in zip(read, entries):
-            train, test = self._dataset_examples(processor, dataset, entry.data, entry.task)
-            self.train_examples += train
-            self.test_examples += test
+        data = load_run_data(cfg)
+        self.tasks, self.weights = data.tasks, data.weights
+        self.train_examples, self.test_examples = data.train_examples, data.test_examples
         self.examples = {e.id: e for e in self.train_examples + self.test_examples}
-        self.model_path = model_path
+        self.model_path = data.model_path
         if cfg.train.warm_start_steps:
             self.model_path = str(format_warm_start(
-                model_path, self.run_dir / "warm_start", self.train_examples,
+                data.model_path, self.run_dir / "warm_start", self.train_examples,
                 {name: t.prompt for name, t in self.tasks.items()}, cfg.train.warm_start_steps, cfg.train.warm_start_lr,
                 cfg.train.prompts_per_step, cfg.train.seed, cfg.model.trust_remote_code))
-
-    @staticmethod
-    def _dataset_examples(processor, dataset, d, t) -> tuple[list, list]:
-        train = dataset.split("train")
-        if d.k_shot:
-            train = k_shot(train, d.k_shot, d.seed, dataset.classnames)
-        build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
-                     skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
-        train_examples, skipped = build_examples(processor, dataset, train, **build)
-        test_examples, skipped_test = build_examples(processor, dataset, dataset.split("test")[: d.eval_limit or None],
-                                                     **build)
-        if skipped or skipped_test:
-            announce(f"{dataset.name}: skipped {len(skipped) + len(skipped_test)} unreadable images; first: "
-                  f"{(skipped + skipped_test)[0]}")
-        if not train_examples or not test_examples:
-            raise ValueError(f"data set {dataset.name!r} has {len(train_examples)} train and {len(test_examples)} test "
-                             f"prompts; both splits need images")
-        for e in train_examples + test_examples:
-            e.id = f"{dataset.name}/{e.id}"
-        announce(f"data: {dataset.name}, {len(dataset.classnames)} classes, {len(train_examples)} train / "
-              f"{len(test_examples)} test prompts")
-        return train_examples, test_examples
 
     def _start_actors(self) -> None:
         cfg, p = self.cfg, self.placement

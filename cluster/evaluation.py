@@ -1,0 +1,128 @@
+"""`clsrl eval`: greedy answers on the test split of one or many data sets, spread over engine actors.
+
+Each data set is scored by its task's `correct_reward` or one protocol for all (`eval_cls_rl`, `eval_visual_rft`,
+see rewards/eval_protocols.py). Writes eval.json (per data set: accuracy, counts, every raw answer) and eval.md (the
+table); with base_to_new, each data set is evaluated on its base and its new classes and reported with their
+harmonic mean H, as CoOp-style papers do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from actors.engine import RolloutRequest
+from actors.eval_worker import EvalWorker
+from cluster.checkpoint import complete_tags
+from cluster.config import ExperimentConfig
+from cluster.data import load_run_data
+from cluster.placement import init_ray
+
+PROTOCOLS = {"cls_rl": "eval_cls_rl", "visual_rft": "eval_visual_rft"}
+
+
+def resolve_model(path: str | Path) -> Path:
+    """A Hugging Face model folder from a model folder, a checkpoint (step-N/hf) or a run dir (its newest one)."""
+    p = Path(path)
+    for candidate in (p, p / "hf"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    tags = complete_tags(p / "checkpoints")
+    if tags:
+        return p / "checkpoints" / tags[-1] / "hf"
+    raise FileNotFoundError(f"{p} is not a model folder (config.json), a checkpoint (hf/config.json) or a run directory "
+                            f"with a finished checkpoint")
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+def _answer_all(workers: list, requests: list[RolloutRequest], chunk: int, max_new_tokens: int, desc: str) -> list[dict]:
+    """Each idle worker takes the next chunk: fast engines do more, a progress bar counts answers."""
+    queue = deque(requests[i:i + chunk] for i in range(0, len(requests), chunk))
+    idle, pending, rows = list(workers), {}, []
+    with tqdm(total=len(requests), desc=desc, unit="img") as bar:
+        while queue or pending:
+            while idle and queue:
+                worker = idle.pop()
+                pending[worker.answer.remote(queue.popleft(), max_new_tokens)] = worker
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                idle.append(pending.pop(ref))
+                part = ray.get(ref)
+                rows += part
+                bar.update(len(part))
+    order = {r.prompt_id: i for i, r in enumerate(requests)}
+    return sorted(rows, key=lambda r: order[r["prompt_id"]])
+
+
+def _with_classes(cfg: ExperimentConfig, classes: str) -> list:
+    return [dataclasses.replace(e, data=dataclasses.replace(e.data, classes=classes)) for e in cfg.dataset_entries()]
+
+
+def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = None, base_to_new: bool = False,
+             max_new_tokens: int | None = None) -> dict:
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} (or none: each task's correct_reward), got {protocol!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    max_new_tokens = max_new_tokens or cfg.rollout.eval_max_new_tokens
+    halves = ["base", "new"] if base_to_new else [None]
+    loaded = {h: load_run_data(cfg, _with_classes(cfg, h) if h else None) for h in halves}
+    first = loaded[halves[0]]
+    scorers = {name: PROTOCOLS[protocol] if protocol else t.correct_reward for name, t in first.tasks.items()}
+    from cluster.job import local_runtime_env
+
+    init_ray(cfg.cluster, local_runtime_env())
+    Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine, num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
+    workers = [Worker.remote(first.model_path, cfg.rollout.dtype, cfg.rollout.prompts_per_call, scorers,
+                             cfg.model.trust_remote_code) for _ in range(cfg.cluster.rollout_workers)]
+    t0 = time.perf_counter()
+    result: dict = {"model": first.model_path, "max_new_tokens": max_new_tokens, "datasets": {}}
+    try:
+        for half in halves:
+            requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset})
+                        for e in loaded[half].test_examples]
+            rows = _answer_all(workers, requests, cfg.rollout.prompts_per_call, max_new_tokens,
+                               f"eval {half} classes" if half else "eval")
+            for name in loaded[half].tasks:
+                answers = [r for r in rows if r["dataset"] == name]
+                key = f"{name}/{half}" if half else name
+                result["datasets"][key] = {
+                    "protocol": scorers[name], "images": len(answers), "correct": int(sum(r["correct"] for r in answers)),
+                    "accuracy": statistics.fmean(r["correct"] for r in answers),
+                    "truncated": sum(r["truncated"] for r in answers), "answers": answers}
+    finally:
+        for w in workers:
+            ray.kill(w)
+    accs = {k: v["accuracy"] for k, v in result["datasets"].items()}
+    result["mean_accuracy"] = statistics.fmean(accs.values())
+    if base_to_new:
+        result["base_to_new"] = {name: {"base": accs[f"{name}/base"], "new": accs[f"{name}/new"],
+                                        "H": harmonic_mean(accs[f"{name}/base"], accs[f"{name}/new"])} for name in first.tasks}
+    result["seconds"] = time.perf_counter() - t0
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "eval.md").write_text(markdown_table(result))
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    lines = [f"Model: `{result['model']}`, greedy, at most {result['max_new_tokens']} new tokens.", "",
+             "| data set | protocol | images | accuracy (%) | cut at the token limit |", "|---|---|---:|---:|---:|"]
+    for name, r in result["datasets"].items():
+        lines.append(f"| {name} | {r['protocol']} | {r['images']} | {100 * r['accuracy']:.2f} | {r['truncated']} |")
+    lines.append(f"| **mean** | | | **{100 * result['mean_accuracy']:.2f}** | |")
+    if "base_to_new" in result:
+        b2n = result["base_to_new"]
+        lines += ["", "| data set | base (%) | new (%) | H (%) |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {100 * v['base']:.2f} | {100 * v['new']:.2f} | {100 * v['H']:.2f} |" for n, v in b2n.items()]
+        base, new = statistics.fmean(v["base"] for v in b2n.values()), statistics.fmean(v["new"] for v in b2n.values())
+        lines.append(f"| **average** | **{100 * base:.2f}** | **{100 * new:.2f}** | **{100 * harmonic_mean(base, new):.2f}** |")
+    return "\n".join(lines) + "\n"

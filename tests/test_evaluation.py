@@ -1,0 +1,60 @@
+"""`clsrl eval`: greedy answers over Ray engines, per-data-set protocols, base-to-new with H, eval.json + eval.md."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.cli import DEFAULT_CONFIG, REPO_ROOT, main
+from cluster.config import ExperimentConfig
+from cluster.evaluation import harmonic_mean, markdown_table, resolve_model, run_eval
+from cluster.schema import load_config
+from rewards import get_reward
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(0.8, 0.6) == pytest.approx(2 * 0.8 * 0.6 / 1.4)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_resolve_model_accepts_model_checkpoint_and_run_dirs(tmp_path):
+    hf = tmp_path / "run" / "checkpoints" / "step-000004" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    (hf.parent / "driver.json").write_text("{}")  # a finished checkpoint
+    assert resolve_model(hf) == hf and resolve_model(hf.parent) == hf and resolve_model(tmp_path / "run") == hf
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        resolve_model(tmp_path)
+
+
+def test_markdown_table_reports_base_new_and_h():
+    result = {"model": "m", "max_new_tokens": 8, "mean_accuracy": 0.5,
+              "datasets": {"a/base": {"protocol": "p", "images": 4, "accuracy": 1.0, "truncated": 0},
+                           "a/new": {"protocol": "p", "images": 4, "accuracy": 0.0, "truncated": 1}},
+              "base_to_new": {"a": {"base": 1.0, "new": 0.0, "H": 0.0}}}
+    table = markdown_table(result)
+    assert "| a/base | p | 4 | 100.00 | 0 |" in table and "| a | 100.00 | 0.00 | 0.00 |" in table
+
+
+@pytest.mark.slow
+def test_eval_two_datasets_base_to_new_over_ray(ray_local, tmp_path):
+    cfg = load_config(ExperimentConfig, REPO_ROOT / "configs" / "cpu_multi.yaml", ["rollout.prompts_per_call=8"])
+    result = run_eval(cfg, tmp_path, protocol="visual_rft", base_to_new=True, max_new_tokens=6)
+    assert set(result["datasets"]) == {"shapes/base", "shapes/new", "digits/base", "digits/new"}
+    digits_new = result["datasets"]["digits/new"]
+    assert digits_new["images"] == 40 and {a["solution"] for a in digits_new["answers"]} <= {
+        "five", "six", "seven", "eight", "nine"}  # CoOp's rule: the second half of the classes is new
+    score = get_reward("eval_visual_rft")
+    for r in result["datasets"].values():  # every stored answer carries the protocol's own verdict
+        assert [a["correct"] for a in r["answers"]] == score([a["text"] for a in r["answers"]],
+                                                              [a["solution"] for a in r["answers"]])
+        assert r["accuracy"] == pytest.approx(r["correct"] / r["images"])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["base_to_new"]["shapes"]["H"] == pytest.approx(harmonic_mean(
+        saved["datasets"]["shapes/base"]["accuracy"], saved["datasets"]["shapes/new"]["accuracy"]))
+    assert "| **average** |" in (tmp_path / "eval.md").read_text()
+
+
+def test_cli_eval_names_a_bad_model_path(tmp_path, capsys):
+    assert main(["eval", str(DEFAULT_CONFIG), "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "is not a model folder" in capsys.readouterr().err
