@@ -18,7 +18,7 @@ CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"}, {"id": 17,
               {"id": 18, "name": "dog", "supercategory": "animal"}]
 # (image, category id, [x, y, w, h], iscrowd)
 ANNOTATIONS = [(1, 18, [64, 48, 320, 240], 0), (1, 17, [0, 0, 64, 48], 0),
-               (2, 18, [10.4, 0, 5, 3], 0), (2, 18, [190, 90, 20, 20], 0),  # the second runs past the border
+               (2, 18, [10.38, 0, 5.2, 3.37], 0), (2, 18, [190, 90, 20, 20], 0),  # the second runs past the border
                (3, 17, [100, 50, 0.05, 0.05], 0),  # rounds to zero size: kept as one unit
                (4, 1, [1, 1, 10, 10], 0),
                (5, 18, [0, 0, 300, 200], 1), (5, 17, [320, 240, 320, 240], 0),  # crowd dog: ambiguous
@@ -46,8 +46,9 @@ def test_boxes_convert_into_the_0_1000_frame(tmp_path):
     ds = read_coco_dir(_coco(tmp_path).parent.parent, categories=["dog", "cat"])
     by_id = {im.id: im for im in ds.images}
     assert by_id["1"].boxes == {"dog": ((100, 100, 600, 600),), "cat": ((0, 0, 100, 100),)}
-    # 200x100 image: x 10.4 -> 52, x+w 15.4 -> 77, y+h 3 -> 30; the second box is clipped at 1000
-    assert by_id["2"].boxes["dog"] == ((52, 0, 77, 30), (950, 900, 1000, 1000))
+    # 200x100 image: x 10.38 -> 51.9 -> 52, x+w 15.58 -> 77.9 -> 78, y+h 3.37 -> 33.7 -> 34 (nearest, not floor);
+    # the second box is clipped at 1000
+    assert by_id["2"].boxes["dog"] == ((52, 0, 78, 34), (950, 900, 1000, 1000))
     assert by_id["3"].boxes["cat"] == ((500, 500, 501, 501),)
     assert coco_box_to_frame([0, 0, 640, 480], 640, 480) == (0, 0, 1000, 1000)
     assert by_id["5"].ambiguous == frozenset({"dog"}) and "dog" not in by_id["5"].boxes
@@ -72,7 +73,7 @@ def test_solutions_are_what_the_detection_rewards_read(tmp_path):
     det_iou, det_conf = get_reward("det_iou"), get_reward("det_confidence")
     by_id = {s.id: s for s in ds.samples()}
     pos, neg = by_id["train/2/dog"], by_id["train/4/dog"]
-    assert pos.solution() == [[52, 0, 77, 30], [950, 900, 1000, 1000]] and neg.solution() == []
+    assert pos.solution() == [[52, 0, 78, 34], [950, 900, 1000, 1000]] and neg.solution() == []
     exact = "<answer>[" + ", ".join(f"{{'Position': {b}, 'Confidence': 1.0}}" for b in pos.solution()) + "]</answer>"
     none = "<think>no dog</think><answer>No Objects</answer>"
     assert det_iou([exact, none], [pos.solution(), pos.solution()]) == [1.0, 0.0]
