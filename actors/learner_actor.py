@@ -116,6 +116,11 @@ class LearnerActor:
                 "staleness": [version - g.version_span[0] for g in groups], "dropped/stale": len(dropped["stale_draws"]),
                 "dropped/duplicate": dropped["duplicate"], "stale_draws": dropped["stale_draws"], **self.buffer.metrics()}
 
+    def sft_train(self, rows: list[tuple]) -> dict:
+        """One supervised step on (PromptInputs, target text) pairs (train.mode: sft)."""
+        t0 = time.perf_counter()
+        return {**self.worker.sft_step(rows), "time/train_step": time.perf_counter() - t0}
+
     # ---- weight broadcast (rank 0 hosts the group; every rank walks the parameters for ZeRO-3 gathers) ----
 
     def open_weight_group(self, num_engines: int, cfg: WeightSyncConfig) -> tuple[str, int]:

@@ -45,6 +45,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from cluster.config import ExperimentConfig
+    from cluster.schema import ConfigError, load_config
+    from cluster.transfer import run_transfer
+
+    cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    bad = [c for c in args.checkpoint if "=" not in c]
+    if bad:
+        raise ConfigError(f"--checkpoint takes NAME=PATH, got {bad[0]!r}")
+    out = Path(args.out or Path("runs") / time.strftime(f"transfer-{Path(args.config).stem}-%Y%m%d-%H%M%S"))
+    run_transfer(cfg, out, dict(c.split("=", 1) for c in args.checkpoint), args.protocol)
+    print("\n" + (out / "transfer.md").read_text())
+    print(f"heatmap: {out / 'transfer.png'}, numbers: {out / 'transfer.csv'}")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from tasks.bundled import ensure_bundled
 
@@ -75,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: rollout.eval_max_new_tokens")
     ev.add_argument("--out", default=None, help="folder for eval.json and eval.md (default runs/eval-CONFIG-TIME)")
     ev.set_defaults(func=_cmd_eval)
+    tr = sub.add_parser("transfer", help="train on each data set, test on all: the free-lunch heatmap")
+    tr.add_argument("config", help="YAML config with a `datasets` list (at least 2)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, applied to every run")
+    tr.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                    help="use a finished run/checkpoint for data set NAME instead of training it (repeatable)")
+    tr.add_argument("--protocol", choices=["cls_rl", "visual_rft"], default=None, help="as for `clsrl eval`")
+    tr.add_argument("--out", default=None, help="output folder (default runs/transfer-CONFIG-TIME)")
+    tr.set_defaults(func=_cmd_transfer)
     data = sub.add_parser("data", help="write a bundled data set (shapes, digits) and print its folder")
     data.add_argument("name")
     data.add_argument("--root", default=None)

@@ -29,7 +29,7 @@ class DataConfig:
     min_pixels: int = 56 * 56
     max_pixels: int = 112 * 112
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping
-    eval_limit: int | None = None  # evaluate on at most this many test images (null = all)
+    eval_limit: int | None = None  # evaluate on a seeded sample of this many test images (null = all)
     classes: str = "all"  # all | base | new: base-to-new runs keep one half of the classes (CoOp: first half = base)
 
     def __post_init__(self) -> None:
@@ -110,8 +110,9 @@ class ClusterConfig:
 
 @dataclass
 class TrainConfig:
+    mode: str = "grpo"  # grpo | sft: supervised fine-tuning on the answers, the papers' baseline (cluster/sft.py)
     steps: int = 30
-    prompts_per_step: int = 8  # images per step; each is sampled sampling.n times
+    prompts_per_step: int = 8  # images per step; each is sampled sampling.n times (GRPO) or trained once (SFT)
     warm_start_steps: int = 0  # supervised steps teaching the answer format (targets: random candidates)
     warm_start_lr: float = 1e-3
     eval_every: int = 10  # greedy held-out accuracy at step 0, every N steps and at the end (0 = start/end only)
@@ -122,6 +123,8 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
+        if self.mode not in ("grpo", "sft"):
+            raise ValueError(f"train.mode must be grpo|sft, got {self.mode!r}")
         if self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError(f"train.steps and train.prompts_per_step must be >= 1, got {self.steps}, {self.prompts_per_step}")
         if min(self.eval_every, self.save_every, self.warm_start_steps, self.keep_last, self.keep_best) < 0:
@@ -156,14 +159,16 @@ class ExperimentConfig:
         if self.train.prompts_per_step % ranks:
             raise ValueError(f"train.prompts_per_step={self.train.prompts_per_step} must be a multiple of "
                              f"cluster.learner_ranks={ranks} (each rank trains on whole groups)")
-        per_rank = self.train.prompts_per_step // ranks * self.sampling.n
+        per_rank = self.sequences_per_rank
         if per_rank % mb:
-            raise ValueError(f"each learner rank gets prompts_per_step/learner_ranks*sampling.n = {per_rank} sequences "
-                             f"per step, not a multiple of learner.micro_batch_size={mb}")
+            how = "prompts_per_step/learner_ranks" + ("*sampling.n" if self.train.mode == "grpo" else " (SFT: one per prompt)")
+            raise ValueError(f"each learner rank gets {how} = {per_rank} sequences per step, not a multiple of "
+                             f"learner.micro_batch_size={mb}")
 
     def dataset_entries(self) -> list[DatasetEntry]:
         return self.datasets or [DatasetEntry(1.0, self.data, self.task)]
 
     @property
     def sequences_per_rank(self) -> int:
-        return self.train.prompts_per_step // self.cluster.learner_ranks * self.sampling.n
+        per_prompt = self.sampling.n if self.train.mode == "grpo" else 1
+        return self.train.prompts_per_step // self.cluster.learner_ranks * per_prompt

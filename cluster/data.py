@@ -5,6 +5,7 @@ Shared by training (cluster/job.py) and evaluation (cluster/evaluation.py). Prom
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from cluster.config import DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
@@ -64,7 +65,11 @@ def _examples(processor, dataset: ClassificationDataset, d: DataConfig, t: TaskC
     build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
                  skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
     train_examples, skipped = build_examples(processor, dataset, train, **build)
-    test_examples, skipped_test = build_examples(processor, dataset, dataset.split("test")[: d.eval_limit or None], **build)
+    test = dataset.split("test")
+    if d.eval_limit and d.eval_limit < len(test):  # a seeded sample in file order: files are often sorted by class
+        keep = set(random.Random(f"{d.seed}:eval").sample(range(len(test)), d.eval_limit))
+        test = [s for i, s in enumerate(test) if i in keep]
+    test_examples, skipped_test = build_examples(processor, dataset, test, **build)
     if skipped or skipped_test:
         announce(f"{dataset.name}: skipped {len(skipped) + len(skipped_test)} unreadable images; first: "
                  f"{(skipped + skipped_test)[0]}")

@@ -20,6 +20,10 @@ TRAINED_FILE = "trained.jsonl"  # per step: the draws and prompt ids trained on
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> dict:
+    if cfg.train.mode == "sft":  # the supervised baseline: same job, no rollout
+        from cluster.sft import train_sft
+
+        return train_sft(cfg, run_dir, resume)
     t_start, staleness_hist = time.time(), Counter()
     with run_logging(run_dir) as log, Job(cfg, run_dir, resume) as job:  # log: runs/NAME/driver.log, rotated
         first = job.state.step

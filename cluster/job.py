@@ -30,6 +30,7 @@ from cluster.scheduler import RolloutScheduler
 from cluster.schema import to_dict
 from cluster.staleness import StalenessManager
 from learner.warm_start import format_warm_start
+from tasks.examples import format_target
 from tasks.mixture import MixtureOrder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -188,6 +189,11 @@ class Job:
         except ray.exceptions.RayActorError as err:
             raise RuntimeError(f"a learner rank died during the optimizer step ({type(err).__name__}: {err}). The run "
                                f"stops; its last finished checkpoint is in {self.ckpt_root}: continue with --resume") from None
+
+    def sft_step(self, prompt_ids: list[str]) -> list[dict]:
+        """train.mode sft: one supervised step on these prompts' answers, in the task's answer format."""
+        rows = [(e.inputs, format_target(self.tasks[e.dataset].prompt, e.solution)) for e in map(self.examples.get, prompt_ids)]
+        return self.finish_train([a.sft_train.remote(part) for a, part in zip(self.learners, _split(rows, len(self.learners)))])
 
     def newly_released(self) -> int:
         """Groups the learners dropped as stale since the last call (their slots go to replacements)."""

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from learner.objective import GRPOConfig, grpo_objective, pad_rows
+from learner.objective import GRPOConfig, grpo_objective, pad_rows, sft_objective
 from vlm.inputs import build_sequence_batch, vision_token_ids
 from vlm.logprobs import completion_logprobs
+from vlm.processor import load_processor, save_processor
 
 
 @dataclass
@@ -85,6 +86,7 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                    timeout=timedelta(seconds=cfg.collective_timeout_s))
         self.rank, self.cfg, self.algo = rank, cfg, algo
+        self.model_path, self.trust_remote_code, self.tokenizer = model_path, trust_remote_code, None  # SFT targets
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
         if samples_per_rank % cfg.micro_batch_size:
             raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple of "
@@ -147,6 +149,32 @@ class LearnerWorker:
         out["lr"] = float(self.engine.get_lr()[0])
         return out
 
+    def sft_step(self, rows: list[tuple]) -> dict:
+        """One optimizer step of supervised fine-tuning: `rows` are (PromptInputs, target text) pairs, the target
+        tokenized here and closed with the end-of-turn token, loss the token-mean cross-entropy."""
+        if self.tokenizer is None:
+            self.tokenizer = load_processor(self.model_path, self.trust_remote_code).tokenizer
+        eos = self.engine.module.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        device, losses = self.engine.device, []
+        self.engine.train()
+        for i in range(0, len(rows), self.cfg.micro_batch_size):
+            chunk = rows[i:i + self.cfg.micro_batch_size]
+            targets = [self.tokenizer.encode(text, add_special_tokens=False) + [eos] for _, text in chunk]
+            batch = build_sequence_batch([inputs for inputs, _ in chunk], targets, self.pad_id, self.image_id)
+            for k, v in vars(batch).items():
+                setattr(batch, k, v.to(device))
+            if self.bf16:
+                batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
+            loss = sft_objective(self.engine, batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss))
+        if len(losses) != self.grad_accum:
+            raise RuntimeError(f"learner rank {self.rank} ran {len(losses)} SFT micro-batches, expected {self.grad_accum}")
+        return {"sft_loss": sum(losses) / len(losses), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "lr": float(self.engine.get_lr()[0])}
+
     def sync_parameters(self, trainable_only: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters by name, each gathered whole under ZeRO-3 (all ranks must iterate together)."""
         import deepspeed
@@ -171,6 +199,7 @@ class LearnerWorker:
                     self.engine.module.save_pretrained(export)
                 else:
                     self.engine.module.save_pretrained(export, state_dict=state)
+                save_processor(load_processor(self.model_path, self.trust_remote_code), export)  # loadable on its own
 
     def load_checkpoint(self, ckpt_dir: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)

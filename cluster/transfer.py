@@ -1,0 +1,101 @@
+"""`clsrl transfer`: the CLS-RL "free lunch" matrix. Train on each data set alone (or take finished checkpoints),
+evaluate every trained model on every data set, and draw accuracy change against the zero-shot model as a
+trained-on x tested-on heatmap (transfer.png), with the numbers in transfer.csv and transfer.md.
+
+Every run starts from the same model: `model.path`, or for the tiny model one build whose vocabulary covers all
+the data sets, after one shared format warm start when `train.warm_start_steps` is set (so "zero-shot" is the
+model every run starts from, and the per-run warm start is off).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+from cluster.config import ExperimentConfig
+from cluster.data import load_run_data
+from cluster.evaluation import resolve_model, run_eval
+from learner.warm_start import format_warm_start
+
+
+def _with(cfg: ExperimentConfig, **sections) -> ExperimentConfig:
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) if isinstance(v, dict) else v
+                                       for k, v in sections.items()})
+
+
+def run_transfer(cfg: ExperimentConfig, out_dir: str | Path, checkpoints: dict[str, str] | None = None,
+                 protocol: str | None = None) -> dict:
+    from cluster.driver import train
+
+    out_dir, checkpoints = Path(out_dir), dict(checkpoints or {})
+    entries = cfg.dataset_entries()
+    data = load_run_data(cfg)
+    names = list(data.tasks)
+    if len(names) < 2:
+        raise ValueError(f"transfer needs a config with a `datasets` list of at least 2 data sets, got {names}")
+    if unknown := set(checkpoints) - set(names):
+        raise ValueError(f"checkpoints given for unknown data sets {sorted(unknown)}; the config has {names}")
+    start = data.model_path
+    if cfg.train.warm_start_steps:
+        start = str(format_warm_start(start, out_dir / "warm_start", data.train_examples,
+                                      {n: t.prompt for n, t in data.tasks.items()}, cfg.train.warm_start_steps,
+                                      cfg.train.warm_start_lr, cfg.train.prompts_per_step, cfg.train.seed,
+                                      cfg.model.trust_remote_code))
+    base = _with(cfg, model={"path": start}, train={"warm_start_steps": 0})
+    zero_shot = run_eval(base, out_dir / "zero_shot", protocol)
+    models, evals = {}, {}
+    for name, entry in zip(names, entries):
+        if name in checkpoints:
+            models[name] = str(resolve_model(checkpoints[name]))
+        else:
+            run_dir = out_dir / "runs" / name
+            train(dataclasses.replace(base, datasets=[entry]), run_dir)
+            models[name] = str(resolve_model(run_dir))
+        evals[name] = run_eval(_with(base, model={"path": models[name]}), out_dir / "eval" / name, protocol)
+    acc0 = {n: zero_shot["datasets"][n]["accuracy"] for n in names}
+    delta = {t: {s: evals[t]["datasets"][s]["accuracy"] - acc0[s] for s in names} for t in names}
+    result = {"datasets": names, "zero_shot": acc0, "models": models,
+              "accuracy": {t: {s: evals[t]["datasets"][s]["accuracy"] for s in names} for t in names}, "delta": delta}
+    (out_dir / "transfer.json").write_text(json.dumps(result, indent=1))
+    with open(out_dir / "transfer.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trained on \\ tested on", *names])
+        w.writerows([[t, *(f"{100 * delta[t][s]:.2f}" for s in names)] for t in names])
+        w.writerow(["zero-shot accuracy", *(f"{100 * acc0[s]:.2f}" for s in names)])
+    plot_heatmap(delta, names, out_dir / "transfer.png")
+    (out_dir / "transfer.md").write_text(markdown(result))
+    return result
+
+
+def plot_heatmap(delta: dict, names: list[str], out_png: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = [[100 * delta[t][s] for s in names] for t in names]
+    span = max(1.0, max(abs(v) for row in grid for v in row))
+    fig = Figure(figsize=(1.2 * len(names) + 2.4, 1.0 * len(names) + 1.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="RdBu", vmin=-span, vmax=span)  # red: worse than zero-shot, blue: better
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("tested on")
+    ax.set_ylabel("trained on")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=9, color="white" if abs(v) > span / 2 else "black")
+    fig.colorbar(image, ax=ax, label="accuracy change vs zero-shot (points)")
+    ax.set_title("free lunch: accuracy change after RL on one data set", fontsize=10)
+    fig.savefig(out_png, format="png", dpi=110)
+    return out_png
+
+
+def markdown(result: dict) -> str:
+    names = result["datasets"]
+    lines = ["![transfer heatmap](transfer.png)", "", "Accuracy change against the zero-shot model, in points "
+             "(rows: trained on, columns: tested on).", "", "| trained on | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    lines += [f"| {t} | " + " | ".join(f"{100 * result['delta'][t][s]:+.2f}" for s in names) + " |" for t in names]
+    lines.append("| *zero-shot accuracy* | " + " | ".join(f"{100 * result['zero_shot'][s]:.2f}" for s in names) + " |")
+    return "\n".join(lines) + "\n"
