@@ -171,7 +171,7 @@ def figures_section(run: Run, names: list[str], out_dir: Path) -> str:
                        "policy versions behind the learner")
         out.append("![Staleness of trained groups](staleness.png)\n")
     else:
-        out.append("_Skipped: no staleness.json (written when a run finishes)._\n")
+        out.append("_Skipped: no staleness.json, or no groups in it (it is written when a run finishes)._\n")
     return "".join(out)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 # Driver wall-clock seconds per step; they add up: time/step = train_wait + sync, eval comes after it.
 WALL_STAGES = ("time/train_wait", "time/sync", "time/eval")
 # Busy seconds inside the actors: rollout stages summed over chunks and workers, learner stages averaged over ranks.
+MAX_BARS = 300  # more steps than this: the stacked timings become areas
 BUSY_STAGES = ("time/generate", "time/reward", "time/publish", "time/take", "time/train_step")
 
 
@@ -58,7 +59,7 @@ def _save(fig, out_png: Path) -> Path:
     return out_png
 
 
-def _style(ax, title: str, ylabel: str = "", legend: bool = True) -> None:
+def _style(ax, title: str, ylabel: str = "", legend: bool = True, points: int = 0) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step", fontsize=8)
     if ylabel:
@@ -66,7 +67,7 @@ def _style(ax, title: str, ylabel: str = "", legend: bool = True) -> None:
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     if legend and len(ax.get_legend_handles_labels()[0]) > 1:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best" if points < 1000 else "upper left")  # "best" scans every point: slow
 
 
 def plot_panels(rows: list[dict], panels: list[Panel], out_png: str | Path, title: str | None = None,
@@ -92,7 +93,7 @@ def plot_panels(rows: list[dict], panels: list[Panel], out_png: str | Path, titl
             if xs:  # a lone point drawn as a line is invisible: give it a marker
                 ax.plot(xs, ys, marker="o" if panel.markers or len(xs) == 1 else None, markersize=4, linewidth=1.3,
                         label=panel.labels.get(key, key))
-        _style(ax, panel.title, panel.ylabel)
+        _style(ax, panel.title, panel.ylabel, points=sum(len(series(rows, k)[0]) for k in panel.keys))
     return _save(fig, Path(out_png))
 
 
@@ -112,18 +113,21 @@ def plot_stage_times(rows: list[dict], out_png: str | Path) -> Path | None:
         ax = fig.add_subplot(nrows, ncols, i)
         steps = sorted({r["step"] for r in rows if finite(r.get("step")) and has_any([r], wall)})
         by_step = {r["step"]: r for r in rows if finite(r.get("step"))}
-        bottom = [0.0] * len(steps)
-        width = 0.8 if len(steps) < 200 else 1.0
-        for key in wall:
-            vals = [by_step[s].get(key) if finite(by_step[s].get(key)) else 0.0 for s in steps]
-            ax.bar(steps, vals, width=width, bottom=bottom, label=key.removeprefix("time/"), linewidth=0)
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        _style(ax, "driver wall seconds per step (stacked)", "seconds")
+        stacks = [[by_step[s].get(key) if finite(by_step[s].get(key)) else 0.0 for s in steps] for key in wall]
+        labels = [key.removeprefix("time/") for key in wall]
+        if len(steps) <= MAX_BARS:
+            bottom = [0.0] * len(steps)
+            for vals, label in zip(stacks, labels):
+                ax.bar(steps, vals, bottom=bottom, label=label, linewidth=0)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+        else:  # thousands of bars draw slowly and blur into areas anyway
+            ax.stackplot(steps, *stacks, labels=labels, linewidth=0)
+        _style(ax, "driver wall seconds per step (stacked)", "seconds", points=len(steps) * len(wall))
     if busy:
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for key in busy:
             xs, ys = series(rows, key)
             ax.plot(xs, ys, marker="o" if len(xs) == 1 else None, markersize=4, linewidth=1.2,
                     label=key.removeprefix("time/"))
-        _style(ax, "busy seconds per step inside the actors", "seconds")
+        _style(ax, "busy seconds per step inside the actors", "seconds", points=len(rows) * len(busy))
     return _save(fig, Path(out_png))

@@ -10,6 +10,7 @@ import yaml
 
 from cluster.cli import main
 from cluster.report import build_report, md_cell
+from cluster.report_figures import MAX_BARS, Panel, plot_panels, plot_stage_times
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHAPES = ["red", "green", "blue", "yellow"]  # two eval answers per class
@@ -216,3 +217,11 @@ def test_cli_report(tmp_path, capsys):
                                         ("two\nlines", "two lines"), ("x" * 10, "xxxx…")])
 def test_md_cell(text, cell):
     assert md_cell(text, cut=4 if len(text) == 10 else None) == cell
+
+
+def test_figures_without_their_keys_are_not_drawn_and_long_runs_stack_as_areas(tmp_path):
+    rows = [_row(step, ["shapes"], kl=False) for step in range(1, MAX_BARS + 50)]  # areas, not 349 bars
+    assert plot_panels(rows, [Panel("KL", ["kl"])], tmp_path / "kl.png") is None and not (tmp_path / "kl.png").exists()
+    png = plot_stage_times(rows, tmp_path / "timings.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert plot_stage_times([{"step": 1, "reward/mean": 0.5}], tmp_path / "none.png") is None
