@@ -89,8 +89,15 @@ def load_run(run_dir: str | Path) -> Run:
         if bad or len(run.rows) < len(rows):
             run.notes.append(f"metrics.jsonl: skipped {bad + len(rows) - len(run.rows)} lines that are not step rows "
                              "(half-written at a crash?)")
+    last = max((r["step"] for r in run.rows), default=None)
+    # every attempt (a --resume included) rewrites config.yaml when it starts
+    started = (path / "config.yaml").stat().st_mtime if (path / "config.yaml").is_file() else None
     for f in sorted(path.glob("eval/step-*.jsonl")):
         if m := _EVAL_FILE.match(f.name):
+            if last is not None and started is not None and int(m.group(1)) > last and f.stat().st_mtime < started:
+                run.notes.append(f"eval/{f.name}: left by an attempt before a --resume (past the last logged step "
+                                 f"{last}, older than config.yaml): not shown")
+                continue
             rows, bad = _jsonl(f)
             answers = [r for r in rows if finite(r.get("correct"))]
             if bad or len(answers) < len(rows):

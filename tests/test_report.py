@@ -3,6 +3,7 @@ config.yaml, staleness.json, driver.log), then the markdown's tables and values 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -184,6 +185,20 @@ def test_crashed_half_run(tmp_path):
     assert "metrics.jsonl: skipped 1 lines" in md
     assert "Per-class accuracy at the final eval (step 4)" in md
     assert len(linked_images(md_path)) == 7  # every curve but the staleness histogram
+
+
+def test_eval_files_of_an_attempt_before_resume_are_not_shown(tmp_path):
+    """Resumed from step 2 and crashed again at step 3: the step-4 and step-6 evals are the earlier attempt's."""
+    run = write_run(tmp_path / "run", datasets=["shapes"], steps=6, staleness=False)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    old = (run / "config.yaml").stat().st_mtime - 60  # written before the resumed attempt rewrote config.yaml
+    for step in (4, 6):
+        os.utime(run / "eval" / f"step-{step:06d}.jsonl", (old, old))
+    (run / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # steps 0-3: what the resumed attempt kept + wrote
+    md = build_report(run).read_text()
+    assert [r[0] for r in table_rows(md, "step")] == ["0", "2"]
+    assert "Per-class accuracy at the final eval (step 2)" in md
+    assert "eval/step-000004.jsonl: left by an attempt before a --resume" in md.replace("\\", "")
 
 
 def test_run_dir_with_no_results_yet(tmp_path):
