@@ -68,6 +68,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cluster.report import build_report  # lazily: matplotlib and yaml only for this command
+
+    print(build_report(args.run_dir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clsrl", description="GRPO fine-tuning of vision-language models "
                                      "with rule-based rewards, on Ray.")
@@ -103,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("name")
     data.add_argument("--root", default=None)
     data.set_defaults(func=_cmd_data)
+    report = sub.add_parser("report", help="write RUN_DIR/report/report.md: curves (PNG) and eval tables of a run")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--out", default=None, metavar="DIR", help="where report.md and its PNGs go (default RUN_DIR/report)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

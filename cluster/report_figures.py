@@ -1,0 +1,133 @@
+"""The report's PNGs, one per topic, drawn from metrics.jsonl rows. Each function returns the PNG it wrote, or None
+when the rows hold none of its keys (the report then says so instead of linking an empty picture)."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Driver wall-clock seconds per step; they add up: time/step = train_wait + sync, eval comes after it.
+WALL_STAGES = ("time/train_wait", "time/sync", "time/eval")
+# Busy seconds inside the actors: rollout stages summed over chunks and workers, learner stages averaged over ranks.
+MAX_BARS = 300  # more steps than this: the stacked timings become areas
+BUSY_STAGES = ("time/generate", "time/reward", "time/publish", "time/take", "time/train_step")
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key`, sorted by step, over the rows where it is a finite number."""
+    pts = sorted((r["step"], r[key]) for r in rows if finite(r.get("step")) and finite(r.get(key)))
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def has_any(rows: list[dict], keys: list[str] | tuple[str, ...]) -> bool:
+    return any(finite(r.get(k)) for r in rows for k in keys)
+
+
+@dataclass
+class Panel:
+    title: str
+    keys: list[str]
+    markers: bool = False  # sparse series (evals): a bare line would hide single points
+    band: tuple[str, str] | None = None  # (mean key, std key): shade mean +- std
+    ylabel: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # key -> legend text (default: the key)
+
+
+def _new_figure(n_panels: int, ncols: int = 2, width: float = 5.2, height: float = 3.3):
+    # Figure + FigureCanvasAgg, not pyplot: no global backend or figure registry, safe in any process or thread
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = max(1, min(ncols, n_panels))
+    nrows = max(1, math.ceil(n_panels / ncols))
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, nrows, ncols
+
+
+def _save(fig, out_png: Path) -> Path:
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(out_png.name + ".tmp")  # a reader never sees a half-written PNG
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def _style(ax, title: str, ylabel: str = "", legend: bool = True, points: int = 0) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step", fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if legend and len(ax.get_legend_handles_labels()[0]) > 1:
+        ax.legend(fontsize=7, loc="best" if points < 1000 else "upper left")  # "best" scans every point: slow
+
+
+def plot_panels(rows: list[dict], panels: list[Panel], out_png: str | Path, title: str | None = None,
+                ncols: int = 2) -> Path | None:
+    """Line plots, one panel per Panel that has data; None (nothing written) when no panel has any."""
+    panels = [p for p in panels if has_any(rows, p.keys)]
+    if not panels:
+        return None
+    fig, nrows, ncols = _new_figure(len(panels), ncols)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    for i, panel in enumerate(panels, 1):
+        ax = fig.add_subplot(nrows, ncols, i)
+        if panel.band:
+            (xs, mean), (xs_std, std) = series(rows, panel.band[0]), series(rows, panel.band[1])
+            lookup = dict(zip(xs_std, std))
+            pts = [(x, m, lookup[x]) for x, m in zip(xs, mean) if x in lookup]
+            if pts:
+                ax.fill_between([p[0] for p in pts], [p[1] - p[2] for p in pts], [p[1] + p[2] for p in pts],
+                                alpha=0.15, linewidth=0, label=f"{panel.band[0]} ± std")
+        for key in panel.keys:
+            xs, ys = series(rows, key)
+            if xs:  # a lone point drawn as a line is invisible: give it a marker
+                ax.plot(xs, ys, marker="o" if panel.markers or len(xs) == 1 else None, markersize=4, linewidth=1.3,
+                        label=panel.labels.get(key, key))
+        _style(ax, panel.title, panel.ylabel, points=sum(len(series(rows, k)[0]) for k in panel.keys))
+    return _save(fig, Path(out_png))
+
+
+def plot_stage_times(rows: list[dict], out_png: str | Path) -> Path | None:
+    """Left: the driver's wall seconds per step stacked by stage. Right: busy seconds inside the actors (they
+    overlap each other and the driver's wait, so they are lines, not a stack)."""
+    wall = [k for k in WALL_STAGES if has_any(rows, [k])]
+    busy = [k for k in BUSY_STAGES if has_any(rows, [k])]
+    busy += sorted({k for r in rows for k, v in r.items() if k.startswith("time/") and finite(v)}
+                   - set(WALL_STAGES) - set(BUSY_STAGES) - {"time/step"})
+    if not wall and not busy:
+        return None
+    fig, nrows, ncols = _new_figure(int(bool(wall)) + int(bool(busy)))
+    i = 0
+    if wall:
+        i += 1
+        ax = fig.add_subplot(nrows, ncols, i)
+        steps = sorted({r["step"] for r in rows if finite(r.get("step")) and has_any([r], wall)})
+        by_step = {r["step"]: r for r in rows if finite(r.get("step"))}
+        stacks = [[by_step[s].get(key) if finite(by_step[s].get(key)) else 0.0 for s in steps] for key in wall]
+        labels = [key.removeprefix("time/") for key in wall]
+        if len(steps) <= MAX_BARS:
+            bottom = [0.0] * len(steps)
+            for vals, label in zip(stacks, labels):
+                ax.bar(steps, vals, bottom=bottom, label=label, linewidth=0)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+        else:  # thousands of bars draw slowly and blur into areas anyway
+            ax.stackplot(steps, *stacks, labels=labels, linewidth=0)
+        _style(ax, "driver wall seconds per step (stacked)", "seconds", points=len(steps) * len(wall))
+    if busy:
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for key in busy:
+            xs, ys = series(rows, key)
+            ax.plot(xs, ys, marker="o" if len(xs) == 1 else None, markersize=4, linewidth=1.2,
+                    label=key.removeprefix("time/"))
+        _style(ax, "busy seconds per step inside the actors", "seconds", points=len(rows) * len(busy))
+    return _save(fig, Path(out_png))
