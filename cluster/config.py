@@ -22,7 +22,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     bundled: str | None = "shapes"  # a data set made locally (tasks.bundled); ignored when root is set
-    root: str | None = None  # a manifest folder or an ImageFolder tree (root/train/<class>/*.png)
+    root: str | None = None  # a manifest folder or an ImageFolder tree (root/train/<class>/*.png); see `format`
+    format: str = "auto"  # auto (manifest or ImageFolder) | coop (CoOp's layout, `coop` names the set) | rft_parquet
+    coop: str | None = None  # format coop: which CoOp data set (oxford_flowers, dtd, eurosat, imagenet, ...)
     name: str | None = None  # the data set's name in prompts and metrics (default: folder name)
     k_shot: int | None = None  # k training images per class; null = all
     seed: int = 0
@@ -33,6 +35,12 @@ class DataConfig:
     classes: str = "all"  # all | base | new: base-to-new runs keep one half of the classes (CoOp: first half = base)
 
     def __post_init__(self) -> None:
+        if self.format not in ("auto", "coop", "rft_parquet"):
+            raise ValueError(f"data.format must be auto|coop|rft_parquet, got {self.format!r}")
+        if self.format != "auto" and not self.root:
+            raise ValueError(f"data.format {self.format} reads from data.root, which is not set")
+        if self.format == "coop" and not self.coop:
+            raise ValueError("data.format coop needs data.coop, the CoOp data set's name (e.g. oxford_flowers)")
         if self.classes not in ("all", "base", "new"):
             raise ValueError(f"data.classes must be all|base|new, got {self.classes!r}")
 

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from cluster.config import DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
 from cluster.logs import announce
 from tasks.bundled import ensure_bundled
+from tasks.coop import read_coop
 from tasks.examples import PromptExample, build_examples, tokenizer_corpus
 from tasks.manifest import ClassificationDataset, read_dataset
+from tasks.parquet import read_rft_parquet
 from tasks.sampling import base_new_split, k_shot, subset_classes
+from vlm.cache import default_cache_dir
 from vlm.processor import load_processor
 from vlm.tiny import ensure_tiny_vlm
 
@@ -29,7 +32,11 @@ class RunData:
 
 def read_entry(d: DataConfig) -> tuple[ClassificationDataset, ClassificationDataset]:
     """(the whole data set an entry names, the part of it `data.classes` keeps (base-to-new))."""
-    if d.root:
+    if d.format == "coop":
+        dataset = read_coop(d.root, d.coop)
+    elif d.format == "rft_parquet":
+        dataset = read_rft_parquet(d.root, default_cache_dir() / "rft_images", name=d.name)
+    elif d.root:
         dataset = read_dataset(d.root, name=d.name)
     else:
         bundled = d.bundled or "shapes"

@@ -18,7 +18,7 @@ from tasks.prompts import DIRECT_INSTRUCTION, PROMPT_STYLES, THINK_INSTRUCTION, 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUNTIME_ENV = CONFIGS / "runtime_env.yaml"
 EXPERIMENT_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p != RUNTIME_ENV)
-TINY_CPU = ["model.path=null", "data.root=null", "data.bundled=shapes",
+TINY_CPU = ["model.path=null", "data.root=null", "data.format=auto", "data.bundled=shapes",
             "cluster.gpus_per_engine=0", "cluster.gpus_per_learner=0"]
 
 # Shared by all three papers (methods.md, "Hyperparameters of the reference runs" and "Algorithm").

@@ -175,3 +175,20 @@ def test_imagenet_unlisted_folder_and_missing_val_are_named(tmp_path):
     (ddir / "images" / "val").rename(ddir / "images" / "validation")
     with pytest.raises(DatasetError, match=r"folder not found: .*imagenet/images/val .*images/val/<wnid>/"):
         read_coop(tmp_path, "imagenet")
+
+
+def test_a_run_config_reads_coop_layout_into_prompts(tmp_path):
+    """data.format: coop through the run's data loading: EuroSAT's own question prefix, prompt ids per data set."""
+    from cluster.config import ExperimentConfig
+    from cluster.data import load_run_data
+    from cluster.schema import ConfigError, load_config
+
+    _json_layout(tmp_path, "eurosat")
+    cfg = load_config(ExperimentConfig, None, [f"data.root={tmp_path}", "data.format=coop", "data.coop=eurosat",
+                                               "task.prompt=cls_rl"])
+    data = load_run_data(cfg)
+    assert list(data.tasks) == ["EuroSAT"] and len(data.train_examples) == 4 and len(data.test_examples) == 4
+    assert "centered satellite photo" in data.train_examples[0].text
+    assert data.train_examples[0].id.startswith("EuroSAT/")
+    with pytest.raises(ConfigError, match="needs data.coop"):
+        load_config(ExperimentConfig, None, [f"data.root={tmp_path}", "data.format=coop"])
