@@ -52,6 +52,8 @@ PAPERS = {
         "task.rewards": [("format", 1.0), ("cls_contains", 1.0)], "task.thing": "plant", "task.attribute": "species",
     }, (1, 1 * 102)),  # Visual-RFT: 1 epoch, one-shot Flower102 (Table 2)
 }
+PAPERS["cls_rl_b2n.yaml"] = ({**PAPERS["cls_rl.yaml"][0], "data.classes": "base"}, (50, 4 * 51))  # base half
+PAPERS["no_think_b2n.yaml"] = ({**PAPERS["no_think.yaml"][0], "data.classes": "base"}, (50, 4 * 51))
 
 
 def _get(cfg, dotted: str):
