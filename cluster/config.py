@@ -19,12 +19,18 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
+DATA_FORMATS = ("auto", "coop", "rft_parquet", "coco", "grounding_jsonl", "reasonseg")
+BOX_FORMATS = {"coco": "detection", "grounding_jsonl": "grounding", "reasonseg": "grounding"}  # -> task.prompt
+
+
 @dataclass
 class DataConfig:
     bundled: str | None = "shapes"  # a data set made locally (tasks.bundled); ignored when root is set
     root: str | None = None  # a manifest folder or an ImageFolder tree (root/train/<class>/*.png); see `format`
     format: str = "auto"  # auto (manifest or ImageFolder) | coop (CoOp's layout, `coop` names the set) | rft_parquet
+    #                       | coco (detection: root/annotations/instances_{train,val}2017.json) | grounding_jsonl | reasonseg
     coop: str | None = None  # format coop: which CoOp data set (oxford_flowers, dtd, eurosat, imagenet, ...)
+    categories: list[str] = field(default_factory=list)  # format coco: the categories asked about (empty = all)
     name: str | None = None  # the data set's name in prompts and metrics (default: folder name)
     k_shot: int | None = None  # k training images per class; null = all
     seed: int = 0
@@ -35,10 +41,12 @@ class DataConfig:
     classes: str = "all"  # all | base | new: base-to-new runs keep one half of the classes (CoOp: first half = base)
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "coop", "rft_parquet"):
-            raise ValueError(f"data.format must be auto|coop|rft_parquet, got {self.format!r}")
-        if self.format != "auto" and not self.root:
-            raise ValueError(f"data.format {self.format} reads from data.root, which is not set")
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"data.format must be one of {'|'.join(DATA_FORMATS)}, got {self.format!r}")
+        box_bundled = self.format in ("coco", "grounding_jsonl") and self.bundled == "shapes_boxes"
+        if self.format != "auto" and not self.root and not box_bundled:
+            raise ValueError(f"data.format {self.format} reads from data.root, which is not set"
+                             + (" (or use data.bundled: shapes_boxes)" if self.format in ("coco", "grounding_jsonl") else ""))
         if self.format == "coop" and not self.coop:
             raise ValueError("data.format coop needs data.coop, the CoOp data set's name (e.g. oxford_flowers)")
         if self.classes not in ("all", "base", "new"):

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
-from cluster.config import DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
+from cluster.config import BOX_FORMATS, DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
 from cluster.logs import announce
 from tasks.bundled import ensure_bundled
+from tasks.bundled_boxes import ensure_bundled_boxes
 from tasks.coop import read_coop
-from tasks.examples import PromptExample, build_examples, tokenizer_corpus
+from tasks.detection import k_shot_detection, read_coco_dir
+from tasks.examples import PromptExample, box_corpus, build_box_examples, build_examples, tokenizer_corpus
+from tasks.grounding import read_grounding_jsonl, read_reasonseg
 from tasks.manifest import ClassificationDataset, read_dataset
 from tasks.parquet import read_rft_parquet
+from tasks.prompts import BOX_STYLES, PROMPT_STYLES, detection_prompt, grounding_prompt
 from tasks.sampling import base_new_split, k_shot, subset_classes
 from vlm.cache import default_cache_dir
 from vlm.processor import load_processor
@@ -30,8 +35,19 @@ class RunData:
     test_examples: list[PromptExample]
 
 
-def read_entry(d: DataConfig) -> tuple[ClassificationDataset, ClassificationDataset]:
-    """(the whole data set an entry names, the part of it `data.classes` keeps (base-to-new))."""
+@dataclass
+class BoxSet:
+    """A detection or grounding data set: samples (tasks/detection.py, tasks/grounding.py) split and k-shot cut."""
+
+    name: str
+    train: list
+    test: list
+
+
+def read_entry(d: DataConfig) -> tuple[ClassificationDataset | None, ClassificationDataset | BoxSet]:
+    """(the whole classification data set an entry names or None for box sets, what the entry keeps of it)."""
+    if d.format in BOX_FORMATS:
+        return None, _read_boxes(d)
     if d.format == "coop":
         dataset = read_coop(d.root, d.coop)
     elif d.format == "rft_parquet":
@@ -48,13 +64,40 @@ def read_entry(d: DataConfig) -> tuple[ClassificationDataset, ClassificationData
     return dataset, ClassificationDataset(dataset.name, keep, subset_classes(dataset.samples, keep))
 
 
+def _read_boxes(d: DataConfig) -> BoxSet:
+    root = Path(d.root) if d.root else ensure_bundled_boxes()
+    if d.format == "coco":
+        cats = d.categories or None
+        train, test = read_coco_dir(root, "train2017", cats), read_coco_dir(root, "val2017", cats)
+        train_samples = k_shot_detection(train, d.k_shot, d.seed) if d.k_shot else train.samples()
+        return BoxSet(d.name or (root.name if d.root else "shapes_boxes"), train_samples, test.samples())
+    samples = read_reasonseg(root) if d.format == "reasonseg" else read_grounding_jsonl(
+        root if root.is_file() else root / "grounding.jsonl")
+    test_split = "test" if any(s.split == "test" for s in samples) else "val"
+    train = [s for s in samples if s.split == "train"]
+    if d.k_shot:  # grounding has no classes: k_shot caps the training questions, a seeded pick
+        train = sorted(random.Random(d.seed).sample(train, min(d.k_shot, len(train))), key=lambda s: s.id)
+    return BoxSet(d.name or (root.stem if d.root else "shapes_grounding"), train,
+                  [s for s in samples if s.split == test_split])
+
+
 def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = None) -> RunData:
     entries = cfg.dataset_entries() if entries is None else entries
     whole, read = zip(*[read_entry(e.data) for e in entries])
     names = [ds.name for ds in read]
     if len(set(names)) != len(names):
         raise ValueError(f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart")
-    model_path = cfg.model.path or str(ensure_tiny_vlm(cfg.model.tiny, tokenizer_corpus(whole)))  # every class named
+    for ds, e in zip(read, entries):
+        want = BOX_FORMATS.get(e.data.format)
+        if (want or e.task.prompt) != e.task.prompt or (not want and e.task.prompt in BOX_STYLES):
+            raise ValueError(f"data set {ds.name!r} (data.format {e.data.format}) needs task.prompt "
+                             f"{want or 'one of ' + '|'.join(PROMPT_STYLES)}, got {e.task.prompt!r}")
+    corpus = tokenizer_corpus([w for w in whole if w is not None])  # every class named
+    boxes = [ds for ds in read if isinstance(ds, BoxSet)]
+    if boxes:
+        corpus += box_corpus([detection_prompt(s.category) if hasattr(s, "category") else grounding_prompt(s.question)
+                              for b in boxes for s in b.train + b.test])
+    model_path = cfg.model.path or str(ensure_tiny_vlm(cfg.model.tiny, corpus))
     processor = load_processor(model_path, cfg.model.trust_remote_code)
     data = RunData(model_path, {ds.name: e.task for ds, e in zip(read, entries)},
                    {ds.name: e.weight for ds, e in zip(read, entries)}, [], [])
@@ -65,18 +108,28 @@ def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = No
     return data
 
 
-def _examples(processor, dataset: ClassificationDataset, d: DataConfig, t: TaskConfig) -> tuple[list, list]:
-    train = dataset.split("train")
-    if d.k_shot:
-        train = k_shot(train, d.k_shot, d.seed, dataset.classnames)
-    build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
-                 skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
-    train_examples, skipped = build_examples(processor, dataset, train, **build)
-    test = dataset.split("test")
+def _eval_sample(test: list, d: DataConfig) -> list:
     if d.eval_limit and d.eval_limit < len(test):  # a seeded sample in file order: files are often sorted by class
         keep = set(random.Random(f"{d.seed}:eval").sample(range(len(test)), d.eval_limit))
         test = [s for i, s in enumerate(test) if i in keep]
-    test_examples, skipped_test = build_examples(processor, dataset, test, **build)
+    return test
+
+
+def _examples(processor, dataset: ClassificationDataset | BoxSet, d: DataConfig, t: TaskConfig) -> tuple[list, list]:
+    if isinstance(dataset, BoxSet):
+        build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, skip_bad_images=d.skip_bad_images)
+        train_examples, skipped = build_box_examples(processor, dataset.name, dataset.train, **build)
+        test_examples, skipped_test = build_box_examples(processor, dataset.name, _eval_sample(dataset.test, d), **build)
+        classes = len({getattr(s, "category", None) for s in dataset.train}) if t.prompt == "detection" else "open"
+    else:
+        train = dataset.split("train")
+        if d.k_shot:
+            train = k_shot(train, d.k_shot, d.seed, dataset.classnames)
+        build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
+                     skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
+        train_examples, skipped = build_examples(processor, dataset, train, **build)
+        test_examples, skipped_test = build_examples(processor, dataset, _eval_sample(dataset.split("test"), d), **build)
+        classes = len(dataset.classnames)
     if skipped or skipped_test:
         announce(f"{dataset.name}: skipped {len(skipped) + len(skipped_test)} unreadable images; first: "
                  f"{(skipped + skipped_test)[0]}")
@@ -85,6 +138,6 @@ def _examples(processor, dataset: ClassificationDataset, d: DataConfig, t: TaskC
                          f"prompts; both splits need images")
     for e in train_examples + test_examples:
         e.id = f"{dataset.name}/{e.id}"
-    announce(f"data: {dataset.name}, {len(dataset.classnames)} classes, {len(train_examples)} train / "
+    announce(f"data: {dataset.name}, {classes} classes, {len(train_examples)} train / "
              f"{len(test_examples)} test prompts")
     return train_examples, test_examples

@@ -21,6 +21,7 @@ Registered rewards (value range):
     length          [0, 1]  sigmoid length bonus from info["completion_lengths"]
     eval_cls_rl     {0, 1}  CLS-RL's eval: equal ignoring case, or contains the label (_ as space)
     eval_visual_rft {0, 1}  Visual-RFT's eval: answer tag required, containment without spaces/_
+    eval_grounding_iou50 {0, 1}  grounding accuracy: first (x1,y1),(x2,y2) has IoU > 0.5 with a box
 """
 
 from . import classification, detection, eval_protocols, format_check, grounding, length  # noqa: F401  (register)

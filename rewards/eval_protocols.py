@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .parsing import ANSWER_OPEN, compact_lower, extract_answer
+from .grounding import box_iou
+from .parsing import ANSWER_OPEN, as_boxes, compact_lower, extract_answer, find_point_pair, order_corners
 from .registry import register
 
 
@@ -44,4 +45,20 @@ def eval_visual_rft(completions: Sequence[str], solutions: Sequence[Any], info: 
             continue
         answer = compact_lower(extract_answer(text))
         out.append(1.0 if answer and (label in answer or answer in label) else 0.0)
+    return out
+
+
+@register("eval_grounding_iou50")
+def eval_grounding_iou50(completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]) -> list[float]:
+    """Grounding accuracy at IoU 0.5 (the usual REC / LISA box metric): the answer's first ``(x1,y1),(x2,y2)``
+    pair, corners put in order, overlaps its best-matching ground-truth box with IoU > 0.5."""
+    out = []
+    for text, sol in zip(completions, solutions, strict=True):
+        gts = as_boxes(sol, allow_empty=False)
+        pair = find_point_pair(extract_answer(text))
+        if pair is None:
+            out.append(0.0)
+            continue
+        box = order_corners(pair)
+        out.append(1.0 if max(box_iou(box, g) for g in gts) > 0.5 else 0.0)
     return out

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from tasks.images import ImageLoadError, load_image
 from tasks.manifest import ClassificationDataset, Sample
-from tasks.prompts import DIRECT_INSTRUCTION, THINK_INSTRUCTION, classification_prompt, question_prefix
+from tasks.prompts import (
+    DIRECT_INSTRUCTION,
+    THINK_INSTRUCTION,
+    classification_prompt,
+    detection_prompt,
+    grounding_prompt,
+    question_prefix,
+)
 from vlm.inputs import PromptInputs, encode_prompt
 
 
@@ -19,7 +26,7 @@ class PromptExample:
     dataset: str
     text: str
     inputs: PromptInputs
-    solution: str  # the class name
+    solution: object  # the class name; for detection / grounding the list of [x1, y1, x2, y2] boxes
 
 
 def example_rng(seed: int, epoch: int, sample_id: str) -> random.Random:
@@ -57,11 +64,42 @@ def tokenizer_corpus(datasets: Sequence[ClassificationDataset]) -> list[str]:
     return lines
 
 
-def format_target(style: str, answer: str) -> str:
-    """A completion in the task's answer format (warm start and SFT targets)."""
+def format_target(style: str, answer) -> str:
+    """A completion in the task's answer format (warm start and SFT targets): a class name, or for the box
+    styles the solution's boxes in the 0-1000 frame."""
     if style == "no_think":
         return answer
+    if style == "detection":
+        found = ", ".join(f"{{'Position': {list(b)}, 'Confidence': 1.0}}" for b in answer)
+        return f"<think> I look for the objects. </think> <answer>{f'[{found}]' if answer else 'No Objects'}</answer>"
+    if style == "grounding":
+        x1, y1, x2, y2 = answer[0]
+        return f"<think> I look for the object. </think> <answer>({x1},{y1}),({x2},{y2})</answer>"
     return f"<think> The image shows {answer}. </think> <answer>{answer}</answer>"
+
+
+def build_box_examples(processor, dataset: str, samples: Sequence, style: str, min_pixels: int, max_pixels: int,
+                       skip_bad_images: bool = False) -> tuple[list[PromptExample], list[str]]:
+    """Detection samples (tasks/detection.py) or grounding samples (tasks/grounding.py) into prompts whose
+    solution is the box list the det_* / grounding rewards read."""
+    examples, skipped = [], []
+    for s in samples:
+        try:
+            image = load_image(s.image, min_pixels, max_pixels)
+        except ImageLoadError as err:
+            if not skip_bad_images:
+                raise
+            skipped.append(str(err))
+            continue
+        text = detection_prompt(s.category) if style == "detection" else grounding_prompt(s.question)
+        examples.append(PromptExample(s.id, dataset, text, encode_prompt(processor, image, text), s.solution()))
+    return examples, skipped
+
+
+def box_corpus(examples_text: Sequence[str]) -> list[str]:
+    """Extra tiny-tokenizer text for box tasks: their prompts and answer formats."""
+    return sorted(set(examples_text)) + ["[{'Position': [0, 0, 1000, 1000], 'Confidence': 1.0}] No Objects",
+                                         "(0,0),(1000,1000) 0123456789"]
 
 
 def candidates_in(text: str) -> list[str]:

@@ -15,7 +15,8 @@ DATASET_PREFIXES = {
     "fgvc_aircraft": "What type of aircraft is in the photo?",
     "fgvcaircraft": "What type of aircraft is in the photo?",
 }
-PROMPT_STYLES = ("cls_rl", "no_think", "visual_rft")
+PROMPT_STYLES = ("cls_rl", "no_think", "visual_rft")  # classification
+BOX_STYLES = ("detection", "grounding")  # Visual-RFT detection (COCO) and LISA-style grounding
 
 
 def question_prefix(dataset: str) -> str:

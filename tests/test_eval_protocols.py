@@ -37,3 +37,13 @@ def test_visual_rft_protocol(text, label, expected):
 def test_a_bad_label_is_our_bug_and_raises():
     with pytest.raises(ValueError, match="non-empty class-name"):
         get_reward("eval_cls_rl")(["x"], [""])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<answer>(0,0),(100,100)</answer>", 1.0), ("<answer>(100,100),(0,0)</answer>", 1.0),  # corners put in order
+    ("<answer>(210,200),(300,310)</answer>", 1.0),  # matches the second box
+    ("<answer>(0,0),(100,40)</answer>", 0.0),  # IoU 0.4
+    ("<answer>[0, 0, 100, 100]</answer>", 0.0), ("", 0.0),  # not the grounding format
+])
+def test_grounding_accuracy_at_iou_half(text, expected):
+    assert get_reward("eval_grounding_iou50")([text], [[[0, 0, 100, 100], [200, 200, 300, 300]]]) == [expected]

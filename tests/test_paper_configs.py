@@ -13,7 +13,10 @@ from cluster.config import ExperimentConfig
 from cluster.driver import train
 from cluster.schema import load_config
 
-PAPER_CONFIGS = ["cls_rl.yaml", "no_think.yaml", "cls_rl_b2n.yaml", "no_think_b2n.yaml", "visual_rft_cls.yaml"]
+PAPER_CONFIGS = ["cls_rl.yaml", "no_think.yaml", "cls_rl_b2n.yaml", "no_think_b2n.yaml", "visual_rft_cls.yaml",
+                 "visual_rft_coco.yaml", "visual_rft_lisa.yaml"]
+BOX_DATA = {"visual_rft_coco.yaml": ["data.format=coco", "data.bundled=shapes_boxes", "data.k_shot=2"],
+            "visual_rft_lisa.yaml": ["data.format=grounding_jsonl", "data.bundled=shapes_boxes", "data.k_shot=8"]}
 ON_CPU = ["model.path=null", "data.root=null", "data.format=auto", "data.bundled=shapes", "data.eval_limit=4",
           "cluster.gpus_per_engine=0", "cluster.gpus_per_learner=0", "cluster.rollout_workers=1",
           "cluster.learner_ranks=2", "cluster.cpus_per_engine=1", "cluster.cpus_per_learner=1",
@@ -25,7 +28,7 @@ ON_CPU = ["model.path=null", "data.root=null", "data.format=auto", "data.bundled
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_config_runs_two_steps_on_cpu(ray_local, tmp_path, name):
-    cfg = load_config(ExperimentConfig, REPO_ROOT / "configs" / name, ON_CPU)
+    cfg = load_config(ExperimentConfig, REPO_ROOT / "configs" / name, ON_CPU + BOX_DATA.get(name, []))
     train(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]

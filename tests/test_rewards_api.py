@@ -17,6 +17,7 @@ ALL = [
     "det_confidence",
     "det_iou",
     "eval_cls_rl",
+    "eval_grounding_iou50",
     "eval_visual_rft",
     "format",
     "grounding_giou",

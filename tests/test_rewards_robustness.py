@@ -22,6 +22,7 @@ SOLUTION = {
     "cls_contains": "golden retriever",
     "eval_cls_rl": "golden retriever",
     "eval_visual_rft": "golden retriever",
+    "eval_grounding_iou50": [[0, 0, 100, 100], [200, 200, 300, 300]],
     "det_iou": [[0, 0, 100, 100], [200, 200, 300, 300]],
     "det_confidence": [[0, 0, 100, 100], [200, 200, 300, 300]],
     "grounding_giou": [[0, 0, 100, 100], [200, 200, 300, 300]],

@@ -1,0 +1,51 @@
+"""Detection and grounding data through the run's data loading: the bundled box set in COCO's and our grounding
+layout, prompts per (image, category) with negatives, and targets the box rewards score as perfect."""
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import ExperimentConfig
+from cluster.data import load_run_data
+from cluster.schema import ConfigError, load_config
+from rewards import get_reward
+from tasks.examples import format_target
+
+
+def _cfg(*overrides):
+    return load_config(ExperimentConfig, None, ["data.bundled=shapes_boxes", *overrides])
+
+
+def test_coco_detection_prompts_hold_positives_and_negatives():
+    data = load_run_data(_cfg("data.format=coco", "task.prompt=detection", "data.k_shot=2", "data.eval_limit=12"))
+    assert len(data.test_examples) == 12
+    train = data.train_examples
+    assert all(e.id.startswith("shapes_boxes/train/") for e in train)
+    assert any(e.solution == [] for e in train) and any(e.solution for e in train)  # negatives and positives
+    assert "Detect all objects belonging to the category" in train[0].text
+    targets = [format_target("detection", e.solution) for e in train]
+    assert get_reward("det_iou")(targets, [e.solution for e in train]) == [1.0] * len(train)
+    assert get_reward("det_confidence")(targets, [e.solution for e in train]) == [1.0] * len(train)
+
+
+def test_grounding_prompts_and_accuracy_at_iou_half():
+    data = load_run_data(_cfg("data.format=grounding_jsonl", "task.prompt=grounding", "data.k_shot=5"))
+    assert len(data.train_examples) == 5 and data.test_examples
+    e = data.train_examples[0]
+    assert e.text.startswith("Where is the") and "(x1,y1),(x2,y2)" in e.text
+    target = format_target("grounding", e.solution)
+    assert get_reward("eval_grounding_iou50")([target], [e.solution]) == [1.0]
+    assert get_reward("grounding_giou")([target], [e.solution]) == [2.0]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.format=coco", "task.prompt=no_think"], "needs task.prompt detection"),
+    (["data.format=auto", "data.bundled=shapes", "task.prompt=detection"], "needs task.prompt one of"),
+])
+def test_task_and_data_kind_must_agree(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_data(_cfg(*overrides))
+
+
+def test_box_format_without_root_or_bundled_set_is_named():
+    with pytest.raises(ConfigError, match="data.format coco reads from data.root"):
+        load_config(ExperimentConfig, None, ["data.format=coco"])
