@@ -18,7 +18,7 @@ from actors.engine import RolloutRequest
 from actors.learner_actor import LearnerActor
 from actors.reward_actor import RewardActor
 from actors.rollout_worker import RolloutWorker
-from cluster.checkpoint import DriverState, read_checkpoint, tag_for, write_driver_state
+from cluster.checkpoint import DriverState, complete_tags, read_checkpoint, tag_for, write_driver_state
 from cluster.config import ExperimentConfig
 from cluster.placement import init_ray, release, reserve
 from cluster.redis_server import connect
@@ -46,6 +46,17 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "CLSRL_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
                          "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                          "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))}}
+
+
+def _death(ref) -> ray.exceptions.RayActorError | None:
+    """Why the (finished) call `ref` failed, if it failed because its actor died."""
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError as err:
+        return err
+    except Exception:  # noqa: BLE001 - failed otherwise, or still running: not a death
+        return None
+    return None
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -194,9 +205,18 @@ class Job:
     def finish_train(self, refs: list) -> list[dict]:
         try:
             return ray.get(refs)
-        except ray.exceptions.RayActorError as err:
-            raise RuntimeError(f"a learner rank died during the optimizer step ({type(err).__name__}: {err}). The run "
-                               f"stops; its last finished checkpoint is in {self.ckpt_root}: continue with --resume") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            # A dead rank's survivors fail too (their collective lost a peer) and may be the error ray.get raises:
+            # look at every rank to tell "a rank died" from a plain error.
+            deaths = {r: death for r, ref in enumerate(refs) if (death := _death(ref)) is not None}
+            if not deaths:
+                raise
+            why = next(iter(deaths.values()))
+            tags = complete_tags(self.ckpt_root)
+            then = (f"its last finished checkpoint is {self.ckpt_root / tags[-1]}: continue with --resume" if tags else
+                    f"no checkpoint was finished yet under {self.ckpt_root} (train.save_every): start the run again")
+            raise RuntimeError(f"learner rank {', '.join(map(str, deaths))} died during the optimizer step "
+                               f"({type(why).__name__}: {str(why).splitlines()[0][:300]}). The run stops; {then}") from None
 
     def newly_released(self) -> int:
         """Groups the learners dropped as stale since the last call (their slots go to replacements)."""
