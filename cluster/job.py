@@ -249,17 +249,23 @@ class Job:
     def _await_engines(self) -> None:
         """Every rollout worker answers (Ray restarts dead ones); a stuck one is killed so Ray restarts it."""
         timeout = self.cfg.weight_sync.timeout_s
-        probes = {w.info.remote(): w for w in self.rollout_workers}
-        ready, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
+        probes = {w.info.remote(): i for i, w in enumerate(self.rollout_workers)}
+        _, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
         for ref in stuck:
-            print("a rollout worker did not answer within weight_sync.timeout_s: killing it so Ray restarts it")
-            ray.kill(probes[ref], no_restart=False)
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                pass  # died: Ray is restarting it
-        ray.get([w.info.remote() for w in self.rollout_workers], timeout=self.cfg.cluster.ready_timeout_s)
+            print(f"rollout worker {probes[ref]} did not answer within weight_sync.timeout_s: killing it so Ray restarts it")
+            ray.kill(self.rollout_workers[probes[ref]], no_restart=False)
+        # While Ray restarts an actor, calls to it fail at once (ActorUnavailableError): ask again until it is back.
+        deadline = time.monotonic() + self.cfg.cluster.ready_timeout_s
+        for i, w in enumerate(self.rollout_workers):
+            while True:
+                try:
+                    ray.get(w.info.remote(), timeout=max(deadline - time.monotonic(), 0.001))
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"rollout worker {i} was not restarted within cluster.ready_timeout_s="
+                                           f"{self.cfg.cluster.ready_timeout_s:.0f}s") from None
+                    time.sleep(0.2)
 
     def evaluate(self) -> list[dict]:
         reqs = [RolloutRequest(e.id, e.inputs, e.solution) for e in self.test_examples]
