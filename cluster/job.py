@@ -19,7 +19,7 @@ from actors.engine import RolloutRequest
 from actors.learner_actor import LearnerActor
 from actors.reward_actor import RewardActor
 from actors.rollout_worker import RolloutWorker
-from cluster.checkpoint import DriverState, prune_checkpoints, read_checkpoint, tag_for, write_driver_state
+from cluster.checkpoint import DriverState, complete_tags, prune_checkpoints, read_checkpoint, tag_for, write_driver_state
 from cluster.config import ExperimentConfig
 from cluster.data import load_run_data
 from cluster.logs import announce
@@ -44,6 +44,17 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "CLSRL_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
                          "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                          "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))}}
+
+
+def _death(ref) -> ray.exceptions.RayActorError | None:
+    """Why the (finished) call `ref` failed, if it failed because its actor died."""
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError as err:
+        return err
+    except Exception:  # noqa: BLE001 - failed otherwise, or still running: not a death
+        return None
+    return None
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -186,9 +197,18 @@ class Job:
     def finish_train(self, refs: list) -> list[dict]:
         try:
             return ray.get(refs)
-        except ray.exceptions.RayActorError as err:
-            raise RuntimeError(f"a learner rank died during the optimizer step ({type(err).__name__}: {err}). The run "
-                               f"stops; its last finished checkpoint is in {self.ckpt_root}: continue with --resume") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            # A dead rank's survivors fail too (their collective lost a peer) and may be the error ray.get raises:
+            # look at every rank to tell "a rank died" from a plain error.
+            deaths = {r: death for r, ref in enumerate(refs) if (death := _death(ref)) is not None}
+            if not deaths:
+                raise
+            why = next(iter(deaths.values()))
+            tags = complete_tags(self.ckpt_root)
+            then = (f"its last finished checkpoint is {self.ckpt_root / tags[-1]}: continue with --resume" if tags else
+                    f"no checkpoint was finished yet under {self.ckpt_root} (train.save_every): start the run again")
+            raise RuntimeError(f"learner rank {', '.join(map(str, deaths))} died during the optimizer step "
+                               f"({type(why).__name__}: {str(why).splitlines()[0][:300]}). The run stops; {then}") from None
 
     def sft_step(self, prompt_ids: list[str]) -> list[dict]:
         """train.mode sft: one supervised step on these prompts' answers, in the task's answer format."""
@@ -227,18 +247,24 @@ class Job:
     def _await_engines(self) -> None:
         """Every rollout worker answers (Ray restarts dead ones); a stuck one is killed so Ray restarts it."""
         timeout = self.cfg.weight_sync.timeout_s
-        probes = {w.info.remote(): w for w in self.rollout_workers}
-        ready, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
+        probes = {w.info.remote(): i for i, w in enumerate(self.rollout_workers)}
+        _, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
         for ref in stuck:
-            announce("a rollout worker did not answer within weight_sync.timeout_s: killing it so Ray restarts it",
-                     "clsrl.job", logging.WARNING)
-            ray.kill(probes[ref], no_restart=False)
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                pass  # died: Ray is restarting it
-        ray.get([w.info.remote() for w in self.rollout_workers], timeout=self.cfg.cluster.ready_timeout_s)
+            announce(f"rollout worker {probes[ref]} did not answer within weight_sync.timeout_s: killing it so Ray "
+                     f"restarts it", "clsrl.job", logging.WARNING)
+            ray.kill(self.rollout_workers[probes[ref]], no_restart=False)
+        # While Ray restarts an actor, calls to it fail at once (ActorUnavailableError): ask again until it is back.
+        deadline = time.monotonic() + self.cfg.cluster.ready_timeout_s
+        for i, w in enumerate(self.rollout_workers):
+            while True:
+                try:
+                    ray.get(w.info.remote(), timeout=max(deadline - time.monotonic(), 0.001))
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"rollout worker {i} was not restarted within cluster.ready_timeout_s="
+                                           f"{self.cfg.cluster.ready_timeout_s:.0f}s") from None
+                    time.sleep(0.2)
 
     def evaluate(self) -> list[dict]:
         reqs = [self.request(e.id) for e in self.test_examples]
