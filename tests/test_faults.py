@@ -53,13 +53,13 @@ def _engines_hold_the_learners_weights(rec: Recorder) -> None:
 
 
 def test_rollout_worker_killed_mid_generation_is_restarted_and_its_prompts_reissued(ray_local, tmp_path, monkeypatch):
-    cfg = make_cfg("train.steps=4", "sampling.max_new_tokens=192")  # long generations: the kill lands inside one
+    cfg = make_cfg("train.steps=6", "sampling.max_new_tokens=192")  # long generations: the kill lands inside one
     rec = Recorder(monkeypatch, after_broadcast=True)
 
     def kill_worker_1_while_generating() -> int:
         wait_until(lambda: last_step(tmp_path) >= 1, STARTUP_S, "step 1")
         victim = psutil.Process(rec.pids[0]["rollout"][1])
-        wait_busy_in(victim, "rollout", cpu_s=0.3, timeout_s=120)
+        wait_busy_in(victim, "rollout", cpu_s=0.1, timeout_s=120)  # a call takes ~0.3 s of CPU: kill early in one
         victim.kill()
         return victim.pid
 
