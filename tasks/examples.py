@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tasks.images import ImageLoadError, load_image
@@ -34,10 +34,10 @@ def example_rng(seed: int, epoch: int, sample_id: str) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{sample_id}")
 
 
-def build_examples(processor, dataset: ClassificationDataset, samples: Sequence[Sample], style: str,
-                   min_pixels: int, max_pixels: int, seed: int, epoch: int = 0, skip_bad_images: bool = False,
-                   thing: str = "object", attribute: str = "category") -> tuple[list[PromptExample], list[str]]:
-    """Encode samples into prompts; returns (examples, skipped messages). Bad images raise unless skipping."""
+def _encode(processor, dataset: str, samples: Sequence, min_pixels: int, max_pixels: int, skip_bad_images: bool,
+            question: Callable, solution: Callable) -> tuple[list[PromptExample], list[str]]:
+    """Encode each sample's image with question(sample); returns (examples, skipped messages). Bad images raise
+    unless skipping."""
     examples, skipped = [], []
     for s in samples:
         try:
@@ -47,10 +47,20 @@ def build_examples(processor, dataset: ClassificationDataset, samples: Sequence[
                 raise
             skipped.append(str(err))
             continue
-        text = classification_prompt(style, dataset.classnames, s.label, dataset.name,
-                                     example_rng(seed, epoch, s.id), thing=thing, attribute=attribute)
-        examples.append(PromptExample(s.id, dataset.name, text, encode_prompt(processor, image, text), s.label))
+        text = question(s)
+        examples.append(PromptExample(s.id, dataset, text, encode_prompt(processor, image, text), solution(s)))
     return examples, skipped
+
+
+def build_examples(processor, dataset: ClassificationDataset, samples: Sequence[Sample], style: str,
+                   min_pixels: int, max_pixels: int, seed: int, epoch: int = 0, skip_bad_images: bool = False,
+                   thing: str = "object", attribute: str = "category") -> tuple[list[PromptExample], list[str]]:
+    """Classification prompts (the solution is the class name)."""
+    def question(s: Sample) -> str:
+        return classification_prompt(style, dataset.classnames, s.label, dataset.name, example_rng(seed, epoch, s.id),
+                                     thing=thing, attribute=attribute)
+
+    return _encode(processor, dataset.name, samples, min_pixels, max_pixels, skip_bad_images, question, lambda s: s.label)
 
 
 def tokenizer_corpus(datasets: Sequence[ClassificationDataset]) -> list[str]:
@@ -82,18 +92,10 @@ def build_box_examples(processor, dataset: str, samples: Sequence, style: str, m
                        skip_bad_images: bool = False) -> tuple[list[PromptExample], list[str]]:
     """Detection samples (tasks/detection.py) or grounding samples (tasks/grounding.py) into prompts whose
     solution is the box list the det_* / grounding rewards read."""
-    examples, skipped = [], []
-    for s in samples:
-        try:
-            image = load_image(s.image, min_pixels, max_pixels)
-        except ImageLoadError as err:
-            if not skip_bad_images:
-                raise
-            skipped.append(str(err))
-            continue
-        text = detection_prompt(s.category) if style == "detection" else grounding_prompt(s.question)
-        examples.append(PromptExample(s.id, dataset, text, encode_prompt(processor, image, text), s.solution()))
-    return examples, skipped
+    def question(s) -> str:
+        return detection_prompt(s.category) if style == "detection" else grounding_prompt(s.question)
+
+    return _encode(processor, dataset, samples, min_pixels, max_pixels, skip_bad_images, question, lambda s: s.solution())
 
 
 def box_corpus(examples_text: Sequence[str]) -> list[str]:
