@@ -113,10 +113,10 @@ def make_batch(name: str, n: int, seed: int = 0) -> tuple[list[str], list[Any], 
             gts = [_rand_box(rng) for _ in range(rng.choice([0, 1, 1, 2, 3, 4]))]
             comps.append(_det_completion(rng, gts))
             sols.append(gts)
-        elif name in ("grounding_giou", "rec_iou"):
+        elif name in ("grounding_giou", "rec_iou", "eval_grounding_iou50"):
             gt = _rand_box(rng)
             comps.append(_grounding_completion(rng, gt, square=name == "rec_iou"))
-            sols.append([gt] if name == "grounding_giou" else gt)
+            sols.append(gt if name == "rec_iou" else [gt])
         elif name in ("format", "length"):
             if rng.random() < 0.5:
                 comps.append(_cls_completion(rng, rng.choice(LABELS)))
@@ -185,7 +185,7 @@ def bench(quick: bool) -> list[dict[str, Any]]:
                 break
         rate = done / elapsed
         sol = make_batch(name, 1)[1][0]
-        if name in ("det_iou", "det_confidence", "grounding_giou"):
+        if name in ("det_iou", "det_confidence", "grounding_giou", "eval_grounding_iou50"):
             sol = [[0, 0, 100, 100], [200, 200, 300, 300]]
         worst, worst_case = 0.0, ""
         for case, text in cases.items():
