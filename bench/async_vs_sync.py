@@ -1,6 +1,6 @@
 """Asynchronous vs synchronous rollout on one CPU machine: throughput, accuracy after the same samples, staleness.
 
-    python bench/async_vs_sync.py                     # sync, max_staleness 1 and 2; a few minutes
+    python bench/async_vs_sync.py                     # sync, max_staleness 1 and 2, 1 with TIS; ~10 minutes
     python bench/async_vs_sync.py --quick             # 2 steps per mode (the smoke test)
     python bench/async_vs_sync.py --steps 20 --modes 0,1 --set sampling.max_new_tokens=16
 
@@ -21,6 +21,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,8 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Overrides on configs/cpu_demo.yaml: sized so generation and training each take over a second per step here.
 BASE = [
     "cluster.rollout_workers=1", "cluster.learner_ranks=1",
-    "train.prompts_per_step=16", "rollout.prompts_per_call=16", "sampling.n=8", "sampling.max_new_tokens=8",
-    "learner.micro_batch_size=32", "train.warm_start_steps=40", "train.eval_every=0", "train.save_every=0",
+    "train.prompts_per_step=96", "rollout.prompts_per_call=96", "sampling.n=8", "sampling.max_new_tokens=8",
+    "learner.micro_batch_size=64", "train.warm_start_steps=40", "train.eval_every=0", "train.save_every=0",
     "train.tensorboard=false", "data.eval_limit=96",
 ]
 QUICK = ["train.warm_start_steps=2", "data.eval_limit=8", "train.prompts_per_step=4", "rollout.prompts_per_call=4",
@@ -60,6 +61,7 @@ def summarize(name: str, staleness: int, rows: list[dict], result: dict, samples
         "mode": name, "max_staleness": staleness, "steps": len(steps), "measured_steps": len(measured),
         "samples": len(steps) * samples_per_step, "measured_seconds": seconds,
         "samples_per_s": len(measured) * samples_per_step / seconds, "steps_per_hour": 3600 * len(measured) / seconds,
+        "median_step_s": statistics.median(r["time/step"] for r in measured),  # robust to spikes of a shared machine
         "step_s": {k: _mean(measured, f"time/{k}") for k in ("step", "generate", "reward", "publish", "train_step",
                                                              "take", "train_wait", "sync")},
         "end_to_end_samples_per_s": len(steps) * samples_per_step / result["seconds"],  # start-up and evals included
@@ -79,6 +81,20 @@ def summarize(name: str, staleness: int, rows: list[dict], result: dict, samples
     }
 
 
+def parse_modes(text: str) -> list[tuple[str, int, list[str]]]:
+    """Parse e.g. `0,1,2,1:tis` into (name, max_staleness, extra overrides); `:tis` adds algorithm.off_policy=tis."""
+    modes = []
+    for item in text.split(","):
+        k, _, loss = item.strip().partition(":")
+        if not k.isdigit() or loss not in ("", "ppo", "tis"):
+            raise ValueError(f"--modes entry {item!r}: expected K or K:ppo or K:tis with K = max_staleness >= 0")
+        name = ("sync" if int(k) == 0 else f"async-{k}") + (f"-{loss}" if loss else "")
+        modes.append((name, int(k), [f"algorithm.off_policy={loss}"] if loss else []))
+    if len({m[0] for m in modes}) != len(modes):
+        raise ValueError(f"--modes {text!r} names a mode twice")
+    return modes
+
+
 def run_mode(staleness: int, overrides: list[str], run_dir: Path, warm_start: Path | None) -> tuple[list[dict], dict, Path]:
     from cluster.cli import DEFAULT_CONFIG
     from cluster.config import ExperimentConfig
@@ -95,17 +111,18 @@ def run_mode(staleness: int, overrides: list[str], run_dir: Path, warm_start: Pa
 
 
 def table(results: list[dict]) -> str:
-    sync = next((r for r in results if r["max_staleness"] == 0), results[0])
-    head = ("| mode | max_staleness | samples/s | steps/hour | vs sync | s/step | generate s/step | train s/step "
-            "| sync s/step | acc start -> end | staleness histogram |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    sync = next((r for r in results if r["mode"] == "sync"), results[0])
+    head = ("| mode | max_staleness | samples/s | steps/hour | vs sync | s/step (median) | generate s/step | train s/step "
+            "| sync s/step | acc start -> end | staleness histogram | load (1 min avg) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     for r in results:
         t = r["step_s"]
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(r["staleness"].items()))
         lines.append(f"| {r['mode']} | {r['max_staleness']} | {r['samples_per_s']:.1f} | {r['steps_per_hour']:.0f} "
-                     f"| {r['samples_per_s'] / sync['samples_per_s']:.2f}x | {t['step']:.2f} | {_fmt(t['generate'])} "
+                     f"| {r['samples_per_s'] / sync['samples_per_s']:.2f}x | {t['step']:.2f} ({r['median_step_s']:.2f}) "
+                     f"| {_fmt(t['generate'])} "
                      f"| {_fmt(t['train_step'])} | {_fmt(t['sync'])} | {r['grpo_start_accuracy']:.3f} -> "
-                     f"{r['final_accuracy']:.3f} | {hist} |")
+                     f"{r['final_accuracy']:.3f} | {hist} | {r['loadavg_1m']['mean']:.1f} |")
     return "\n".join(lines)
 
 
@@ -139,6 +156,7 @@ def plot(results: list[dict], out_png: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     ax_s.set_ylabel("groups", fontsize=8)
+    ax_s.set_xticks(sorted({k for r in results for k in r["staleness"]}))
     fig.savefig(out_png, format="png", dpi=90)
     return out_png
 
@@ -159,6 +177,27 @@ def overlap_capacity() -> float:
     return round(2 * spin(1) / spin(2), 2)
 
 
+class LoadSampler:
+    """The 1-minute load average every few seconds in a thread: how busy the (shared) machine was during a mode.
+    It counts our own processes too: about 1 busy process in synchronous mode, 2 in asynchronous mode."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        vals = self.samples or [os.getloadavg()[0]]
+        return {"mean": round(statistics.fmean(vals), 2), "max": round(max(vals), 2)}
+
+
 def machine() -> dict:
     import torch
 
@@ -169,16 +208,18 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="GRPO steps per mode (same samples in every mode)")
+    ap.add_argument("--steps", type=int, default=20, help="GRPO steps per mode (same samples in every mode)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-async")
-    ap.add_argument("--modes", default="0,1,2", help="rollout.max_staleness values; 0 = synchronous")
+    ap.add_argument("--modes", default="0,1,2,1:tis",
+                    help="rollout.max_staleness values (0 = synchronous); K:tis also sets algorithm.off_policy=tis")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the throughput (start-up effects)")
     ap.add_argument("--quick", action="store_true", help="2 steps per mode on a tiny batch (smoke test)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     args = ap.parse_args(argv)
-    staleness = [int(s) for s in args.modes.split(",")]
-    if sorted(set(staleness)) != staleness or staleness[0] < 0:
-        ap.error(f"--modes must be distinct increasing max_staleness values >= 0, got {args.modes!r}")
+    try:
+        modes = parse_modes(args.modes)
+    except ValueError as err:
+        ap.error(str(err))
     steps, skip = (min(args.steps, 2), 1) if args.quick else (args.steps, args.skip)
     if steps < 1:
         ap.error(f"--steps must be >= 1, got {steps}")
@@ -198,21 +239,25 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray(cfg.cluster, local_runtime_env())  # one local Ray for every mode (its start-up is not what we measure)
     results, warm = [], None
-    for k in staleness:
-        name = "sync" if k == 0 else f"async-{k}"
-        print(f"== {name}: rollout.max_staleness={k}, {steps} steps x {samples_per_step} samples", flush=True)
-        rows, result, warm = run_mode(k, overrides, args.out / name, warm)
-        results.append(summarize(name, k, rows, result, samples_per_step, skip))
+    for name, k, extra in modes:
+        print(f"== {name}: rollout.max_staleness={k} {' '.join(extra)}, {steps} steps x {samples_per_step} samples",
+              flush=True)
+        load = LoadSampler()
+        rows, result, warm = run_mode(k, overrides + extra, args.out / name, warm)
+        results.append({**summarize(name, k, rows, result, samples_per_step, skip), "overrides": extra,
+                        "loadavg_1m": load.stop()})
     ray.shutdown()
-    report = {"machine": before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "overrides": overrides,
+    report = {"machine": before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+              "overlap_capacity_after": overlap_capacity(), "overrides": overrides,
               "samples_per_step": samples_per_step, "skip": skip, "wall_s": time.time() - t0, "modes": results}
-    sync = next((r for r in results if r["max_staleness"] == 0), None)
+    sync = next((r for r in results if r["mode"] == "sync"), None)
     if sync:
         report["ratio_vs_sync"] = {r["mode"]: r["samples_per_s"] / sync["samples_per_s"] for r in results}
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
     plot(results, args.out / "async_vs_sync.png")
     print(f"\nmachine: {before['cpus']} CPUs, Python {before['python']}, torch {before['torch']}, load average "
-          f"{before['loadavg']} before, {report['loadavg_after']} after; {samples_per_step} samples/step, "
+          f"{before['loadavg']} before, {report['loadavg_after']} after, overlap capacity {before['overlap_capacity']} "
+          f"before, {report['overlap_capacity_after']} after (2.0 = two free cores); {samples_per_step} samples/step, "
           f"throughput over steps {skip + 1}..{steps}\n")
     print(table(results))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'async_vs_sync.png'} ({report['wall_s']:.0f} s)")
