@@ -35,11 +35,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BASE = [
     "cluster.rollout_workers=1", "cluster.learner_ranks=1",
     "train.prompts_per_step=96", "rollout.prompts_per_call=96", "sampling.n=8", "sampling.max_new_tokens=8",
-    "learner.micro_batch_size=64", "train.warm_start_steps=40", "train.eval_every=0", "train.save_every=0",
+    "learner.micro_batch_size=64", "train.warm_start_steps=40", "train.eval_every=5", "train.save_every=0",
     "train.tensorboard=false", "data.eval_limit=96",
 ]
-QUICK = ["train.warm_start_steps=2", "data.eval_limit=8", "train.prompts_per_step=4", "rollout.prompts_per_call=4",
-         "sampling.n=4", "learner.micro_batch_size=16"]
+QUICK = ["train.warm_start_steps=2", "train.eval_every=0", "data.eval_limit=8", "train.prompts_per_step=4",
+         "rollout.prompts_per_call=4", "sampling.n=4", "learner.micro_batch_size=16"]
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -134,21 +134,24 @@ def plot(results: list[dict], out_png: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(14, 3.8), layout="constrained")
+    fig = Figure(figsize=(18, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_r, ax_t, ax_s = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
+    ax_r, ax_a, ax_t, ax_s = (fig.add_subplot(1, 4, i) for i in (1, 2, 3, 4))
     width = 0.8 / max(1, len(results))
     for i, r in enumerate(results):
         if r["reward"]:
             xs, ys = zip(*r["reward"])
-            ax_r.plot(xs, ys, label=f"{r['mode']} (acc {r['final_accuracy']:.2f})", linewidth=1.2)
+            ax_r.plot(xs, ys, label=r["mode"], linewidth=1.2)
+        xs, ys = zip(*r["eval_accuracy"])
+        ax_a.plot(xs, ys, marker="o", markersize=4, label=r["mode"])
         rows = _rows(Path(r["run_dir"]))
         steps = [x["step"] for x in rows if x["step"] >= 1]
         ax_t.plot(steps, [x["time/step"] for x in rows if x["step"] >= 1], marker="o", markersize=3, label=r["mode"])
         keys = sorted(r["staleness"])
         ax_s.bar([k + (i - (len(results) - 1) / 2) * width for k in keys], [r["staleness"][k] for k in keys], width,
                  label=r["mode"])
-    for ax, title, xlabel in ((ax_r, "reward/mean vs samples trained", "samples"),
+    for ax, title, xlabel in ((ax_r, "reward/mean of the rollouts finished in a step", "samples trained"),
+                              (ax_a, "held-out accuracy (greedy)", "samples trained"),
                               (ax_t, "seconds per step", "step"),
                               (ax_s, "staleness of trained groups", "policy versions behind")):
         ax.set_title(title, fontsize=10)
