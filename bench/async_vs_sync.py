@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(cfg.cluster, local_runtime_env())  # one local Ray for every mode (its start-up is not what we measure)
     results, warm = [], None
     for name, k, extra in modes:
-        print(f"== {name}: rollout.max_staleness={k} {' '.join(extra)}, {steps} steps x {samples_per_step} samples",
+        print(f"== {name}: {' '.join([f'rollout.max_staleness={k}', *extra])}, {steps} steps x {samples_per_step} samples",
               flush=True)
         load = LoadSampler()
         rows, result, warm = run_mode(k, overrides + extra, args.out / name, warm)
