@@ -1,12 +1,13 @@
 """Asynchronous vs synchronous rollout on one CPU machine: throughput, accuracy after the same samples, staleness.
 
-    python bench/async_vs_sync.py                     # sync, max_staleness 1 and 2, 1 with TIS; ~10 minutes
+    python bench/async_vs_sync.py                     # sync, max_staleness 1 and 2, 1 with TIS; ~6 min idle
     python bench/async_vs_sync.py --quick             # 2 steps per mode (the smoke test)
     python bench/async_vs_sync.py --steps 20 --modes 0,1 --set sampling.max_new_tokens=16
 
-Every mode is the same code path (cluster.driver.train) from the same seed and the same warm-start weights,
-only `rollout.max_staleness` differs (0 = synchronous). One rollout worker and one learner rank, each on one
-thread, so synchronous costs generate + train per step and asynchronous about max(generate, train).
+Every mode is the same code path (cluster.driver.train) from the same seed and the same warm-start weights;
+only `rollout.max_staleness` differs (0 = synchronous), and `algorithm.off_policy` in a `K:tis` mode.
+One rollout worker and one learner rank, each on one thread, so synchronous costs generate + train per step
+and asynchronous about max(generate, train).
 Throughput comes from the driver's per-step timings (time/step) after the first `--skip` steps, so the Ray /
 DeepSpeed startup, the warm start, evaluation and the final checkpoint are excluded (and reported separately).
 Writes OUT/results.json, OUT/async_vs_sync.png and one run directory per mode; prints a markdown table.
