@@ -27,6 +27,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_rewards.py
+	$(PY) bench/async_vs_sync.py --out runs/bench-async
 
 clean:
 	rm -rf runs .pytest_cache
