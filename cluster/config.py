@@ -19,8 +19,10 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
-DATA_FORMATS = ("auto", "coop", "rft_parquet", "coco", "grounding_jsonl", "reasonseg")
-BOX_FORMATS = {"coco": "detection", "grounding_jsonl": "grounding", "reasonseg": "grounding"}  # -> task.prompt
+DATA_FORMATS = ("auto", "coop", "rft_parquet", "coco", "grounding_jsonl", "reasonseg", "vqa_jsonl")
+# formats that are not classification -> the task.prompt styles they take
+TASK_FORMATS = {"coco": ("detection",), "grounding_jsonl": ("grounding",), "reasonseg": ("grounding",),
+                "vqa_jsonl": ("vqa", "vqa_think")}
 
 
 @dataclass
@@ -29,6 +31,8 @@ class DataConfig:
     root: str | None = None  # a manifest folder or an ImageFolder tree (root/train/<class>/*.png); see `format`
     format: str = "auto"  # auto (manifest or ImageFolder) | coop (CoOp's layout, `coop` names the set) | rft_parquet
     #                       | coco (detection: root/annotations/instances_{train,val}2017.json) | grounding_jsonl | reasonseg
+    #                       | vqa_jsonl (tasks/vqa.py)
+    test_root: str | None = None  # vqa_jsonl: evaluate on another set (e.g. train on SAT, test on CVBench)
     coop: str | None = None  # format coop: which CoOp data set (oxford_flowers, dtd, eurosat, imagenet, ...)
     categories: list[str] = field(default_factory=list)  # format coco: the categories asked about (empty = all)
     name: str | None = None  # the data set's name in prompts and metrics (default: folder name)
@@ -43,10 +47,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.format not in DATA_FORMATS:
             raise ValueError(f"data.format must be one of {'|'.join(DATA_FORMATS)}, got {self.format!r}")
-        box_bundled = self.format in ("coco", "grounding_jsonl") and self.bundled == "shapes_boxes"
-        if self.format != "auto" and not self.root and not box_bundled:
+        bundled_for = {"coco": "shapes_boxes", "grounding_jsonl": "shapes_boxes", "vqa_jsonl": "shapes_vqa"}.get(self.format)
+        if self.format != "auto" and not self.root and not (bundled_for and self.bundled == bundled_for):
             raise ValueError(f"data.format {self.format} reads from data.root, which is not set"
-                             + (" (or use data.bundled: shapes_boxes)" if self.format in ("coco", "grounding_jsonl") else ""))
+                             + (f" (or use data.bundled: {bundled_for})" if bundled_for else ""))
         if self.format == "coop" and not self.coop:
             raise ValueError("data.format coop needs data.coop, the CoOp data set's name (e.g. oxford_flowers)")
         if self.classes not in ("all", "base", "new"):

@@ -9,18 +9,19 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import BOX_FORMATS, DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
+from cluster.config import TASK_FORMATS, DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
 from cluster.logs import announce
 from tasks.bundled import ensure_bundled
 from tasks.bundled_boxes import ensure_bundled_boxes
 from tasks.coop import read_coop
 from tasks.detection import k_shot_detection, read_coco_dir
-from tasks.examples import PromptExample, box_corpus, build_box_examples, build_examples, tokenizer_corpus
+from tasks.examples import PromptExample, box_corpus, build_examples, build_task_examples, question_text, tokenizer_corpus
 from tasks.grounding import read_grounding_jsonl, read_reasonseg
 from tasks.manifest import ClassificationDataset, read_dataset
 from tasks.parquet import read_rft_parquet
-from tasks.prompts import BOX_STYLES, PROMPT_STYLES, detection_prompt, grounding_prompt
+from tasks.prompts import PROMPT_STYLES
 from tasks.sampling import base_new_split, k_shot, subset_classes
+from tasks.vqa import ensure_bundled_vqa, read_vqa_jsonl
 from vlm.cache import default_cache_dir
 from vlm.processor import load_processor
 from vlm.tiny import ensure_tiny_vlm
@@ -36,18 +37,18 @@ class RunData:
 
 
 @dataclass
-class BoxSet:
-    """A detection or grounding data set: samples (tasks/detection.py, tasks/grounding.py) split and k-shot cut."""
+class SampleSet:
+    """A detection, grounding or VQA data set: samples (tasks/detection.py, grounding.py, vqa.py), split and cut."""
 
     name: str
     train: list
     test: list
 
 
-def read_entry(d: DataConfig) -> tuple[ClassificationDataset | None, ClassificationDataset | BoxSet]:
+def read_entry(d: DataConfig) -> tuple[ClassificationDataset | None, ClassificationDataset | SampleSet]:
     """(the whole classification data set an entry names or None for box sets, what the entry keeps of it)."""
-    if d.format in BOX_FORMATS:
-        return None, _read_boxes(d)
+    if d.format in TASK_FORMATS:
+        return None, _read_samples(d)
     if d.format == "coop":
         dataset = read_coop(d.root, d.coop)
     elif d.format == "rft_parquet":
@@ -64,20 +65,30 @@ def read_entry(d: DataConfig) -> tuple[ClassificationDataset | None, Classificat
     return dataset, ClassificationDataset(dataset.name, keep, subset_classes(dataset.samples, keep))
 
 
-def _read_boxes(d: DataConfig) -> BoxSet:
+def _read_samples(d: DataConfig) -> SampleSet:
+    if d.format == "vqa_jsonl":
+        root = Path(d.root) if d.root else ensure_bundled_vqa()
+        samples = read_vqa_jsonl(root if root.is_file() else root / "vqa.jsonl")
+        test_root = Path(d.test_root) if d.test_root else None  # e.g. train on SAT, test on CVBench
+        test = read_vqa_jsonl(test_root if test_root.is_file() else test_root / "vqa.jsonl") if test_root else samples
+        train = [s for s in samples if s.split == "train"]
+        if d.k_shot:  # no classes: k_shot caps the training questions, a seeded pick
+            train = sorted(random.Random(d.seed).sample(train, min(d.k_shot, len(train))), key=lambda s: s.id)
+        return SampleSet(d.name or (root.stem if d.root else "shapes_vqa"), train,
+                         [s for s in test if s.split != "train" or test_root is not None])
     root = Path(d.root) if d.root else ensure_bundled_boxes()
     if d.format == "coco":
         cats = d.categories or None
         train, test = read_coco_dir(root, "train2017", cats), read_coco_dir(root, "val2017", cats)
         train_samples = k_shot_detection(train, d.k_shot, d.seed) if d.k_shot else train.samples()
-        return BoxSet(d.name or (root.name if d.root else "shapes_boxes"), train_samples, test.samples())
+        return SampleSet(d.name or (root.name if d.root else "shapes_boxes"), train_samples, test.samples())
     samples = read_reasonseg(root) if d.format == "reasonseg" else read_grounding_jsonl(
         root if root.is_file() else root / "grounding.jsonl")
     test_split = "test" if any(s.split == "test" for s in samples) else "val"
     train = [s for s in samples if s.split == "train"]
     if d.k_shot:  # grounding has no classes: k_shot caps the training questions, a seeded pick
         train = sorted(random.Random(d.seed).sample(train, min(d.k_shot, len(train))), key=lambda s: s.id)
-    return BoxSet(d.name or (root.stem if d.root else "shapes_grounding"), train,
+    return SampleSet(d.name or (root.stem if d.root else "shapes_grounding"), train,
                   [s for s in samples if s.split == test_split])
 
 
@@ -88,15 +99,14 @@ def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = No
     if len(set(names)) != len(names):
         raise ValueError(f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart")
     for ds, e in zip(read, entries):
-        want = BOX_FORMATS.get(e.data.format)
-        if (want or e.task.prompt) != e.task.prompt or (not want and e.task.prompt in BOX_STYLES):
+        want = TASK_FORMATS.get(e.data.format, PROMPT_STYLES)
+        if e.task.prompt not in want:
             raise ValueError(f"data set {ds.name!r} (data.format {e.data.format}) needs task.prompt "
-                             f"{want or 'one of ' + '|'.join(PROMPT_STYLES)}, got {e.task.prompt!r}")
+                             f"{'|'.join(want)}, got {e.task.prompt!r}")
     corpus = tokenizer_corpus([w for w in whole if w is not None])  # every class named
-    boxes = [ds for ds in read if isinstance(ds, BoxSet)]
+    boxes = [ds for ds in read if isinstance(ds, SampleSet)]
     if boxes:
-        corpus += box_corpus([detection_prompt(s.category) if hasattr(s, "category") else grounding_prompt(s.question)
-                              for b in boxes for s in b.train + b.test])
+        corpus += box_corpus([question_text(s) for b in boxes for s in b.train + b.test])
     model_path = cfg.model.path or str(ensure_tiny_vlm(cfg.model.tiny, corpus))
     processor = load_processor(model_path, cfg.model.trust_remote_code)
     data = RunData(model_path, {ds.name: e.task for ds, e in zip(read, entries)},
@@ -115,12 +125,12 @@ def _eval_sample(test: list, d: DataConfig) -> list:
     return test
 
 
-def _examples(processor, dataset: ClassificationDataset | BoxSet, d: DataConfig, t: TaskConfig) -> tuple[list, list]:
-    if isinstance(dataset, BoxSet):
+def _examples(processor, dataset: ClassificationDataset | SampleSet, d: DataConfig, t: TaskConfig) -> tuple[list, list]:
+    if isinstance(dataset, SampleSet):
         build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, skip_bad_images=d.skip_bad_images)
-        train_examples, skipped = build_box_examples(processor, dataset.name, dataset.train, **build)
-        test_examples, skipped_test = build_box_examples(processor, dataset.name, _eval_sample(dataset.test, d), **build)
-        classes = len({getattr(s, "category", None) for s in dataset.train}) if t.prompt == "detection" else "open"
+        train_examples, skipped = build_task_examples(processor, dataset.name, dataset.train, **build)
+        test_examples, skipped_test = build_task_examples(processor, dataset.name, _eval_sample(dataset.test, d), **build)
+        classes = len({getattr(s, "category", None) for s in dataset.train}) if t.prompt == "detection" else "no"
     else:
         train = dataset.split("train")
         if d.k_shot:

@@ -14,6 +14,7 @@ from tasks.prompts import (
     detection_prompt,
     grounding_prompt,
     question_prefix,
+    vqa_prompt,
 )
 from vlm.inputs import PromptInputs, encode_prompt
 
@@ -77,7 +78,7 @@ def tokenizer_corpus(datasets: Sequence[ClassificationDataset]) -> list[str]:
 def format_target(style: str, answer) -> str:
     """A completion in the task's answer format (warm start and SFT targets): a class name, or for the box
     styles the solution's boxes in the 0-1000 frame."""
-    if style == "no_think":
+    if style in ("no_think", "vqa"):
         return answer
     if style == "detection":
         found = ", ".join(f"{{'Position': {list(b)}, 'Confidence': 1.0}}" for b in answer)
@@ -88,14 +89,21 @@ def format_target(style: str, answer) -> str:
     return f"<think> The image shows {answer}. </think> <answer>{answer}</answer>"
 
 
-def build_box_examples(processor, dataset: str, samples: Sequence, style: str, min_pixels: int, max_pixels: int,
-                       skip_bad_images: bool = False) -> tuple[list[PromptExample], list[str]]:
-    """Detection samples (tasks/detection.py) or grounding samples (tasks/grounding.py) into prompts whose
-    solution is the box list the det_* / grounding rewards read."""
-    def question(s) -> str:
-        return detection_prompt(s.category) if style == "detection" else grounding_prompt(s.question)
+def build_task_examples(processor, dataset: str, samples: Sequence, style: str, min_pixels: int, max_pixels: int,
+                        skip_bad_images: bool = False) -> tuple[list[PromptExample], list[str]]:
+    """Detection, grounding or VQA samples (tasks/detection.py, grounding.py, vqa.py) into prompts whose solution
+    is what their rewards read (boxes, or the answer string)."""
+    return _encode(processor, dataset, samples, min_pixels, max_pixels, skip_bad_images,
+                   lambda s: question_text(s, style), lambda s: s.solution())
 
-    return _encode(processor, dataset, samples, min_pixels, max_pixels, skip_bad_images, question, lambda s: s.solution())
+
+def question_text(sample, style: str | None = None) -> str:
+    """The prompt of a detection, grounding or VQA sample (VQA: direct unless style is vqa_think)."""
+    if hasattr(sample, "category"):
+        return detection_prompt(sample.category)
+    if hasattr(sample, "choices"):
+        return vqa_prompt(sample.question, sample.choices, thinking=style == "vqa_think")
+    return grounding_prompt(sample.question)
 
 
 def box_corpus(examples_text: Sequence[str]) -> list[str]:

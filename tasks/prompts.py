@@ -17,6 +17,7 @@ DATASET_PREFIXES = {
 }
 PROMPT_STYLES = ("cls_rl", "no_think", "visual_rft")  # classification
 BOX_STYLES = ("detection", "grounding")  # Visual-RFT detection (COCO) and LISA-style grounding
+VQA_STYLES = ("vqa", "vqa_think")  # one-answer VQA (No-Thinking on SAT -> CVBench): direct, or think/answer
 
 
 def question_prefix(dataset: str) -> str:
@@ -59,6 +60,11 @@ def detection_prompt(category: str) -> str:
             f"If no object belonging to the category '{category}' in the image, return 'No Objects'.\n"
             f"{THINK_INSTRUCTION} The answer is a list in the format "
             "[{'Position': [x1, y1, x2, y2], 'Confidence': number}, ...].")
+
+
+def vqa_prompt(question: str, choices: Sequence[str], thinking: bool) -> str:
+    listed = " ".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices))
+    return f"{question}\n{listed + chr(10) if listed else ''}{THINK_INSTRUCTION if thinking else DIRECT_INSTRUCTION}"
 
 
 def grounding_prompt(question: str) -> str:

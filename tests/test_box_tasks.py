@@ -39,7 +39,7 @@ def test_grounding_prompts_and_accuracy_at_iou_half():
 
 @pytest.mark.parametrize("overrides,message", [
     (["data.format=coco", "task.prompt=no_think"], "needs task.prompt detection"),
-    (["data.format=auto", "data.bundled=shapes", "task.prompt=detection"], "needs task.prompt one of"),
+    (["data.format=auto", "data.bundled=shapes", "task.prompt=detection"], "needs task.prompt cls_rl|no_think|visual_rft"),
 ])
 def test_task_and_data_kind_must_agree(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -49,3 +49,21 @@ def test_task_and_data_kind_must_agree(overrides, message):
 def test_box_format_without_root_or_bundled_set_is_named():
     with pytest.raises(ConfigError, match="data.format coco reads from data.root"):
         load_config(ExperimentConfig, None, ["data.format=coco"])
+
+
+def test_vqa_questions_list_their_choices_and_answer_directly():
+    data = load_run_data(_cfg("data.bundled=shapes_vqa", "data.format=vqa_jsonl", "task.prompt=vqa"))
+    e = data.train_examples[0]
+    assert "Which shape is further" in e.text and "(A) " in e.text and e.text.endswith("Please directly output the answer.")
+    assert e.solution in ("(A)", "(B)") and data.test_examples
+    assert {t.id for t in data.test_examples}.isdisjoint({t.id for t in data.train_examples})
+    assert get_reward("cls_equality")([format_target("vqa", e.solution)], [e.solution]) == [1.0]
+
+
+def test_vqa_file_errors_name_the_line(tmp_path):
+    from tasks.manifest import DatasetError
+    from tasks.vqa import read_vqa_jsonl
+
+    (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "q?"}\n')
+    with pytest.raises(DatasetError, match=r"q.jsonl:1: needs 'image', 'question' and 'answer'"):
+        read_vqa_jsonl(tmp_path / "q.jsonl")

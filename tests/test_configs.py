@@ -13,7 +13,7 @@ import rewards
 from cluster.config import ExperimentConfig
 from cluster.schema import ConfigError, load_config
 from tasks.examples import format_target
-from tasks.prompts import BOX_STYLES, DIRECT_INSTRUCTION, PROMPT_STYLES, THINK_INSTRUCTION, classification_prompt
+from tasks.prompts import BOX_STYLES, DIRECT_INSTRUCTION, PROMPT_STYLES, THINK_INSTRUCTION, VQA_STYLES, classification_prompt
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUNTIME_ENV = CONFIGS / "runtime_env.yaml"
@@ -82,7 +82,7 @@ def test_the_paper_configs_are_there():
 def test_config_loads_and_its_rewards_resolve(path):
     cfg = load_config(ExperimentConfig, path)
     for entry in cfg.dataset_entries():
-        assert entry.task.prompt in PROMPT_STYLES + BOX_STYLES
+        assert entry.task.prompt in PROMPT_STYLES + BOX_STYLES + VQA_STYLES
         composite = rewards.CompositeReward(entry.task.rewards)  # unknown names or params raise here
         assert set(composite.names) <= set(rewards.available())
         assert entry.task.correct_reward in rewards.available()
