@@ -52,6 +52,8 @@ PAPERS = {
         "task.rewards": [("format", 1.0), ("cls_contains", 1.0)], "task.thing": "plant", "task.attribute": "species",
     }, (1, 1 * 102)),  # Visual-RFT: 1 epoch, one-shot Flower102 (Table 2)
 }
+for _k in (2, 4, 8, 16):  # Visual-RFT's other shot counts: one file each, 1 epoch of k shots
+    PAPERS[f"visual_rft_cls_{_k}shot.yaml"] = ({**PAPERS["visual_rft_cls.yaml"][0], "data.k_shot": _k}, (1, _k * 102))
 PAPERS["cls_rl_b2n.yaml"] = ({**PAPERS["cls_rl.yaml"][0], "data.classes": "base"}, (50, 4 * 51))  # base half
 PAPERS["no_think_b2n.yaml"] = ({**PAPERS["no_think.yaml"][0], "data.classes": "base"}, (50, 4 * 51))
 

@@ -14,7 +14,8 @@ from cluster.driver import train
 from cluster.schema import load_config
 
 PAPER_CONFIGS = ["cls_rl.yaml", "no_think.yaml", "cls_rl_b2n.yaml", "no_think_b2n.yaml", "visual_rft_cls.yaml",
-                 "visual_rft_coco.yaml", "visual_rft_lisa.yaml", "no_think_sat.yaml"]
+                 "visual_rft_cls_2shot.yaml", "visual_rft_cls_4shot.yaml", "visual_rft_cls_8shot.yaml",
+                 "visual_rft_cls_16shot.yaml", "visual_rft_coco.yaml", "visual_rft_lisa.yaml", "no_think_sat.yaml"]
 BOX_DATA = {"visual_rft_coco.yaml": ["data.format=coco", "data.bundled=shapes_boxes", "data.k_shot=2"],
             "visual_rft_lisa.yaml": ["data.format=grounding_jsonl", "data.bundled=shapes_boxes", "data.k_shot=8"],
             "no_think_sat.yaml": ["data.format=vqa_jsonl", "data.bundled=shapes_vqa", "data.test_root=null"]}
