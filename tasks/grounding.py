@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from tasks.boxes import Box1000, as_solution, check_frame_box, pixel_box_to_frame
-from tasks.manifest import IMAGE_SUFFIXES, DatasetError
+from tasks.manifest import IMAGE_SUFFIXES, DatasetError, jsonl_rows
 
 JSONL_KEYS = {"image", "question", "expression", "boxes", "box", "split", "id"}
 REASONSEG_SPLITS = ("train", "val", "test")
@@ -66,22 +66,14 @@ def read_grounding_jsonl(path: str | Path) -> list[GroundingSample]:
     if not path.is_file():
         raise DatasetError(f"grounding file not found: {path}")
     samples: list[GroundingSample] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
-            image, question, raw_boxes, split, sid = _jsonl_row(row, where)
-            try:
-                boxes = tuple(check_frame_box(b) for b in raw_boxes)
-            except ValueError as err:
-                raise DatasetError(f"{where}: {err}") from None
-            samples.append(GroundingSample(str(sid) if sid is not None else f"{path.stem}-{lineno}",
-                                           path.parent / image, question, boxes, split))
+    for lineno, where, row in jsonl_rows(path):
+        image, question, raw_boxes, split, sid = _jsonl_row(row, where)
+        try:
+            boxes = tuple(check_frame_box(b) for b in raw_boxes)
+        except ValueError as err:
+            raise DatasetError(f"{where}: {err}") from None
+        samples.append(GroundingSample(str(sid) if sid is not None else f"{path.stem}-{lineno}",
+                                       path.parent / image, question, boxes, split))
     _check_ids(samples, path)
     return samples
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,20 @@ def _check_classes(name: str, classnames: list[str], samples: list[Sample], sour
         raise DatasetError(f"{source}: class(es) with no images in data set {name!r}: {empty}")
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[int, str, object]]:
+    """(line number, "file:line", parsed JSON) for every non-blank line; a line that is not JSON is an error naming it."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
+            yield lineno, where, row
+
+
 def read_classnames(path: str | Path) -> list[str]:
     """One class name per line (blank lines ignored), or a JSON list of strings."""
     path = Path(path)
@@ -81,26 +96,18 @@ def read_manifest(manifest: str | Path, classnames: str | Path | None = None, na
     names = read_classnames(classnames_path)
     known = set(names)
     samples: list[Sample] = []
-    with manifest.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{manifest}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{where}: expected a JSON object")
-            missing = {"image", "label", "split"} - row.keys()
-            extra = row.keys() - MANIFEST_KEYS
-            if missing or extra:
-                raise DatasetError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}; "
-                                   f"allowed: {sorted(MANIFEST_KEYS)}")
-            if row["label"] not in known:
-                raise DatasetError(f"{where}: unknown label {row['label']!r} (not in {classnames_path})")
-            samples.append(Sample(id=str(row.get("id", f"{manifest.stem}-{lineno}")),
-                                  image=manifest.parent / row["image"], label=row["label"], split=str(row["split"])))
+    for lineno, where, row in jsonl_rows(manifest):
+        if not isinstance(row, dict):
+            raise DatasetError(f"{where}: expected a JSON object")
+        missing = {"image", "label", "split"} - row.keys()
+        extra = row.keys() - MANIFEST_KEYS
+        if missing or extra:
+            raise DatasetError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}; "
+                               f"allowed: {sorted(MANIFEST_KEYS)}")
+        if row["label"] not in known:
+            raise DatasetError(f"{where}: unknown label {row['label']!r} (not in {classnames_path})")
+        samples.append(Sample(id=str(row.get("id", f"{manifest.stem}-{lineno}")),
+                              image=manifest.parent / row["image"], label=row["label"], split=str(row["split"])))
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise DatasetError(f"{manifest}: duplicate ids {[i for i, k in Counter(ids).items() if k > 1][:5]}")

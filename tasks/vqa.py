@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.manifest import DatasetError
+from tasks.manifest import DatasetError, jsonl_rows
 
 VQA_KEYS = {"image", "question", "answer", "choices", "split", "id"}
 
@@ -38,14 +38,7 @@ def read_vqa_jsonl(path: str | Path) -> list[VqaSample]:
     if not path.is_file():
         raise DatasetError(f"VQA file not found: {path}")
     samples, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
+    for lineno, where, row in jsonl_rows(path):
         if not isinstance(row, dict) or not {"image", "question", "answer"} <= set(row):
             raise DatasetError(f"{where}: needs 'image', 'question' and 'answer' (and optionally 'choices', 'split', 'id')")
         if unknown := set(row) - VQA_KEYS:
