@@ -115,7 +115,7 @@ class Job:
             ray.get([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners])
             epochs = ", ".join(f"{name} {e:.2f}" for name, e in self.order.epochs().items())
             announce(f"resumed from {self.ckpt_root / resume_tag}: step {self.state.step}, "
-                  f"policy version {self.state.policy_version}, epochs done: {epochs}")
+                     f"policy version {self.state.policy_version}, epochs done: {epochs}")
         self.form_weight_group()
         self.broadcast(self.state.policy_version)  # engines start bit-equal to the learners (resumed or not)
 
