@@ -120,6 +120,12 @@ class LearnerWorker:
             batch = build_sequence_batch([r[0] for r in chunk], [r[1].token_ids for r in chunk], self.pad_id, self.image_id)
             yield batch, pad_rows([r[1].logprobs for r in chunk]), torch.tensor([r[2] for r in chunk])
 
+    def _to_device(self, batch) -> None:
+        for k, v in vars(batch).items():
+            setattr(batch, k, v.to(self.engine.device))
+        if self.bf16:
+            batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
+
     def train_step(self, groups: list, max_len: int | None = None) -> dict:
         """One optimizer step on this rank's share: `groups` are (RolloutGroup, advantages) pairs."""
         device = self.engine.device
@@ -127,10 +133,7 @@ class LearnerWorker:
         self.engine.train()
         count = 0
         for batch, old, adv in self._micro_batches(groups):
-            for k, v in vars(batch).items():
-                setattr(batch, k, v.to(device))
-            if self.bf16:
-                batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
+            self._to_device(batch)
             ref = None
             if self.ref is not None:
                 with torch.no_grad():
@@ -156,16 +159,13 @@ class LearnerWorker:
             self.tokenizer = load_processor(self.model_path, self.trust_remote_code).tokenizer
         eos = self.engine.module.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
-        device, losses = self.engine.device, []
+        losses = []
         self.engine.train()
         for i in range(0, len(rows), self.cfg.micro_batch_size):
             chunk = rows[i:i + self.cfg.micro_batch_size]
             targets = [self.tokenizer.encode(text, add_special_tokens=False) + [eos] for _, text in chunk]
             batch = build_sequence_batch([inputs for inputs, _ in chunk], targets, self.pad_id, self.image_id)
-            for k, v in vars(batch).items():
-                setattr(batch, k, v.to(device))
-            if self.bf16:
-                batch.pixel_values = batch.pixel_values.to(torch.bfloat16)
+            self._to_device(batch)
             loss = sft_objective(self.engine, batch)
             self.engine.backward(loss)
             self.engine.step()
