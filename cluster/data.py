@@ -65,6 +65,13 @@ def read_entry(d: DataConfig) -> tuple[ClassificationDataset | None, Classificat
     return dataset, ClassificationDataset(dataset.name, keep, subset_classes(dataset.samples, keep))
 
 
+def _cap_questions(train: list, d: DataConfig) -> list:
+    """Class-less sets (grounding, VQA): k_shot caps the training questions, a seeded pick in id order."""
+    if not d.k_shot:
+        return train
+    return sorted(random.Random(d.seed).sample(train, min(d.k_shot, len(train))), key=lambda s: s.id)
+
+
 def _read_samples(d: DataConfig) -> SampleSet:
     if d.format == "vqa_jsonl":
         root = Path(d.root) if d.root else ensure_bundled_vqa()
@@ -72,8 +79,7 @@ def _read_samples(d: DataConfig) -> SampleSet:
         test_root = Path(d.test_root) if d.test_root else None  # e.g. train on SAT, test on CVBench
         test = read_vqa_jsonl(test_root if test_root.is_file() else test_root / "vqa.jsonl") if test_root else samples
         train = [s for s in samples if s.split == "train"]
-        if d.k_shot:  # no classes: k_shot caps the training questions, a seeded pick
-            train = sorted(random.Random(d.seed).sample(train, min(d.k_shot, len(train))), key=lambda s: s.id)
+        train = _cap_questions(train, d)
         return SampleSet(d.name or (root.stem if d.root else "shapes_vqa"), train,
                          [s for s in test if s.split != "train" or test_root is not None])
     root = Path(d.root) if d.root else ensure_bundled_boxes()
@@ -86,8 +92,7 @@ def _read_samples(d: DataConfig) -> SampleSet:
         root if root.is_file() else root / "grounding.jsonl")
     test_split = "test" if any(s.split == "test" for s in samples) else "val"
     train = [s for s in samples if s.split == "train"]
-    if d.k_shot:  # grounding has no classes: k_shot caps the training questions, a seeded pick
-        train = sorted(random.Random(d.seed).sample(train, min(d.k_shot, len(train))), key=lambda s: s.id)
+    train = _cap_questions(train, d)
     return SampleSet(d.name or (root.stem if d.root else "shapes_grounding"), train,
                   [s for s in samples if s.split == test_split])
 
