@@ -54,11 +54,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                 row = {"step": step, **rollout_metrics(rollouts), **learner_metrics(learned), **backlog, "time/step": t2 - t0,
                        "time/train_wait": t1 - t0, "time/sync": t2 - t1, "sync/mb_per_s": sync["mb_per_s"],
                        "sync/mb": sync["bytes"] / 2**20, **{f"data/{n}/epoch": e for n, e in job.order.epochs().items()}}
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                if due(cfg.train.eval_every, step, cfg.train.steps):
                     row.update(evaluate(job, step))
                 metrics.log(row)
                 log.info("step %d: %s", step, json.dumps({k: round(v, 4) for k, v in row.items() if isinstance(v, float)}))
-                if cfg.train.save_every and step % cfg.train.save_every == 0 or step == cfg.train.steps:
+                if due(cfg.train.save_every, step, cfg.train.steps):
                     job.save(step, sched, score=row.get("eval/accuracy"))
                 bar.set_postfix(reward=f"{row.get('reward/mean', float('nan')):.2f}", acc=row.get("eval/accuracy", ""))
         evals = [r for r in metrics.rows if "eval/accuracy" in r]
@@ -67,6 +67,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                    f"(max_staleness {cfg.rollout.max_staleness})", "policy versions behind the learner")
     return {"grpo_start": evals[0]["eval/accuracy"], "final": evals[-1]["eval/accuracy"], "steps": cfg.train.steps,
             "seconds": time.time() - t_start, "run_dir": str(run_dir), "staleness": dict(sorted(staleness_hist.items()))}
+
+
+def due(every: int, step: int, last: int) -> bool:
+    """Evals and checkpoints: every `every` steps (0 = never) and always at the last step."""
+    return bool(every) and step % every == 0 or step == last
 
 
 def evaluate(job: Job, step: int) -> dict:
@@ -86,7 +91,8 @@ def evaluate(job: Job, step: int) -> dict:
 
 def rollout_metrics(parts: list[dict]) -> dict:
     """Over the chunks that finished during this step (none, when rollout ran far enough ahead)."""
-    rewards = [r for p in parts for r in p["rewards"]]
+    per_dataset = [(name, d) for p in parts for name, d in p["datasets"].items()]
+    rewards = [r for _, d in per_dataset for r in d["rewards"]]
     lengths = [n for p in parts for n in p["lengths"]]
     if not rewards:
         return {}
@@ -96,11 +102,11 @@ def rollout_metrics(parts: list[dict]) -> dict:
            "dropped/filtered": sum(len(p["filtered"]) for p in parts)}
     spans = [s for p in parts for s in p["version_spans"]]  # > 0: continued under newer weights (partial rollout)
     row.update({"rollout/partial_frac": sum(s > 0 for s in spans) / len(spans), "rollout/span_max": max(spans)})
-    for name in {c for p in parts for c in p["components"]}:  # data sets may have different reward components
-        row[f"reward/{name}"] = statistics.fmean(v for p in parts for v in p["components"].get(name, []))
-    datasets = {name for p in parts for name in p["datasets"]}
+    for comp in {c for _, d in per_dataset for c in d["components"]}:  # data sets may have different components
+        row[f"reward/{comp}"] = statistics.fmean(v for _, d in per_dataset for v in d["components"].get(comp, []))
+    datasets = {name for name, _ in per_dataset}
     for name in sorted(datasets) if len(datasets) > 1 else []:
-        per = [p["datasets"][name] for p in parts if name in p["datasets"]]
+        per = [d for n, d in per_dataset if n == name]
         row[f"reward/{name}/mean"] = statistics.fmean(r for d in per for r in d["rewards"])
         for comp in per[0]["components"]:
             row[f"reward/{name}/{comp}"] = statistics.fmean(v for d in per for v in d["components"][comp])

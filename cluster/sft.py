@@ -17,7 +17,7 @@ from cluster.metrics import MetricsLogger
 
 
 def train_sft(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> dict:
-    from cluster.driver import evaluate
+    from cluster.driver import due, evaluate
 
     t_start = time.time()
     with run_logging(run_dir) as log, Job(cfg, run_dir, resume) as job:
@@ -31,12 +31,12 @@ def train_sft(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | N
                 ranks = job.sft_step(sched.order.next_batch(cfg.train.prompts_per_step))
                 row = {"step": step, **{k: statistics.fmean(r[k] for r in ranks) for k in ranks[0]},
                        "time/step": time.perf_counter() - t0, **{f"data/{n}/epoch": e for n, e in job.order.epochs().items()}}
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                if due(cfg.train.eval_every, step, cfg.train.steps):
                     job.broadcast(step)
                     row.update(evaluate(job, step))
                 metrics.log(row)
                 log.info("step %d: sft_loss %.4f", step, row["sft_loss"])
-                if cfg.train.save_every and step % cfg.train.save_every == 0 or step == cfg.train.steps:
+                if due(cfg.train.save_every, step, cfg.train.steps):
                     job.save(step, sched, score=row.get("eval/accuracy"))
                 bar.set_postfix(loss=f"{row['sft_loss']:.3f}", acc=row.get("eval/accuracy", ""))
         evals = [r for r in metrics.rows if "eval/accuracy" in r]
