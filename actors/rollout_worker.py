@@ -90,8 +90,8 @@ class RolloutWorker:
     def rollout(self, requests: list[RolloutRequest], seed: int) -> dict:
         """Sample, score and publish groups for `requests`; returns what the driver logs (no tensors)."""
         times = {"generate": 0.0, "reward": 0.0, "publish": 0.0}
-        summary: dict = {"published": [], "filtered": [], "rewards": [], "components": {}, "lengths": [], "truncated": 0,
-                         "datasets": {}, "version_spans": []}
+        summary: dict = {"published": [], "filtered": [], "lengths": [], "truncated": 0, "version_spans": [],
+                         "datasets": {}}  # per data set: rewards and reward components (the overall ones derive from them)
         for start in range(0, len(requests), self.prompts_per_call):
             t0 = time.perf_counter()
             groups = self.engine.generate(requests[start:start + self.prompts_per_call], self.sampling,
@@ -109,11 +109,9 @@ class RolloutWorker:
             summary["published"] += [g.request.meta.get("draw") for g in keep]
             summary["filtered"] += [g.request.meta.get("draw") for g in filtered]
             for g in groups:
-                summary["rewards"] += g.rewards
                 per = summary["datasets"].setdefault(g.request.meta["dataset"], {"rewards": [], "components": {}})
                 per["rewards"] += g.rewards
                 for name, vals in g.reward_components.items():
-                    summary["components"].setdefault(name, []).extend(vals)
                     per["components"].setdefault(name, []).extend(vals)
                 summary["lengths"] += [len(c.token_ids) for c in g.completions]
                 summary["truncated"] += sum(c.finish_reason == "length" for c in g.completions)
