@@ -21,15 +21,19 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 BUNDLED_VERSION = 1
 
 
+def noisy_background(rng: np.random.Generator, size: int) -> Image.Image:
+    """A size x size RGB image of one random dull colour under Gaussian noise (the shapes' canvas)."""
+    background = rng.integers(60, 200, size=3)
+    noise = rng.normal(0, 18, size=(size, size, 3))
+    return Image.fromarray(np.clip(background[None, None, :] * 0.6 + noise + 40, 0, 255).astype(np.uint8))
+
+
 def _shapes(per_class: dict[str, int], size: int = 84, seed: int = 0) -> Iterator[tuple[str, str, Image.Image]]:
     rng = np.random.default_rng(seed)
     for split, count in per_class.items():
         for label, colour in SHAPE_COLOURS.items():
             for _ in range(count):
-                background = rng.integers(60, 200, size=3)
-                noise = rng.normal(0, 18, size=(size, size, 3))
-                arr = np.clip(background[None, None, :] * 0.6 + noise + 40, 0, 255).astype(np.uint8)
-                img = Image.fromarray(arr)
+                img = noisy_background(rng, size)
                 draw = ImageDraw.Draw(img)
                 r = int(rng.integers(size // 5, size // 3))
                 cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tasks.boxes import pixel_box_to_frame
-from tasks.bundled import SHAPE_COLOURS, bundled_root
+from tasks.bundled import SHAPE_COLOURS, bundled_root, noisy_background
 from vlm.cache import build_once
 
 BOXES_VERSION = 1
@@ -22,9 +22,7 @@ SUBSETS = {"train2017": 40, "val2017": 16}  # images per subset
 
 
 def _image(rng: np.random.Generator, size: int = 84) -> tuple[Image.Image, list[tuple[str, list[int]]]]:
-    background = rng.integers(60, 200, size=3)
-    arr = np.clip(background[None, None, :] * 0.6 + rng.normal(0, 18, size=(size, size, 3)) + 40, 0, 255)
-    img = Image.fromarray(arr.astype(np.uint8))
+    img = noisy_background(rng, size)
     draw = ImageDraw.Draw(img)
     objects = []
     for colour in rng.choice(list(SHAPE_COLOURS), size=int(rng.integers(1, 4)), replace=False):
