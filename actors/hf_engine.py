@@ -12,23 +12,38 @@ from pathlib import Path
 import torch
 
 from actors.engine import RolloutGroup, RolloutRequest
+from cluster.weight_sync import WeightReceiver, WeightSyncConfig
 from vlm.generation import SamplingConfig, sample_completions
 from vlm.partial import WeightGate, sample_in_segments
-from vlm.processor import load_processor
+
+
+def load_policy(model_path: str | Path, dtype: torch.dtype, trust_remote_code: bool):
+    """(model, tokenizer[, processor]) for a vision-language checkpoint, or a text-only one (vLLM's CPU test model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if getattr(config, "vision_config", None) is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model, AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code), None
+    from vlm.processor import load_processor
+
+    processor = load_processor(model_path, trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model, processor.tokenizer, processor
 
 
 class HFEngine:
+    ranks = 1  # weight-group ranks it occupies
+
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  trust_remote_code: bool = False, partial_rollout: bool = False) -> None:
-        from transformers import AutoModelForImageTextToText
-
-        self.processor = load_processor(model_path, trust_remote_code)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+        model, self.tokenizer, self.processor = load_policy(model_path, dtype, trust_remote_code)
+        self.model = model.to(device).eval()
         self.model.requires_grad_(False)
         self.policy_version = 0
         self.partial_rollout = partial_rollout
         self.gate = WeightGate()
+        self.receiver: WeightReceiver | None = None
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
                  interruptible: bool = True) -> list[RolloutGroup]:
@@ -36,7 +51,7 @@ class HFEngine:
         continued some completions under newer weights: each completion's `versions` says which token had which)."""
         if not requests:
             return []
-        prompts, tok = [r.inputs for r in requests], self.processor.tokenizer
+        prompts, tok = [r.inputs for r in requests], self.tokenizer
         if self.partial_rollout and interruptible:
             groups = sample_in_segments(self.model, tok, prompts, sampling, self.gate, lambda: self.policy_version, seed)
         else:
@@ -68,3 +83,29 @@ class HFEngine:
                 params[name].copy_(tensor)
             self.policy_version = version
         return len(named_tensors)
+
+    # ---- the weight group (the same calls as the vLLM engine's) ----
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: WeightSyncConfig,
+                          name: str) -> list[str]:
+        """Leave any previous group and join the one at host:port as `first_rank` (blocks until it forms)."""
+        self.leave_weight_group()
+        self.receiver = WeightReceiver(host, port, first_rank, num_ranks, cfg, name=name)
+        return [name]
+
+    def receive_weights(self, timeout_s: float | None = None) -> dict:
+        """With partial rollout (a threaded actor) this runs while generate() samples: the transfer overlaps
+        generation, and only the copy interrupts it."""
+        if self.receiver is None:
+            raise RuntimeError("receive_weights before join_weight_group")
+        version, named = self.receiver.receive()
+        return {"version": version, "tensors": self.update_weights(named, version)}
+
+    def leave_weight_group(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+
+    def checksums(self) -> dict[str, float]:
+        """Per-parameter float64 sums, comparable with the learner's."""
+        return {n: float(p.double().sum()) for n, p in self.model.named_parameters()}

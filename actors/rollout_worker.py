@@ -13,11 +13,9 @@ import torch
 
 from actors.engine import RolloutGroup, RolloutRequest
 from actors.eval_worker import greedy_answers
-from actors.hf_engine import HFEngine
 from cluster.redis_server import RedisConfig
 from cluster.rollout_buffer import RolloutBuffer
 from cluster.weight_group import WeightSyncConfig
-from cluster.weight_sync import WeightReceiver
 from rewards import get_reward
 from vlm.generation import SamplingConfig
 
@@ -28,40 +26,45 @@ def engine_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def make_engine(rollout, model_path: str, trust_remote_code: bool, seed: int):
+    """The engine `rollout.engine` names (a `cluster.config.RolloutConfig`)."""
+    if rollout.engine == "vllm":
+        from actors.vllm_engine import VLLMEngine, engine_options
+
+        return VLLMEngine(engine_options(model_path, rollout, rollout.dtype, seed, rollout.colocate), trust_remote_code)
+    from actors.hf_engine import HFEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return HFEngine(model_path, device=device, dtype=engine_dtype(rollout.dtype), trust_remote_code=trust_remote_code,
+                    partial_rollout=rollout.partial_rollout)  # hosted with max_concurrency=2 then (cluster/job.py)
+
+
 class RolloutWorker:
-    def __init__(self, rank: int, model_path: str, sampling: SamplingConfig, prompts_per_call: int, dtype: str,
-                 redis_url: str, redis_cfg: RedisConfig, reward_actors: list, correct_reward: dict[str, str],
-                 trust_remote_code: bool = False, drop_equal_groups: bool = False, partial_rollout: bool = False) -> None:
+    def __init__(self, rank: int, model_path: str, sampling: SamplingConfig, rollout, redis_url: str,
+                 redis_cfg: RedisConfig, reward_actors: list, correct_reward: dict[str, str],
+                 trust_remote_code: bool = False, drop_equal_groups: bool = False, seed: int = 0) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.rank, self.name = rank, f"rollout-{rank} (pid {os.getpid()})"
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.engine = HFEngine(model_path, device=device, dtype=engine_dtype(dtype), trust_remote_code=trust_remote_code,
-                               partial_rollout=partial_rollout)  # hosted with max_concurrency=2 then (cluster/job.py)
-        self.sampling, self.prompts_per_call = sampling, prompts_per_call
+        self.engine = make_engine(rollout, model_path, trust_remote_code, seed + rank)
+        self.sampling, self.prompts_per_call = sampling, rollout.prompts_per_call
         self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url)
         self.reward_actors = reward_actors
         self.correct = {dataset: get_reward(name) for dataset, name in correct_reward.items()}  # eval scoring
-        self.receiver: WeightReceiver | None = None
         self.drop_equal_groups = drop_equal_groups  # dynamic sampling: such groups have zero advantage everywhere
+        self.sync_timeout_s = 60.0
 
     # ---- weights ----
 
-    def join_weight_group(self, host: str, port: int, rank: int, num_engines: int, cfg: WeightSyncConfig) -> str:
+    def join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: WeightSyncConfig) -> str:
         """Leave any previous group and join the one at host:port (blocks until the group forms)."""
-        if self.receiver is not None:
-            self.receiver.close()
-        self.receiver = WeightReceiver(host, port, rank, num_engines, cfg, name=self.name)
+        self.sync_timeout_s = cfg.timeout_s
+        self.engine.join_weight_group(host, port, first_rank, num_ranks, cfg, self.name)
         return self.name
 
     def receive_weights(self) -> dict:
-        """With partial rollout (a threaded actor) this runs while rollout() samples: the transfer overlaps
-        generation, and only the copy interrupts it (the engine continues under the new weights)."""
-        if self.receiver is None:
-            raise RuntimeError(f"{self.name}: receive_weights before join_weight_group")
         t0 = time.perf_counter()
-        version, named = self.receiver.receive()
-        loaded = self.engine.update_weights(named, version)
-        return {"version": version, "tensors": loaded, "seconds": time.perf_counter() - t0}
+        stats = self.engine.receive_weights(self.sync_timeout_s * 3)
+        return {**stats, "seconds": time.perf_counter() - t0}
 
     # ---- rollout ----
 
@@ -126,13 +129,11 @@ class RolloutWorker:
 
     def checksums(self) -> dict[str, float]:
         """Per-parameter float64 sums, comparable with the learner's."""
-        return {n: float(p.double().sum()) for n, p in self.engine.model.named_parameters()}
+        return self.engine.checksums()
 
     def info(self) -> dict:
         return {"name": self.name, "pid": os.getpid(), "policy_version": self.engine.policy_version}
 
     def close(self) -> None:
-        if self.receiver is not None:
-            self.receiver.close()
-            self.receiver = None
+        self.engine.leave_weight_group()
         self.buffer.close()

@@ -81,7 +81,7 @@ class DatasetEntry:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf = Hugging Face generate (CPU and GPU)
+    engine: str = "hf"  # hf = Hugging Face generate (CPU and GPU); vllm = vLLM (GPU; actors/vllm_engine.py)
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
     prompts_per_call: int = 16  # prompts per engine.generate call (each sampled G times)
     eval_max_new_tokens: int = 32  # greedy eval answers are cut here
@@ -89,10 +89,27 @@ class RolloutConfig:
     # interrupt generation in flight for a weight update and continue it under the new weights (vlm/partial.py);
     # a completion then mixes versions, its staleness counts from the oldest. Needs max_staleness >= 1.
     partial_rollout: bool = False
+    # vLLM only
+    tensor_parallel_size: int = 1  # GPUs per engine (cluster.gpus_per_engine must cover them)
+    gpu_memory_utilization: float = 0.85  # share of each GPU vLLM may take (weights + KV cache)
+    max_model_len: int | None = None  # null = the checkpoint's
+    enforce_eager: bool = False  # true = no CUDA graphs (faster start, slower decode)
+    # engines sleep (weights and KV cache released) while the learners train on the same GPUs, and take the new
+    # weights through CUDA IPC handles instead of the broadcast; single node, needs CUDA
+    colocate: bool = False
 
     def __post_init__(self) -> None:
-        if self.engine != "hf":
-            raise ValueError(f"rollout.engine must be 'hf' (the vLLM engine is not in this build), got {self.engine!r}")
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.engine == "hf" and (self.tensor_parallel_size != 1 or self.colocate):
+            raise ValueError("rollout.tensor_parallel_size > 1 and rollout.colocate need rollout.engine: vllm")
+        if self.engine == "vllm" and self.partial_rollout:
+            raise ValueError("rollout.partial_rollout is implemented for the hf engine only; with vllm, keep chunks "
+                             "short (rollout.prompts_per_call) so a weight update waits little")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"rollout.dtype must be auto|fp32|bf16, got {self.dtype!r}")
         if self.prompts_per_call < 1:
@@ -184,6 +201,15 @@ class ExperimentConfig:
             how = "prompts_per_step/learner_ranks" + ("*sampling.n" if self.train.mode == "grpo" else " (SFT: one per prompt)")
             raise ValueError(f"each learner rank gets {how} = {per_rank} sequences per step, not a multiple of "
                              f"learner.micro_batch_size={mb}")
+        r, c = self.rollout, self.cluster
+        if r.tensor_parallel_size > 1 and c.gpus_per_engine < r.tensor_parallel_size:
+            raise ValueError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs cluster.gpus_per_engine >= it, "
+                             f"got {c.gpus_per_engine}")
+        if r.colocate and (r.max_staleness or c.rollout_workers != c.learner_ranks):
+            raise ValueError("rollout.colocate: engines sleep while the learners train on the same GPUs, so it needs "
+                             "rollout.max_staleness: 0 and one engine per learner rank (cluster.rollout_workers == "
+                             f"cluster.learner_ranks); got max_staleness={r.max_staleness}, {c.rollout_workers} engines, "
+                             f"{c.learner_ranks} ranks")
 
     def dataset_entries(self) -> list[DatasetEntry]:
         return self.datasets or [DatasetEntry(1.0, self.data, self.task)]

@@ -148,9 +148,8 @@ class Job:
         correct = {n: t.correct_reward for n, t in self.tasks.items()}
         concurrency = 2 if cfg.rollout.partial_rollout else 1  # partial: receive_weights runs while rollout() samples
         self.rollout_workers = [Rollout.options(max_concurrency=concurrency, **p.options("rollout", i)).remote(
-            i, self.model_path, cfg.sampling, cfg.rollout.prompts_per_call, cfg.rollout.dtype, self.redis_url, cfg.redis,
-            self.reward_actors, correct, cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling,
-            partial_rollout=cfg.rollout.partial_rollout)
+            i, self.model_path, cfg.sampling, cfg.rollout, self.redis_url, cfg.redis, self.reward_actors, correct,
+            cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling, cfg.train.seed)
             for i in range(cfg.cluster.rollout_workers)]
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks
@@ -168,10 +167,12 @@ class Job:
                                f"{', '.join(starting[r] for r in late)} (see the Ray logs under /tmp/ray/session_latest/logs)")
 
     def form_weight_group(self) -> None:
-        n = len(self.rollout_workers)
+        per = self.cfg.rollout.tensor_parallel_size  # every tensor-parallel worker of an engine is a rank of its own
+        n = per * len(self.rollout_workers)
         host, port = ray.get(self.learners[0].open_weight_group.remote(n, self.cfg.weight_sync))
         ray.get([self.learners[0].connect_weight_group.remote()] + [
-            w.join_weight_group.remote(host, port, i + 1, n, self.cfg.weight_sync) for i, w in enumerate(self.rollout_workers)])
+            w.join_weight_group.remote(host, port, 1 + i * per, n, self.cfg.weight_sync)
+            for i, w in enumerate(self.rollout_workers)])
 
     # ---- the calls the loop makes ----
 

@@ -83,7 +83,8 @@ def sample_completions(model, tokenizer, prompts: Sequence[PromptInputs], cfg: S
                        seed: int | None = None) -> list[list[Completion]]:
     """For each prompt, `cfg.n` completions (1 when greedy) with their behaviour log-probs."""
     n = 1 if cfg.greedy else cfg.n
-    inputs = left_pad_prompts(prompts, model.generation_config.pad_token_id, model.config.image_token_id)
+    inputs = left_pad_prompts(prompts, model.generation_config.pad_token_id,
+                              getattr(model.config, "image_token_id", None))
     if seed is not None:
         torch.manual_seed(seed)
     rows, logprobs = generate_segment(model, inputs, cfg, n, cfg.max_new_tokens)

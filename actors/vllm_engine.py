@@ -1,0 +1,153 @@
+"""Rollout with vLLM, behind the same interface as the HF engine (actors/engine.py).
+
+Prompts arrive encoded (`PromptInputs`: token ids with the image's run of `<|image_pad|>` and its patches).
+vLLM wants one placeholder per image plus the image, and expands the placeholder itself: the run is collapsed
+and the image recovered from the patches (vlm/pixels.py), so vLLM sees the pixels the learner trains on; the
+number of image tokens it ran is checked against ours. Weights arrive inside vLLM's workers (the worker
+extension joins the learners' weight group), or colocated through IPC handles while the engine is awake.
+All vLLM calls go through actors/vllm_adapter.py.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from actors import vllm_adapter as adapter
+from actors.engine import RolloutGroup, RolloutRequest
+from cluster.weight_group import WeightSyncConfig
+from vlm.generation import Completion, SamplingConfig
+from vlm.inputs import PromptInputs, vision_token_ids
+from vlm.pixels import patches_to_image
+
+
+def collapse_image_runs(ids: list[int], image_token_id: int | None) -> list[int]:
+    """Each run of image tokens becomes one (vLLM expands it again from the image)."""
+    if image_token_id is None:
+        return list(ids)
+    return [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
+
+
+class VLLMEngine:
+    def __init__(self, opts: adapter.LLMOptions, trust_remote_code: bool = False) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.opts = opts
+        config = AutoConfig.from_pretrained(opts.model, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(opts.model, trust_remote_code=trust_remote_code)
+        self.image_token_id = getattr(config, "image_token_id", None)
+        self.image_processor = None
+        if self.image_token_id is not None:
+            from vlm.processor import load_processor
+
+            self.image_processor = load_processor(opts.model, trust_remote_code).image_processor
+        self.blocked = self.tokenizer.convert_ids_to_tokens(vision_token_ids(config))
+        self.llm = adapter.create_llm(opts)
+        self.policy_version = 0
+        self.asleep = False
+        self.lock = threading.Lock()  # one call into the LLM at a time (a threaded actor may overlap them)
+
+    @property
+    def ranks(self) -> int:
+        """Weight-group ranks this engine occupies: one per tensor-parallel worker."""
+        return self.opts.tensor_parallel_size
+
+    # ---- rollout ----
+
+    def _prompt(self, inputs: PromptInputs) -> dict:
+        ids = inputs.input_ids.tolist()
+        if inputs.pixel_values is None or inputs.pixel_values.numel() == 0:
+            return adapter.prompt(ids)
+        if self.image_processor is None:
+            raise ValueError(f"prompt has an image but {self.opts.model} is not a vision-language model")
+        image = patches_to_image(inputs.pixel_values, inputs.image_grid_thw, self.image_processor)
+        return adapter.prompt(collapse_image_runs(ids, self.image_token_id), image)
+
+    def _check_image_tokens(self, request: RolloutRequest, ran: list[int] | None) -> None:
+        if ran is None or self.image_token_id is None:
+            return
+        ours, theirs = (sum(t == self.image_token_id for t in ids) for ids in (request.inputs.input_ids.tolist(), ran))
+        if theirs > 1 and theirs != ours:  # theirs == 1: this vLLM reports the prompt before expansion
+            raise ValueError(f"prompt {request.prompt_id}: vLLM expanded the image into {theirs} tokens, the learner's "
+                             f"prompt has {ours}; the checkpoint's preprocessor min_pixels/max_pixels must match "
+                             f"data.min_pixels/max_pixels")
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
+                 interruptible: bool = True) -> list[RolloutGroup]:
+        """G samples per request with their behaviour log-probs, stamped with the engine's policy version.
+        (`interruptible` is the HF engine's partial rollout; the config refuses it with vLLM.)"""
+        if not requests:
+            return []
+        n = 1 if sampling.greedy else sampling.n
+        params = [adapter.sampling_params(n, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                                          sampling.greedy, None if seed is None else (seed + i) % 2**63, self.blocked)
+                  for i in range(len(requests))]
+        prompts = [self._prompt(r.inputs) for r in requests]
+        with self.lock:
+            if self.asleep:
+                raise RuntimeError("generate() while the engine sleeps (colocated mode): wake_up() first")
+            version = self.policy_version
+            results = adapter.generate(self.llm, prompts, params)
+        groups = []
+        for r, (ran, samples) in zip(requests, results):
+            self._check_image_tokens(r, ran)
+            groups.append(RolloutGroup(r, [
+                Completion(s.token_ids, s.logprobs, self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                           s.finish_reason, versions=[version] * len(s.token_ids)) for s in samples], version))
+        return groups
+
+    # ---- weights ----
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: WeightSyncConfig,
+                          name: str) -> list[str]:
+        """Every worker joins as ranks first_rank .. first_rank + tensor_parallel_size - 1."""
+        with self.lock:
+            return adapter.collective_rpc(self.llm, "clsrl_join_weight_group",
+                                          (host, port, first_rank, num_ranks, vars(cfg).copy(), name), timeout=cfg.timeout_s * 3)
+
+    def receive_weights(self, timeout_s: float) -> dict:
+        """Blocks until every worker holds the new version; then old prefix-cache entries are dropped."""
+        with self.lock:
+            got = adapter.collective_rpc(self.llm, "clsrl_receive_weights", timeout=timeout_s)
+            versions = {v for v, _ in got}
+            if len(versions) != 1:
+                raise RuntimeError(f"tensor-parallel workers loaded different versions {sorted(versions)}")
+            adapter.reset_prefix_cache(self.llm)
+            self.policy_version = versions.pop()
+        return {"version": self.policy_version, "tensors": got[0][1]}
+
+    def load_ipc(self, handles: list[tuple[str, tuple]], version: int) -> int:
+        """Colocated: load tensors the learner shared through IPC handles (wakes the weights first)."""
+        with self.lock:
+            if self.asleep:
+                adapter.wake_up(self.llm, ["weights"])
+            loaded = adapter.collective_rpc(self.llm, "clsrl_load_ipc", (handles,))[0]
+            if self.asleep:
+                adapter.wake_up(self.llm, ["kv_cache"])
+                self.asleep = False
+            adapter.reset_prefix_cache(self.llm)
+            self.policy_version = version
+        return loaded
+
+    def sleep(self) -> None:
+        """Colocated: free the GPU for the learners (weights and KV cache dropped until the next load_ipc)."""
+        with self.lock:
+            if not self.asleep:
+                adapter.sleep(self.llm)
+                self.asleep = True
+
+    def checksums(self) -> dict[str, float]:
+        with self.lock:
+            return adapter.collective_rpc(self.llm, "clsrl_checksums")[0]
+
+    def leave_weight_group(self) -> None:
+        with self.lock:
+            adapter.collective_rpc(self.llm, "clsrl_leave_weight_group")
+
+
+def engine_options(model_path: str | Path, rollout, dtype: str, seed: int, colocate: bool) -> adapter.LLMOptions:
+    """From the `rollout` config section to vLLM's options."""
+    return adapter.LLMOptions(
+        model=str(model_path), tensor_parallel_size=rollout.tensor_parallel_size,
+        dtype={"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[dtype],
+        gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len, seed=seed,
+        enforce_eager=rollout.enforce_eager, enable_sleep_mode=colocate)

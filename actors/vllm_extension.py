@@ -1,0 +1,54 @@
+"""Mixed into every vLLM worker (`worker_extension_cls`) and reached through `LLM.collective_rpc`: the
+worker's end of the weight sync. Each worker (one per tensor-parallel rank) joins the learners' weight group
+as its own rank, receives whole versions and loads them through the model's `load_weights`; colocated, it
+rebuilds the learner's tensors from CUDA IPC handles instead. Method names carry a `clsrl_` prefix so they
+cannot clash with vLLM's own worker attributes.
+"""
+from __future__ import annotations
+
+import torch
+
+from actors import vllm_adapter as adapter
+
+
+class WeightSyncExtension:
+    _clsrl_receiver = None
+
+    def clsrl_join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: dict, name: str) -> str:
+        from cluster.weight_sync import WeightReceiver, WeightSyncConfig
+
+        self.clsrl_leave_weight_group()
+        tp_rank = adapter.worker_rank(self)
+        self._clsrl_receiver = WeightReceiver(host, port, first_rank + tp_rank, num_ranks, WeightSyncConfig(**cfg),
+                                              name=f"{name} tp{tp_rank}")
+        return self._clsrl_receiver.name
+
+    def clsrl_receive_weights(self) -> tuple[int, int]:
+        """Block until a whole version has arrived, then load it; (version, tensors)."""
+        if self._clsrl_receiver is None:
+            raise RuntimeError("receive_weights before join_weight_group")
+        version, named = self._clsrl_receiver.receive()
+        adapter.load_weights(self, named)
+        return version, len(named)
+
+    def clsrl_load_ipc(self, handles: list[tuple[str, tuple]]) -> int:
+        """Colocated: rebuild each tensor from its `torch.multiprocessing` handle (CUDA IPC on GPU, shared memory
+        on CPU) and load them; the learner keeps them alive until this returns."""
+        device = adapter.worker_device(self)
+        named = []
+        for name, (rebuild, args) in handles:
+            args = list(args)
+            if device.type == "cuda":  # the handle names the learner's device index; this process may number it otherwise
+                args[6] = device.index if device.index is not None else torch.cuda.current_device()
+            named.append((name, rebuild(*args)))
+        adapter.load_weights(self, named)
+        return len(named)
+
+    def clsrl_checksums(self) -> dict[str, float]:
+        """float64 sums per parameter, under vLLM's own (fused) names."""
+        return {n: float(p.double().sum()) for n, p in adapter.worker_model(self).named_parameters()}
+
+    def clsrl_leave_weight_group(self) -> None:
+        if self._clsrl_receiver is not None:
+            self._clsrl_receiver.close()
+            self._clsrl_receiver = None
