@@ -146,5 +146,22 @@ def worker_device(worker) -> torch.device:
 
 
 def load_weights(worker, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Hand Hugging Face-named tensors to the model's own loader (it shards, fuses qkv/gate-up, casts)."""
-    worker_model(worker).load_weights(weights=named)
+    """Reload Hugging Face-named tensors in place: the model's own loader shards, fuses qkv/gate-up and casts,
+    then vLLM re-runs its post-load processing (the CPU build repacks linear weights) and drops the encoder and
+    multimodal caches computed with the old weights."""
+    worker.reload_weights(weights_iterator=named, is_checkpoint_format=True)
+    _repack_tied_cpu_layers(worker_model(worker))
+
+
+def _repack_tied_cpu_layers(model: torch.nn.Module) -> None:
+    """vLLM's in-place reload re-processes a tied weight for one of its owners only. On CPU each owner keeps a
+    prepacked copy for its matmul (`cpu_linear`), so a tied lm_head would go on with the old weights: repack
+    every owner of a shared weight. (On GPU nothing is prepacked and this finds nothing to do.)"""
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and hasattr(module, "cpu_linear"):
+            owners.setdefault(id(weight), []).append(module)
+    for modules in owners.values():
+        for module in modules if len(modules) > 1 else ():
+            module.quant_method.process_weights_after_loading(module)

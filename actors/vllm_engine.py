@@ -34,9 +34,10 @@ class VLLMEngine:
         self.opts = opts
         config = AutoConfig.from_pretrained(opts.model, trust_remote_code=trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(opts.model, trust_remote_code=trust_remote_code)
-        self.image_token_id = getattr(config, "image_token_id", None)
+        vision = getattr(config, "vision_config", None) is not None
+        self.image_token_id = getattr(config, "image_token_id", None) if vision else None
         self.image_processor = None
-        if self.image_token_id is not None:
+        if vision:
             from vlm.processor import load_processor
 
             self.image_processor = load_processor(opts.model, trust_remote_code).image_processor

@@ -18,7 +18,7 @@ import torch
 from vlm.cache import build_once, default_cache_dir
 from vlm.tokenizer import train_qwen_tokenizer
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 
 @dataclass
@@ -42,11 +42,15 @@ def build_tiny_text_lm(spec: TinyTextSpec, corpus: Sequence[str]):
 
     tok = train_qwen_tokenizer(corpus, vocab_size=spec.vocab_size)
     eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    # the VLM's vision token ids ride along in the config, so both engines block them here too (vlm.inputs.vision_token_ids)
+    vision = {key: tok.convert_tokens_to_ids(token) for key, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     config = Qwen2Config(
         vocab_size=((len(tok) + 63) // 64) * 64, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=2048, rope_theta=1e6,
-        bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True)
+        bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True, **vision)
     torch.manual_seed(spec.seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = eos
