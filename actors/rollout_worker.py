@@ -66,6 +66,15 @@ class RolloutWorker:
         stats = self.engine.receive_weights(self.sync_timeout_s * 3)
         return {**stats, "seconds": time.perf_counter() - t0}
 
+    # ---- colocated mode (vLLM engine on a learner rank's GPU) ----
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def load_ipc(self, handles: list, version: int) -> dict:
+        t0 = time.perf_counter()
+        return {"version": version, "tensors": self.engine.load_ipc(handles, version), "seconds": time.perf_counter() - t0}
+
     # ---- rollout ----
 
     def _score(self, groups: list[RolloutGroup]) -> None:

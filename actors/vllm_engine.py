@@ -27,10 +27,24 @@ def collapse_image_runs(ids: list[int], image_token_id: int | None) -> list[int]
     return [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
 
 
+def check_image_tokens(prompt_id: str, ours: list[int], ran: list[int] | None, image_token_id: int | None) -> None:
+    """vLLM must expand the image into as many tokens as the learner's prompt has, or the two train and sample
+    different sequences. (`ran` None, or one image token: this vLLM reports the prompt before expansion.)"""
+    if ran is None or image_token_id is None:
+        return
+    n_ours, n_ran = ours.count(image_token_id), ran.count(image_token_id)
+    if n_ran > 1 and n_ran != n_ours:
+        raise ValueError(f"prompt {prompt_id}: vLLM expanded the image into {n_ran} tokens, the learner's prompt has "
+                         f"{n_ours}; the checkpoint's preprocessor min_pixels/max_pixels must match data.min_pixels/max_pixels")
+
+
 class VLLMEngine:
     def __init__(self, opts: adapter.LLMOptions, trust_remote_code: bool = False) -> None:
+        import torch
         from transformers import AutoConfig, AutoTokenizer
 
+        if opts.enable_sleep_mode and not torch.cuda.is_available():
+            raise ValueError("rollout.colocate needs CUDA GPUs (vLLM's sleep mode and CUDA IPC handles)")
         self.opts = opts
         config = AutoConfig.from_pretrained(opts.model, trust_remote_code=trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(opts.model, trust_remote_code=trust_remote_code)
@@ -63,15 +77,6 @@ class VLLMEngine:
         image = patches_to_image(inputs.pixel_values, inputs.image_grid_thw, self.image_processor)
         return adapter.prompt(collapse_image_runs(ids, self.image_token_id), image)
 
-    def _check_image_tokens(self, request: RolloutRequest, ran: list[int] | None) -> None:
-        if ran is None or self.image_token_id is None:
-            return
-        ours, theirs = (sum(t == self.image_token_id for t in ids) for ids in (request.inputs.input_ids.tolist(), ran))
-        if theirs > 1 and theirs != ours:  # theirs == 1: this vLLM reports the prompt before expansion
-            raise ValueError(f"prompt {request.prompt_id}: vLLM expanded the image into {theirs} tokens, the learner's "
-                             f"prompt has {ours}; the checkpoint's preprocessor min_pixels/max_pixels must match "
-                             f"data.min_pixels/max_pixels")
-
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
                  interruptible: bool = True) -> list[RolloutGroup]:
         """G samples per request with their behaviour log-probs, stamped with the engine's policy version.
@@ -90,7 +95,7 @@ class VLLMEngine:
             results = adapter.generate(self.llm, prompts, params)
         groups = []
         for r, (ran, samples) in zip(requests, results):
-            self._check_image_tokens(r, ran)
+            check_image_tokens(r.prompt_id, r.inputs.input_ids.tolist(), ran, self.image_token_id)
             groups.append(RolloutGroup(r, [
                 Completion(s.token_ids, s.logprobs, self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
                            s.finish_reason, versions=[version] * len(s.token_ids)) for s in samples], version))
@@ -151,4 +156,4 @@ def engine_options(model_path: str | Path, rollout, dtype: str, seed: int, coloc
         model=str(model_path), tensor_parallel_size=rollout.tensor_parallel_size,
         dtype={"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[dtype],
         gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len, seed=seed,
-        enforce_eager=rollout.enforce_eager, enable_sleep_mode=colocate)
+        enforce_eager=rollout.enforce_eager, enable_sleep_mode=colocate, ipc_weights=colocate)

@@ -6,8 +6,6 @@ cannot clash with vLLM's own worker attributes.
 """
 from __future__ import annotations
 
-import torch
-
 from actors import vllm_adapter as adapter
 
 
@@ -32,15 +30,11 @@ class WeightSyncExtension:
         return version, len(named)
 
     def clsrl_load_ipc(self, handles: list[tuple[str, tuple]]) -> int:
-        """Colocated: rebuild each tensor from its `torch.multiprocessing` handle (CUDA IPC on GPU, shared memory
-        on CPU) and load them; the learner keeps them alive until this returns."""
-        device = adapter.worker_device(self)
-        named = []
-        for name, (rebuild, args) in handles:
-            args = list(args)
-            if device.type == "cuda":  # the handle names the learner's device index; this process may number it otherwise
-                args[6] = device.index if device.index is not None else torch.cuda.current_device()
-            named.append((name, rebuild(*args)))
+        """Colocated: map the learner's tensors from their handles (cluster/ipc_weights.py) and load them; the
+        learner keeps them alive until this returns."""
+        from cluster.ipc_weights import rebuild
+
+        named = rebuild(handles, adapter.worker_device(self))
         adapter.load_weights(self, named)
         return len(named)
 

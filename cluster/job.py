@@ -109,14 +109,15 @@ class Job:
         self._released = 0
         self.ray_desc = init_ray(cfg.cluster, local_runtime_env())
         announce(f"ray: {self.ray_desc}")
-        self.placement = reserve(cfg.cluster, name=f"clsrl-{self.run_dir.name}-{os.getpid()}")
+        self.placement = reserve(cfg.cluster, name=f"clsrl-{self.run_dir.name}-{os.getpid()}", colocate=cfg.rollout.colocate)
         self._start_actors()
         if resume_tag:
             ray.get([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners])
             epochs = ", ".join(f"{name} {e:.2f}" for name, e in self.order.epochs().items())
             announce(f"resumed from {self.ckpt_root / resume_tag}: step {self.state.step}, "
                      f"policy version {self.state.policy_version}, epochs done: {epochs}")
-        self.form_weight_group()
+        if not cfg.rollout.colocate:  # colocated engines take IPC handles instead (_share_colocated)
+            self.form_weight_group()
         self.broadcast(self.state.policy_version)  # engines start bit-equal to the learners (resumed or not)
 
     def _warn_config_changes(self, saved: dict) -> None:
@@ -191,6 +192,8 @@ class Job:
                                 cfg.train.seed, next_draw=saved.get("next_draw", 0), reissue=reissue)
 
     def start_train(self, version: int, forget_below: int) -> list:
+        if self.cfg.rollout.colocate:  # the learners get the GPUs: engines drop weights and KV cache until the next load
+            ray.get([w.sleep.remote() for w in self.rollout_workers])
         per_rank = self.cfg.train.prompts_per_step // len(self.learners)
         return [a.train.remote(per_rank, version, self.cfg.rollout.max_staleness, self.cfg.sampling.max_new_tokens,
                                self.cfg.weight_sync.timeout_s * 10, forget_below) for a in self.learners]
@@ -225,6 +228,8 @@ class Job:
     def broadcast(self, version: int, rejoin: bool = False, attempts: int = 3) -> dict:
         """Send the learners' weights to every engine; on a failure, restart the engines that do not answer,
         re-form the group and try again."""
+        if self.cfg.rollout.colocate:
+            return self._share_colocated(version)
         for attempt in range(1, attempts + 1):
             try:
                 if rejoin:
@@ -244,6 +249,18 @@ class Job:
                          f"the group", "clsrl.job", logging.WARNING)
                 rejoin = True
         raise AssertionError("unreachable")
+
+    def _share_colocated(self, version: int) -> dict:
+        """Colocated: learner rank i hands engine i (same GPU) IPC handles to its tensors; the engine wakes, maps
+        and loads them. No retries: a colocated engine that dies takes its GPU's learner rank with it."""
+        t0 = time.perf_counter()
+        handles = ray.get([a.share_weights.remote() for a in self.learners])
+        try:
+            loaded = ray.get([w.load_ipc.remote(h, version) for w, h in zip(self.rollout_workers, handles)])
+        finally:
+            ray.get([a.release_shared.remote() for a in self.learners])
+        self.state.policy_version = version
+        return {"version": version, "tensors": loaded[0]["tensors"], "engines": len(loaded), "seconds": time.perf_counter() - t0}
 
     def _await_engines(self) -> None:
         """Every rollout worker answers (Ray restarts dead ones); a stuck one is killed so Ray restarts it."""

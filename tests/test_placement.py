@@ -186,3 +186,19 @@ def test_init_ray_starts_a_local_cluster_sized_for_the_plan():
     cpus = math.ceil(plan_totals(big)["CPU"])
     assert lines[0] == f"local 127.0.0.1 ({cpus} CPUs)"
     assert lines[1] == f"{float(cpus)} 127.0.0.1"
+
+
+def test_colocated_plan_merges_each_engine_into_its_learner_ranks_bundle():
+    gpu = replace(DEMO, cpus_per_engine=1.0, gpus_per_engine=0.5, cpus_per_learner=2.0, gpus_per_learner=0.5)
+    shared = {"CPU": 3.0, "GPU": 1.0}  # one whole GPU per pair: both actors get the same device
+    assert plan_bundles(gpu, colocate=True) == [("learner", 0, shared), ("learner", 1, shared), ("reward", 0, {"CPU": 0.5})]
+    placement = Placement(group=None, bundles=plan_bundles(gpu, colocate=True),
+                          shares={"rollout": {"CPU": 1.0, "GPU": 0.5}, "learner": {"CPU": 2.0, "GPU": 0.5}})
+    assert placement.count("rollout") == placement.count("learner") == 2
+    for i in (0, 1):  # engine i is pinned to learner rank i's bundle, each asking for its own share of it
+        engine, learner = placement.options("rollout", i), placement.options("learner", i)
+        assert engine["scheduling_strategy"].placement_group_bundle_index == i
+        assert learner["scheduling_strategy"].placement_group_bundle_index == i
+        assert (engine["num_cpus"], engine["num_gpus"], learner["num_cpus"], learner["num_gpus"]) == (1.0, 0.5, 2.0, 0.5)
+    assert placement.options("reward", 0)["scheduling_strategy"].placement_group_bundle_index == 2
+

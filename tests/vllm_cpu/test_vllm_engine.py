@@ -71,7 +71,7 @@ def engines(ray_local, text_model_dir):
     from actors.vllm_engine import VLLMEngine
 
     opts = LLMOptions(model=str(text_model_dir), dtype="float32", gpu_memory_utilization=0.05, max_model_len=512,
-                      enforce_eager=True)
+                      enforce_eager=True, ipc_weights=True)
     actor = ray.remote(num_cpus=1)(VLLMEngine).remote(opts)
     hf = HFEngine(text_model_dir)
     yield actor, hf
@@ -120,3 +120,24 @@ def test_g_samples_carry_the_tempered_policy_logprobs(engines):
             expect = policy_logprobs(logits, torch.tensor(c.token_ids), 0.7, blocked)
             assert torch.allclose(torch.tensor(c.logprobs), expect, atol=2e-3)
     assert len({tuple(c.token_ids) for g in groups for c in g.completions}) > len(requests)  # not all alike
+
+
+def test_colocated_load_path_on_cpu_where_handles_carry_copies_not_cuda_ipc(engines):
+    """Colocated mode's weight path (learner handles -> engine.load_ipc -> worker extension -> in-place reload)
+    end to end. On CPU, torch's handles of CPU tensors travel as copies through pickling; CUDA IPC itself and
+    vLLM's sleep/wake need a GPU (docs/gpu-validation.md)."""
+    from cluster.ipc_weights import share
+
+    actor, hf = engines
+    requests = _requests(hf.tokenizer)
+    gen = torch.Generator().manual_seed(2)
+    named = [(n, p.detach() + 0.05 * torch.randn(p.shape, generator=gen)) for n, p in hf.model.named_parameters()]
+    hf.update_weights(named, 2)
+    handles, keep = share(named)
+    assert ray.get(actor.load_ipc.remote(handles, 2)) == len(named)
+    greedy = SamplingConfig(n=1, max_new_tokens=8, greedy=True)
+    for a, b in zip(ray.get(actor.generate.remote(requests, greedy)), hf.generate(requests, greedy)):
+        assert a.policy_version == 2
+        assert a.completions[0].token_ids == b.completions[0].token_ids
+        assert torch.allclose(torch.tensor(a.completions[0].logprobs), torch.tensor(b.completions[0].logprobs), atol=2e-3)
+    del keep

@@ -1,0 +1,61 @@
+"""The vLLM engine's configuration and the pure parts of its prompt handling (vLLM itself: tests/vllm_cpu, `make test-vllm`)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from actors.vllm_engine import check_image_tokens, collapse_image_runs
+from cluster.cli import DEFAULT_CONFIG
+from cluster.config import ExperimentConfig
+from cluster.schema import ConfigError, load_config
+
+VLLM = ["rollout.engine=vllm"]
+
+
+def _load(*overrides: str) -> ExperimentConfig:
+    return load_config(ExperimentConfig, DEFAULT_CONFIG, list(overrides))
+
+
+def test_vllm_engine_options_load_and_map_onto_the_rollout_section():
+    cfg = _load(*VLLM, "rollout.tensor_parallel_size=2", "cluster.gpus_per_engine=2", "rollout.gpu_memory_utilization=0.6",
+                "rollout.max_model_len=2048", "rollout.enforce_eager=true")
+    r = cfg.rollout
+    got = (r.engine, r.tensor_parallel_size, r.gpu_memory_utilization, r.max_model_len, r.enforce_eager)
+    assert got == ("vllm", 2, 0.6, 2048, True)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.engine=sglang"], "must be 'hf' or 'vllm'"),
+    (["rollout.tensor_parallel_size=2"], "need rollout.engine: vllm"),
+    (["rollout.colocate=true"], "need rollout.engine: vllm"),
+    (VLLM + ["rollout.max_staleness=1", "rollout.partial_rollout=true"], "partial_rollout is implemented for the hf engine"),
+    (VLLM + ["rollout.tensor_parallel_size=2"], "cluster.gpus_per_engine >= it"),
+    (VLLM + ["rollout.gpu_memory_utilization=0"], "gpu_memory_utilization must be in"),
+    (VLLM + ["rollout.colocate=true", "rollout.max_staleness=1"], "max_staleness: 0"),
+    (VLLM + ["rollout.colocate=true", "cluster.rollout_workers=1"], "one engine per learner rank"),
+])
+def test_bad_vllm_settings_are_refused_naming_the_keys(overrides, message):
+    with pytest.raises((ValueError, ConfigError), match=message):
+        _load(*overrides)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_says_what_to_install(tiny_model_dir):
+    from actors.rollout_worker import make_engine
+    from actors.vllm_adapter import VLLMUnavailable
+
+    with pytest.raises(VLLMUnavailable, match=r"pip install 'clsrl\[gpu\]'.*rollout.engine: hf"):
+        make_engine(_load(*VLLM).rollout, str(tiny_model_dir), False, 0)
+
+
+def test_image_token_runs_collapse_to_one_placeholder_each():
+    assert collapse_image_runs([1, 9, 9, 9, 2, 9, 9, 3], 9) == [1, 9, 2, 9, 3]
+    assert collapse_image_runs([1, 2], None) == [1, 2]
+
+
+def test_image_token_count_mismatch_names_the_prompt_and_the_fix():
+    check_image_tokens("p", [1, 9, 9, 2], [1, 9, 9, 2], 9)
+    check_image_tokens("p", [1, 9, 9, 2], [1, 9, 2], 9)  # reported before expansion: nothing to compare
+    with pytest.raises(ValueError, match=r"prompt shapes/3: vLLM expanded the image into 3 tokens.*has 2.*min_pixels"):
+        check_image_tokens("shapes/3", [1, 9, 9, 2], [1, 9, 9, 9, 2], 9)
