@@ -31,16 +31,15 @@ def greedy_answers(engine: RolloutEngine, correct: dict, requests: list[RolloutR
 
 
 class EvalWorker:
-    def __init__(self, model_path: str, dtype: str, prompts_per_call: int, correct_reward: dict[str, str],
-                 trust_remote_code: bool = False) -> None:
-        from actors.hf_engine import HFEngine
-        from actors.rollout_worker import engine_dtype
+    def __init__(self, model_path: str, rollout, correct_reward: dict[str, str], trust_remote_code: bool = False,
+                 seed: int = 0) -> None:
+        """`rollout`: the config's rollout section (which engine, dtype, prompts per call)."""
+        from actors.rollout_worker import make_engine
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.engine = HFEngine(model_path, device=device, dtype=engine_dtype(dtype), trust_remote_code=trust_remote_code)
+        self.engine = make_engine(rollout, model_path, trust_remote_code, seed)
         self.correct = {dataset: get_reward(name) for dataset, name in correct_reward.items()}
-        self.prompts_per_call = prompts_per_call
+        self.prompts_per_call = rollout.prompts_per_call
 
     def answer(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[dict]:
         return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call)

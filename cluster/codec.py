@@ -32,6 +32,7 @@ _DTYPES: dict[str, torch.dtype] = {
     for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 }
 _TENSOR_FIELDS = ("input_ids", "pixel_values", "image_grid_thw")
+_OPTIONAL_TENSORS = ("pixel_values", "image_grid_thw")  # absent for a text-only prompt
 
 if sys.byteorder != "little":  # raw tensor bytes are written in native order; every supported host is LE
     raise ImportError("cluster.codec supports little-endian hosts only")
@@ -145,7 +146,8 @@ def encode_group(group: RolloutGroup) -> bytes:
         "version": FORMAT_VERSION,
         "request": {
             "prompt_id": req.prompt_id,
-            "inputs": {f: _pack_tensor(getattr(req.inputs, f), f"request.inputs.{f}") for f in _TENSOR_FIELDS},
+            "inputs": {f: _pack_tensor(getattr(req.inputs, f), f"request.inputs.{f}") for f in _TENSOR_FIELDS
+                       if getattr(req.inputs, f) is not None or f not in _OPTIONAL_TENSORS},
             "solution": _check_plain(req.solution, "request.solution"),
             "meta": _check_plain(req.meta, "request.meta"),
         },
@@ -220,7 +222,8 @@ def decode_group(data: bytes) -> RolloutGroup:
                          f"(do producer and learner run the same clsrl?)")
     req = _get(doc, "request", dict, "group")
     inputs = _get(req, "inputs", dict, "request")
-    tensors = {f: _unpack_tensor(_get(inputs, f, dict, "request.inputs"), f"request.inputs.{f}") for f in _TENSOR_FIELDS}
+    tensors = {f: _unpack_tensor(_get(inputs, f, dict, "request.inputs"), f"request.inputs.{f}") for f in _TENSOR_FIELDS
+               if f in inputs or f not in _OPTIONAL_TENSORS}
     completions = _get(doc, "completions", list, "group")
     rewards = doc.get("rewards")
     if rewards is not None and not isinstance(rewards, list):

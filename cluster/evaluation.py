@@ -82,8 +82,9 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
 
     init_ray(cfg.cluster, local_runtime_env())
     Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine, num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
-    workers = [Worker.remote(first.model_path, cfg.rollout.dtype, cfg.rollout.prompts_per_call, scorers,
-                             cfg.model.trust_remote_code) for _ in range(cfg.cluster.rollout_workers)]
+    rollout = dataclasses.replace(cfg.rollout, colocate=False)  # nothing trains here: engines keep their GPUs
+    workers = [Worker.remote(first.model_path, rollout, scorers, cfg.model.trust_remote_code, cfg.train.seed + i)
+               for i in range(cfg.cluster.rollout_workers)]
     t0 = time.perf_counter()
     result: dict = {"model": first.model_path, "max_new_tokens": max_new_tokens, "datasets": {}}
     try:

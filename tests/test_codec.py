@@ -73,6 +73,18 @@ def test_round_trip_typical_group():
     out.request.inputs.pixel_values.add_(1)  # decoded tensors own writable memory
 
 
+def test_text_only_prompt_round_trips_without_image_fields():
+    g = make_group()
+    g.request.inputs.pixel_values = g.request.inputs.image_grid_thw = None
+    out = decode_group(encode_group(g))
+    assert out.request.inputs.pixel_values is None and out.request.inputs.image_grid_thw is None
+    assert torch.equal(out.request.inputs.input_ids, g.request.inputs.input_ids)
+    doc = msgpack.unpackb(encode_group(make_group()), raw=False)
+    del doc["request"]["inputs"]["input_ids"]  # the token ids are never optional
+    with pytest.raises(CodecError, match="missing field 'input_ids'"):
+        decode_group(msgpack.packb(doc, use_bin_type=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.float32])
 def test_pixel_dtypes_bit_exact(dtype):
     g = make_group(pixel_dtype=dtype)

@@ -141,3 +141,45 @@ def test_colocated_load_path_on_cpu_where_handles_carry_copies_not_cuda_ipc(engi
         assert a.completions[0].token_ids == b.completions[0].token_ids
         assert torch.allclose(torch.tensor(a.completions[0].logprobs), torch.tensor(b.completions[0].logprobs), atol=2e-3)
     del keep
+
+
+def test_rollout_worker_hosting_vllm_publishes_scored_groups_to_redis(ray_local, text_model_dir, tmp_path):
+    """The actor shell around the engine, as a run drives it: rollout.engine: vllm -> sample G, score on the
+    reward actor, publish to the Redis stream the learners read."""
+    from actors.reward_actor import RewardActor
+    from actors.rollout_worker import RolloutWorker
+    from cluster.config import RolloutConfig
+    from cluster.redis_server import RedisConfig, connect
+    from cluster.rollout_buffer import RolloutBuffer
+    from rewards.composite import RewardTerm
+
+    redis_cfg = RedisConfig()
+    url, server = connect(redis_cfg, tmp_path)
+    rollout = RolloutConfig(engine="vllm", dtype="fp32", prompts_per_call=3, gpu_memory_utilization=0.05, max_model_len=512,
+                            enforce_eager=True)
+    reward = ray.remote(RewardActor).remote({"text": [RewardTerm("cls_equality")]})
+    worker = ray.remote(RolloutWorker).remote(0, str(text_model_dir), SamplingConfig(n=4, max_new_tokens=8), rollout, url,
+                                              redis_cfg, [reward], {"text": "cls_equality"})
+    buffer = RolloutBuffer.from_config(redis_cfg, url, consumer="test")
+    try:
+        tokenizer = HFEngine(text_model_dir).tokenizer
+        requests = _requests(tokenizer)
+        for i, r in enumerate(requests):
+            r.solution, r.meta = "circle", {"dataset": "text", "draw": i}
+        summary = ray.get(worker.rollout.remote(requests, 7))
+        assert sorted(summary["published"]) == [0, 1, 2, 3] and summary["policy_version"] == 0
+        assert len(summary["datasets"]["text"]["rewards"]) == 16
+        groups = [g for _, g in buffer.take(8, block_ms=2000)]
+        assert sorted(g.request.prompt_id for g in groups) == ["p0", "p1", "p2", "p3"]
+        for g in groups:
+            assert len(g.completions) == 4 and len(g.rewards) == 4 and set(g.reward_components) == {"cls_equality"}
+            assert all(len(c.logprobs) == len(c.token_ids) > 0 for c in g.completions)
+            assert g.request.inputs.pixel_values is None  # a text prompt travels without image fields
+        answers = ray.get(worker.evaluate.remote(requests[:2], 6))
+        assert [a["prompt_id"] for a in answers] == ["p0", "p1"] and all(a["correct"] in (0.0, 1.0) for a in answers)
+    finally:
+        buffer.close()
+        ray.get(worker.close.remote())
+        ray.kill(worker)
+        if server is not None:
+            server.stop()
