@@ -19,7 +19,8 @@ PAPER_CONFIGS = ["cls_rl.yaml", "no_think.yaml", "cls_rl_b2n.yaml", "no_think_b2
 BOX_DATA = {"visual_rft_coco.yaml": ["data.format=coco", "data.bundled=shapes_boxes", "data.k_shot=2"],
             "visual_rft_lisa.yaml": ["data.format=grounding_jsonl", "data.bundled=shapes_boxes", "data.k_shot=8"],
             "no_think_sat.yaml": ["data.format=vqa_jsonl", "data.bundled=shapes_vqa", "data.test_root=null"]}
-ON_CPU = ["model.path=null", "data.root=null", "data.format=auto", "data.bundled=shapes", "data.eval_limit=4",
+ON_CPU = ["rollout.engine=hf", "model.path=null", "data.root=null", "data.format=auto", "data.bundled=shapes",
+          "data.eval_limit=4",
           "cluster.gpus_per_engine=0", "cluster.gpus_per_learner=0", "cluster.rollout_workers=1",
           "cluster.learner_ranks=2", "cluster.cpus_per_engine=1", "cluster.cpus_per_learner=1",
           "cluster.cpus_per_reward_actor=0.5", "train.steps=2", "train.prompts_per_step=2", "train.eval_every=0",
