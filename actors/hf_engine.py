@@ -38,7 +38,9 @@ class HFEngine:
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  trust_remote_code: bool = False, partial_rollout: bool = False) -> None:
         model, self.tokenizer, self.processor = load_policy(model_path, dtype, trust_remote_code)
-        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.asleep = False
         self.model.requires_grad_(False)
         self.policy_version = 0
         self.partial_rollout = partial_rollout
@@ -51,6 +53,8 @@ class HFEngine:
         continued some completions under newer weights: each completion's `versions` says which token had which)."""
         if not requests:
             return []
+        if self.asleep:
+            raise RuntimeError("generate() while the engine sleeps (colocated mode): load_ipc() wakes it")
         prompts, tok = [r.inputs for r in requests], self.tokenizer
         if self.partial_rollout and interruptible:
             groups = sample_in_segments(self.model, tok, prompts, sampling, self.gate, lambda: self.policy_version, seed)
@@ -105,6 +109,25 @@ class HFEngine:
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
+
+    # ---- colocated mode (rollout.colocate): the learner rank on this device trains while the engine sleeps ----
+
+    def sleep(self) -> None:
+        """Free the GPU for the learner: weights go to host memory (on CPU there is nothing to free)."""
+        with self.gate.update():
+            if self.device.type == "cuda":
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+            self.asleep = True
+
+    def load_ipc(self, handles: list, version: int) -> int:
+        """Wake, then copy in the learner's tensors from their IPC handles (cluster/ipc_weights.py)."""
+        from cluster.ipc_weights import rebuild
+
+        if self.asleep:
+            self.model.to(self.device)
+            self.asleep = False
+        return self.update_weights(rebuild(handles, self.device), version)
 
     def checksums(self) -> dict[str, float]:
         """Per-parameter float64 sums, comparable with the learner's."""

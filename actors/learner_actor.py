@@ -142,13 +142,13 @@ class LearnerActor:
             pass
         return {}
 
-    def share_weights(self) -> list:
+    def share_weights(self) -> dict:
         """Colocated mode: this rank's weights as IPC handles for the engine on its GPU (every rank at once: ZeRO-3
         gathers in lockstep). The tensors stay alive until release_shared()."""
         from cluster.ipc_weights import share
 
         handles, self.shared = share(self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision))
-        return handles
+        return {"handles": handles, "bytes": sum(t.numel() * t.element_size() for t in self.shared)}
 
     def release_shared(self) -> None:
         self.shared = []

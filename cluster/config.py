@@ -94,15 +94,15 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.85  # share of each GPU vLLM may take (weights + KV cache)
     max_model_len: int | None = None  # null = the checkpoint's
     enforce_eager: bool = False  # true = no CUDA graphs (faster start, slower decode)
-    # engines sleep (weights and KV cache released) while the learners train on the same GPUs, and take the new
-    # weights through CUDA IPC handles instead of the broadcast; single node, needs CUDA
+    # engine i shares learner rank i's GPU: it sleeps (vLLM: weights and KV cache released) while the learners
+    # train, and takes the new weights through CUDA IPC handles instead of the broadcast (cluster/ipc_weights.py)
     colocate: bool = False
 
     def __post_init__(self) -> None:
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {self.engine!r}")
-        if self.engine == "hf" and (self.tensor_parallel_size != 1 or self.colocate):
-            raise ValueError("rollout.tensor_parallel_size > 1 and rollout.colocate need rollout.engine: vllm")
+        if self.engine == "hf" and self.tensor_parallel_size != 1:
+            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.engine: vllm")
         if self.engine == "vllm" and self.partial_rollout:
             raise ValueError("rollout.partial_rollout is implemented for the hf engine only; with vllm, keep chunks "
                              "short (rollout.prompts_per_call) so a weight update waits little")

@@ -36,9 +36,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
             bar = tqdm(range(first + 1, cfg.train.steps + 1), desc="GRPO", initial=first, total=cfg.train.steps)
             for step in bar:
                 t0, version = time.perf_counter(), step - 1
-                training, rollouts = job.start_train(version, sched.forget_below()), []
+                training, rollouts, slept = job.start_train(version, sched.forget_below()), [], False
                 while pending := ray.wait(training, num_returns=len(training), timeout=0)[1]:
                     sched.fill(version)  # admission: idle workers get a chunk while the staleness budget allows
+                    if cfg.rollout.colocate and not sched.inflight and not slept:  # the step's samples are all in:
+                        job.sleep_engines()  # the learners get the GPUs until the next broadcast wakes the engines
+                        slept = True
                     ray.wait(pending + list(sched.inflight), num_returns=1, timeout=1.0)
                     rollouts += sched.poll(timeout_s=0)
                     sched.staleness.release(job.newly_released())  # stale groups dropped by the learners

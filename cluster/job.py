@@ -191,9 +191,11 @@ class Job:
         return RolloutScheduler(self.rollout_workers, self.order, self.request, staleness, cfg.rollout.prompts_per_call,
                                 cfg.train.seed, next_draw=saved.get("next_draw", 0), reissue=reissue)
 
+    def sleep_engines(self) -> None:
+        """Colocated: engines release their GPU memory (vLLM: weights and KV cache) until the next broadcast."""
+        ray.get([w.sleep.remote() for w in self.rollout_workers])
+
     def start_train(self, version: int, forget_below: int) -> list:
-        if self.cfg.rollout.colocate:  # the learners get the GPUs: engines drop weights and KV cache until the next load
-            ray.get([w.sleep.remote() for w in self.rollout_workers])
         per_rank = self.cfg.train.prompts_per_step // len(self.learners)
         return [a.train.remote(per_rank, version, self.cfg.rollout.max_staleness, self.cfg.sampling.max_new_tokens,
                                self.cfg.weight_sync.timeout_s * 10, forget_below) for a in self.learners]
@@ -254,13 +256,15 @@ class Job:
         """Colocated: learner rank i hands engine i (same GPU) IPC handles to its tensors; the engine wakes, maps
         and loads them. No retries: a colocated engine that dies takes its GPU's learner rank with it."""
         t0 = time.perf_counter()
-        handles = ray.get([a.share_weights.remote() for a in self.learners])
+        shared = ray.get([a.share_weights.remote() for a in self.learners])
         try:
-            loaded = ray.get([w.load_ipc.remote(h, version) for w, h in zip(self.rollout_workers, handles)])
+            loaded = ray.get([w.load_ipc.remote(s["handles"], version) for w, s in zip(self.rollout_workers, shared)])
         finally:
             ray.get([a.release_shared.remote() for a in self.learners])
         self.state.policy_version = version
-        return {"version": version, "tensors": loaded[0]["tensors"], "engines": len(loaded), "seconds": time.perf_counter() - t0}
+        seconds = time.perf_counter() - t0
+        return {"version": version, "tensors": loaded[0]["tensors"], "engines": len(loaded), "bytes": shared[0]["bytes"],
+                "seconds": seconds, "mb_per_s": shared[0]["bytes"] / 2**20 / max(seconds, 1e-9)}
 
     def _await_engines(self) -> None:
         """Every rollout worker answers (Ray restarts dead ones); a stuck one is killed so Ray restarts it."""

@@ -1,0 +1,48 @@
+"""Colocated mode through the real loop on CPU with the HF engine: engine i lives in learner rank i's placement
+bundle, sleeps while the learners train and takes each version from learner rank i's tensor handles instead
+of the broadcast. (On CPU the handles travel as copies; CUDA IPC and vLLM's sleep/wake need a GPU.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+
+from cluster.cli import DEFAULT_CONFIG
+from cluster.config import ExperimentConfig
+from cluster.driver import train
+from cluster.job import Job
+from cluster.schema import load_config
+
+
+@pytest.mark.slow
+def test_colocated_run_keeps_engines_equal_to_their_learner_after_every_step(ray_local, tmp_path, monkeypatch):
+    cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, [
+        "rollout.colocate=true", "train.steps=3", "train.warm_start_steps=0", "train.prompts_per_step=4",
+        "train.eval_every=0", "train.save_every=0", "data.eval_limit=4", "sampling.n=4", "learner.micro_batch_size=4"])
+    checks, share, sleep, slept = [], Job._share_colocated, Job.sleep_engines, []
+
+    def checked(job: Job, version: int) -> dict:
+        stats = share(job, version)
+        learners = ray.get([a.checksums.remote() for a in job.learners])
+        engines = ray.get([w.checksums.remote() for w in job.rollout_workers])
+        infos = ray.get([w.info.remote() for w in job.rollout_workers])
+        checks.append((version, [e == learners[0] for e in engines], [i["policy_version"] for i in infos]))
+        return stats
+
+    def counted_sleep(job: Job) -> None:
+        slept.append(job.state.policy_version)
+        sleep(job)
+
+    def no_weight_group(job: Job) -> None:
+        raise AssertionError("a colocated run must not form the broadcast group")
+
+    monkeypatch.setattr(Job, "_share_colocated", checked)
+    monkeypatch.setattr(Job, "form_weight_group", no_weight_group)
+    monkeypatch.setattr(Job, "sleep_engines", counted_sleep)
+    train(cfg, tmp_path)
+    assert checks == [(v, [True, True], [v, v]) for v in range(4)]  # the start, then after each of 3 steps
+    assert slept == [0, 1, 2]  # once a step, after its samples were in (a later rollout would have raised: asleep)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["sync/mb"] > 0 and r["logprob_gap"] < 1e-4 for r in rows[1:])  # engines sampled with the learners' weights
