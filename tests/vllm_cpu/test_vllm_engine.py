@@ -125,7 +125,7 @@ def test_g_samples_carry_the_tempered_policy_logprobs(engines):
 def test_colocated_load_path_on_cpu_where_handles_carry_copies_not_cuda_ipc(engines):
     """Colocated mode's weight path (learner handles -> engine.load_ipc -> worker extension -> in-place reload)
     end to end. On CPU, torch's handles of CPU tensors travel as copies through pickling; CUDA IPC itself and
-    vLLM's sleep/wake need a GPU (docs/gpu-validation.md)."""
+    vLLM's sleep/wake need a GPU (docs/vllm.md)."""
     from cluster.ipc_weights import share
 
     actor, hf = engines
