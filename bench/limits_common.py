@@ -130,5 +130,21 @@ def requests_for(examples: list) -> list:
             for i, e in enumerate(examples)]
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def make_groups(count: int, n: int = 8) -> list:
+    """`count` scored groups of G=n completions from the tiny model on `shapes` prompts."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from actors.engine import RolloutGroup
+    from vlm.generation import SamplingConfig, sample_completions
+    from vlm.processor import load_processor
+
+    model_dir, dataset = shapes_model()
+    examples = shapes_prompts(model_dir, dataset, count)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = sample_completions(model, load_processor(model_dir).tokenizer, [e.inputs for e in examples],
+                              SamplingConfig(n=n, max_new_tokens=8), seed=0)
+    groups = []
+    for req, comps in zip(requests_for(examples), outs):
+        groups.append(RolloutGroup(req, comps, policy_version=3, rewards=[float(c.text.strip() == req.solution) for c in comps]))
+    return groups
