@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import resource
 import socket
 import statistics
@@ -64,7 +65,8 @@ def rank_main(rank: int, port: int, model_dir: str, stage: int, blobs: list[byte
     t0 = time.perf_counter()
     worker = LearnerWorker(rank, 2, "127.0.0.1", port, model_dir, cfg, GRPOConfig(beta=0.0), samples, steps + 1)
     init_s, rss_init = time.perf_counter() - t0, rss_mib()
-    params = sum(p.numel() for p in worker.engine.module.parameters())  # under ZeRO-3 only this rank's share is here
+    # this rank's copy of the weights: under ZeRO-3 a parameter is an empty placeholder plus its partition (ds_tensor)
+    params = sum(getattr(p, "ds_tensor", p).numel() for p in worker.engine.module.parameters())
     step_s = []
     for _ in range(steps + 1):  # the first step builds DeepSpeed's buffers: a warm-up, not counted
         t0 = time.perf_counter()
@@ -75,6 +77,25 @@ def rank_main(rank: int, port: int, model_dir: str, stage: int, blobs: list[byte
                  "peak_rss_mib": peak_rss_mib(), "local_params": params,
                  "grad_norm": stats["grad_norm"], "loss_finite": bool(torch.isfinite(torch.tensor(stats["pg_loss"])))})
     worker.close()
+    # Skip the interpreter's teardown: a rank process once aborted there ("terminate called without an active
+    # exception", ZeRO-3, after close() and after its results were sent); flush the queue and leave.
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+def collect(results, procs: list, timeout_s: float = 900) -> list[dict]:
+    """One report per process; a process that dies before sending its report fails the run at once."""
+    import queue
+
+    out, deadline = [], time.monotonic() + timeout_s
+    while len(out) < len(procs):
+        try:
+            out.append(results.get(timeout=2))
+        except queue.Empty:  # fewer live processes than missing reports: one died without reporting
+            if sum(p.is_alive() for p in procs) < len(procs) - len(out) or time.monotonic() > deadline:
+                raise RuntimeError(f"learner ranks failed before reporting: exit codes {[p.exitcode for p in procs]}") from None
+    return out
 
 
 def run_config(model_dir: str, stage: int, shares: list[list[bytes]], micro: int, steps: int) -> list[dict]:
@@ -85,11 +106,13 @@ def run_config(model_dir: str, stage: int, shares: list[list[bytes]], micro: int
              for r in range(2)]
     for p in procs:
         p.start()
-    out = sorted((results.get(timeout=900) for _ in procs), key=lambda x: x["rank"])
+    out = sorted(collect(results, procs), key=lambda x: x["rank"])
     for p in procs:
         p.join(timeout=60)
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"learner ranks failed: exit codes {[p.exitcode for p in procs]} (ZeRO {stage}, {model_dir})")
+    for r, p in zip(out, procs):  # a rank that failed before reporting raised above (results.get timed out)
+        r["exit_code"] = p.exitcode
+        if p.exitcode != 0:
+            lc.progress(f"  WARNING: learner rank {r['rank']} exited with {p.exitcode} after reporting (ZeRO {stage})")
     return out
 
 
@@ -123,7 +146,8 @@ def summarize(size: str, params: int, stage: int, ranks: list[dict]) -> dict:
             "rss_after_steps_mib": max(r["rss_after_steps_mib"] for r in ranks),
             "predicted_state_mib": predicted_state_mib(params, stage),
             "local_params": [r["local_params"] for r in ranks], "init_s": max(r["init_s"] for r in ranks),
-            "loss_finite": all(r["loss_finite"] for r in ranks), "grad_norm": ranks[0]["grad_norm"],
+            "loss_finite": all(r["loss_finite"] for r in ranks), "exit_codes": [r["exit_code"] for r in ranks],
+            "grad_norm": ranks[0]["grad_norm"],
             "per_rank": ranks}
 
 

@@ -78,7 +78,8 @@ def test_learner_trains_on_two_ranks_per_zero_stage(tmp_path):
         assert len(r["peak_rss_mib_per_rank"]) == 2
     z1, z3 = results
     assert z1["params"] == z3["params"] and z1["local_params"] == [z1["params"]] * 2
-    assert sum(z3["local_params"]) < z1["params"]  # ZeRO-3: each rank holds only its partition of the weights
+    # ZeRO-3: each rank holds only its partition of the weights (about half, padded), together all of them
+    assert max(z3["local_params"]) < z1["params"] <= sum(z3["local_params"])
     assert z3["predicted_state_mib"] < z1["predicted_state_mib"]
     assert len(rows) == 3
 
