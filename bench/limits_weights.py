@@ -173,7 +173,9 @@ def summarize(raw: dict) -> dict:
             "buckets": raw["rounds"][0]["buckets"], "bit_exact": raw["bit_exact"], "rounds": len(raw["rounds"]),
             "plain_mib_per_s": mb / plain, "clsrl_mib_per_s": mb / clsrl,
             "clsrl_wall_mib_per_s": mb / lc.stats([r["clsrl_wall_s"] for r in raw["rounds"]])["median"],
-            "ratio": lc.stats([r["plain_s"] / r["clsrl_s"] for r in raw["rounds"]])["median"], "target": TARGET,
+            "ratio": plain / clsrl,  # of the medians, as the table's rates
+            "ratio_median_of_rounds": lc.stats([r["plain_s"] / r["clsrl_s"] for r in raw["rounds"]])["median"],
+            "target": TARGET,
             "median_s": {"plain": plain, "clsrl": clsrl}, "rounds_raw": raw["rounds"]}
 
 

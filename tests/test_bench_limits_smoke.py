@@ -34,6 +34,7 @@ def test_rollout_overhead_samples_the_same_tokens_through_the_actor(tmp_path):
         assert it["actor_s"] >= it["generate_s"] + it["reward_s"] + it["publish_s"] > 0  # parts of the call
         assert it["ratio"] == pytest.approx(it["bare_s"] / it["actor_s"])
     assert c["actor_tokens_per_s"] == pytest.approx(c["tokens_per_call"] / c["median_s"]["actor_s"])
+    assert c["ratio"] == pytest.approx(c["actor_tokens_per_s"] / c["bare_tokens_per_s"])
     assert c["target"] == report["target"] == 0.9
     assert rows[0].startswith("| config |") and rows[1].split("|")[1].strip() == "demo"
 
@@ -48,6 +49,7 @@ def test_weight_broadcast_is_bit_exact_for_one_and_two_engines(tmp_path):
         assert r["bytes"] == results[0]["bytes"]  # the same model to one and to two engines
         assert r["plain_mib_per_s"] > 0 and r["clsrl_mib_per_s"] > 0 and r["ratio"] > 0
         assert r["clsrl_mib_per_s"] == pytest.approx(r["mib"] / r["median_s"]["clsrl"])
+        assert r["ratio"] == pytest.approx(r["clsrl_mib_per_s"] / r["plain_mib_per_s"])
     proj = report["projection_2b_bf16"]
     assert proj["bytes"] == 4e9 and set(proj["this_machine_s"]) == {"K=1", "K=2"}
     assert all(s > 0 for s in proj["gpu_links_s"].values()) and proj["sources"]
@@ -63,6 +65,7 @@ def test_buffer_reads_back_every_group_on_both_paths(tmp_path):
         x = report[op]
         assert x["clsrl_groups_per_s"] > 0 and x["raw_groups_per_s"] > 0 and x["ratio"] > 0
         assert x["clsrl_mib_per_s"] == pytest.approx(x["clsrl_groups_per_s"] * report["group_bytes"] / 2**20)
+        assert x["ratio"] == pytest.approx(x["clsrl_groups_per_s"] / x["raw_groups_per_s"])
     assert report["codec"]["encode_ms_per_group"] > 0 and report["codec"]["decode_ms_per_group"] > 0
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["put_many x16", "take(16) + ack"]
 
