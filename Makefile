@@ -41,6 +41,11 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_rewards.py
 	$(PY) bench/async_vs_sync.py --out runs/bench-async
+	$(PY) bench/limits_rollout.py --out runs/bench-limits
+	$(PY) bench/limits_weights.py --out runs/bench-limits
+	$(PY) bench/limits_buffer.py --out runs/bench-limits
+	$(PY) bench/limits_learner.py --out runs/bench-limits
+	$(PY) bench/scaling_model.py --out runs/bench-limits
 
 clean:
 	rm -rf runs .pytest_cache
