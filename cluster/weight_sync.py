@@ -77,6 +77,7 @@ class WeightSender:
         self._store.set("meta", dumps({"world": self.world, "backend": self.backend}))
         self._watch = Watch(self._store, self.cfg)
         self._pg = None
+        self._packer: Packer | None = None
         self._seq = 0
         self._next_hdr = 0
         self._broken: str | None = None
@@ -186,7 +187,11 @@ class WeightSender:
                 "mb_per_s": nbytes / 2**20 / max(t2 - t1, 1e-9)}
 
     def _stream(self, it: Iterator, seq: int, version: int) -> tuple[int, int, int]:
-        packer = Packer(self.cfg.bucket_bytes, self.device)
+        # one packer for the group's life: its buckets are reused by every version (fresh 64 MiB host buffers
+        # would be page-faulted in on each broadcast, which cost more than the transfer on CPU)
+        if self._packer is None or self._packer.capacity != self.cfg.bucket_bytes:
+            self._packer = Packer(self.cfg.bucket_bytes, self.device)
+        packer = self._packer
         inflight: deque = deque()
         total = count = 0
         for item in it:
@@ -265,6 +270,7 @@ class WeightReceiver:
         self.rank, self.world = rank, num_engines + 1
         self.name = name or f"engine-{rank} (pid {os.getpid()}, host {socket.gethostname()})"
         self._seq, self._broken, self._pg, self._hb = 0, None, None, None
+        self._buffers: dict[int, list[torch.Tensor]] = {}  # receive buffers by size, reused by the next version
         t = self.cfg.timeout_s
         try:
             self._store = open_store(host, port, False, t)
@@ -291,6 +297,7 @@ class WeightReceiver:
 
         Waits up to `start_timeout_s` (default 2 x timeout_s) for rank 0 to begin, then `timeout_s` per step.
         Nothing is returned before every bucket has arrived, so a failed transfer never half-updates an engine.
+        The tensors view receive buffers that the next receive() reuses: load them before calling it again.
         """
         if self._broken or self._pg is None:
             raise WeightSyncError(f"{self.name}: weight-sync group is unusable ({self._broken}); join a new one")
@@ -302,6 +309,8 @@ class WeightReceiver:
                 raise WeightSyncError(f"{self.name}: rank 0 aborted the broadcast: "
                                       f"{self._store.get(f'abort/{seq}').decode()}")
 
+        spare, used = self._buffers, {}  # the last version's buffers (same sizes each version: same parameters)
+        self._buffers = used
         try:
             self._store.set(f"ready/{seq}/{self.rank}", b"1")
             got, inflight, version, index, total = [], deque(), None, 0, 0
@@ -315,7 +324,9 @@ class WeightReceiver:
                     break
                 dtype, entries = check_header(hdr, index, version)
                 if hdr["nbytes"]:
-                    buf = torch.empty(hdr["nbytes"], dtype=torch.uint8, device=self.device)
+                    pool = spare.get(hdr["nbytes"])
+                    buf = pool.pop() if pool else torch.empty(hdr["nbytes"], dtype=torch.uint8, device=self.device)
+                    used.setdefault(hdr["nbytes"], []).append(buf)
                     while len(inflight) >= MAX_INFLIGHT:
                         wait_work(inflight.popleft(), time.monotonic() + t, aborted)
                     inflight.append(self._pg.broadcast(buf, 0))
