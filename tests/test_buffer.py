@@ -12,6 +12,7 @@ import redis
 import torch
 
 from actors.engine import RolloutGroup, RolloutRequest
+from cluster.codec import FORMAT_VERSION
 from cluster.redis_server import PrivateRedis, RedisConfig
 from cluster.rollout_buffer import BufferUnavailable, RolloutBuffer
 from vlm.generation import Completion
@@ -78,7 +79,7 @@ def test_plain_fields_for_inspection(make, server):
     buf = make()
     eid = buf.put(group(4))
     [(_, fields)] = server.client().xrange(buf.stream, eid, eid)
-    assert fields[b"prompt_id"] == b"p4" and fields[b"policy_version"] == b"4" and fields[b"v"] == b"1"
+    assert fields[b"prompt_id"] == b"p4" and fields[b"policy_version"] == b"4" and fields[b"v"] == str(FORMAT_VERSION).encode()
 
 
 def test_entries_written_before_the_group_exists_are_delivered(make):

@@ -237,3 +237,17 @@ def test_typical_group_size_is_its_tensors_plus_little():
     n = len(encode_group(g))
     assert raw < n < raw + 8 * 256 * per_token + 4096, (n, raw)
     assert math.isclose(n / raw, 1.0, abs_tol=0.01)
+
+
+def test_token_ids_that_are_not_ids_are_named():
+    g = make_group()
+    g.completions[1].token_ids = [1, 2.5, 3]
+    with pytest.raises(CodecError, match=r"completions\[1\].token_ids must be a flat list of ints"):
+        encode_group(g)
+    g.completions[1].token_ids = [1, -4, 3]
+    with pytest.raises(CodecError, match=r"completions\[1\].token_ids: ids must be in \[0, 2\*\*31\)"):
+        encode_group(g)
+    doc = msgpack.unpackb(encode_group(make_group()), raw=False)
+    doc["completions"][0]["token_ids"] = b"\x01\x02\x03"
+    with pytest.raises(CodecError, match=r"completions\[0\].token_ids: 3 bytes is not a whole number"):
+        decode_group(msgpack.packb(doc, use_bin_type=True))
