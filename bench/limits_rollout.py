@@ -36,11 +36,13 @@ def start_actors(model_dir: Path, dataset: str, sampling, prompts: int, redis_ur
 
     from actors.reward_actor import RewardActor
     from actors.rollout_worker import RolloutWorker
+    from cluster.config import RolloutConfig
     from rewards.composite import RewardTerm
 
     reward = ray.remote(RewardActor).options(num_cpus=0.5).remote({dataset: [RewardTerm("cls_equality")]})
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(
-        0, str(model_dir), sampling, prompts, "fp32", redis_url, redis_cfg, [reward], {dataset: "cls_equality"})
+        0, str(model_dir), sampling, RolloutConfig(dtype="fp32", prompts_per_call=prompts), redis_url, redis_cfg, [reward],
+        {dataset: "cls_equality"})
     info, _ = ray.get([worker.info.remote(), reward.ping.remote()])
     match_niceness(info["pid"])
     return worker, reward
