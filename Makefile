@@ -28,6 +28,7 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_rewards.py
 	$(PY) bench/async_vs_sync.py --out runs/bench-async
+	$(PY) bench/vs_trl.py --out runs/bench-vs-trl
 
 clean:
 	rm -rf runs .pytest_cache
