@@ -41,20 +41,21 @@ STALENESS = {"clsrl-sync": 0, "clsrl-async": 1}
 COMMON = ["cluster.rollout_workers=1", "cluster.learner_ranks=1", "sampling.n=8", "sampling.max_new_tokens=8",
           "train.warm_start_steps=0", "train.eval_every=0", "train.save_every=0", "train.tensorboard=false",
           "data.eval_limit=96"]
-# tiny: vlm/tiny.py's default 0.6M-parameter Qwen2-VL, overhead-bound; small: ~29M, the same build scaled up so
+# tiny: vlm/tiny.py's default 0.6M-parameter Qwen2-VL, overhead-bound; small: ~23M, the same build scaled up so
 # that compute dominates. Sized so the full run (6 runs, 2 warm starts) takes about 10 minutes on 2 idle cores.
+# warm_start: answer-format SFT steps (batch 16) giving the starting checkpoint all three systems share.
 MODELS = {
-    "tiny": {"spec": [], "steps": 12,
+    "tiny": {"spec": [], "steps": 12, "warm_start": 40,
              "batch": ["train.prompts_per_step=96", "rollout.prompts_per_call=96", "learner.micro_batch_size=64"]},
-    "small": {"spec": ["model.tiny.hidden_size=512", "model.tiny.intermediate_size=1536", "model.tiny.num_hidden_layers=8",
+    "small": {"spec": ["model.tiny.hidden_size=512", "model.tiny.intermediate_size=1536", "model.tiny.num_hidden_layers=6",
                        "model.tiny.num_attention_heads=8", "model.tiny.num_key_value_heads=4", "model.tiny.vision_depth=4",
                        "model.tiny.vision_hidden_size=256"],
-              "steps": 8, "batch": ["train.prompts_per_step=8", "rollout.prompts_per_call=8",
+              "steps": 8, "warm_start": 24, "batch": ["train.prompts_per_step=8", "rollout.prompts_per_call=8",
                                     "learner.micro_batch_size=32", "learner.lr=3.0e-4"]},
 }
 QUICK = ["train.prompts_per_step=4", "rollout.prompts_per_call=4", "sampling.n=4", "learner.micro_batch_size=16",
          "data.eval_limit=8"]
-WARM_START = {"steps": 40, "quick_steps": 2, "batch": 16}  # answer-format SFT steps, shared by all three systems
+WARM_START_BATCH, QUICK_WARM_START = 16, 2
 
 
 def model_overrides(name: str, quick: bool) -> list[str]:
@@ -70,7 +71,7 @@ def load(overrides: list[str]):
     return load_config(ExperimentConfig, DEFAULT_CONFIG, overrides)
 
 
-def shared_start(overrides: list[str], quick: bool) -> tuple[str, float, float]:
+def shared_start(overrides: list[str], steps: int) -> tuple[str, float, float]:
     """(the starting checkpoint every system loads, seconds it took, millions of parameters). The format-only warm
     start (learner/warm_start.py, as the driver runs it) is cached under $CLSRL_CACHE, keyed by model and settings."""
     from cluster.data import load_run_data
@@ -80,12 +81,11 @@ def shared_start(overrides: list[str], quick: bool) -> tuple[str, float, float]:
     t0 = time.perf_counter()
     cfg = load(overrides)
     data = load_run_data(cfg)
-    steps = WARM_START["quick_steps" if quick else "steps"]
-    key = hashlib.sha256(json.dumps([data.model_path, steps, WARM_START["batch"], cfg.train.warm_start_lr,
+    key = hashlib.sha256(json.dumps([data.model_path, steps, WARM_START_BATCH, cfg.train.warm_start_lr,
                                      cfg.train.seed]).encode()).hexdigest()[:12]
     path = format_warm_start(data.model_path, default_cache_dir() / "bench" / f"warm-{Path(data.model_path).name}-{key}",
                              data.train_examples, {n: t.prompt for n, t in data.tasks.items()}, steps,
-                             cfg.train.warm_start_lr, WARM_START["batch"], cfg.train.seed)
+                             cfg.train.warm_start_lr, WARM_START_BATCH, cfg.train.seed)
     return str(path), time.perf_counter() - t0, _param_count(path) / 1e6
 
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--steps must be >= 1, got {steps}")
         base = model_overrides(name, args.quick)
         print(f"== {name}: starting weights (format warm start, shared)", flush=True)
-        path, warm_s, params_m = shared_start(base, args.quick)
+        path, warm_s, params_m = shared_start(base, QUICK_WARM_START if args.quick else MODELS[name]["warm_start"])
         cfg = load(base)
         plan[name] = {"overrides": base + [f"model.path={path}", f"train.steps={steps}"], "steps": steps,
                       "params_m": round(params_m, 2), "warm_start_s": warm_s, "start_checkpoint": path,
