@@ -8,9 +8,11 @@ Per model, three systems train from the same starting weights (the format-only w
 on the same prompts (bundled `shapes`), with the same G, prompts per step, completion length, temperature, lr,
 optimizer, KL beta, loss aggregation, advantage scaling and reward terms:
   trl          TRL's GRPOTrainer (bench/trl_side.py): generation and training in one process, HF generate, no vLLM;
-  clsrl-sync   cluster.driver.train with rollout.max_staleness=0, 1 rollout worker + 1 learner rank (1 thread each);
+  clsrl-sync   cluster.driver.train with rollout.max_staleness=0, 1 rollout worker + 1 learner rank;
   clsrl-async  the same with max_staleness=1 (rollout runs one policy version ahead).
-TRL gets as many torch threads as clsrl's rollout worker and learner together (--trl-threads, default 2).
+Every system gets the same busy torch threads, 2 (one per core): TRL's process 2 (--trl-threads); clsrl-sync 2 per
+actor, as its rollout worker and learner take turns (--sync-threads); clsrl-async 1 per actor, as they run at once
+(--async-threads). `--sync-threads 1` is bench/async_vs_sync.py's setting.
 Throughput is over the steps after the first --skip (start-up, evaluation and checkpoints excluded and reported
 apart). Writes OUT/results.json, OUT/vs_trl.png and one run directory per model and system; prints a markdown table.
 """
@@ -163,7 +165,7 @@ def run_clsrl(overrides: list[str], staleness: int, out: Path, skip: int) -> dic
     evals = sum(r.get("time/eval", 0.0) for r in rows)
     trained = _rows(out / "trained.jsonl")  # the driver's exactly-once audit: prompt ids trained per step
     return {**t, "samples_counted": sum(len(r["prompt_ids"]) for r in trained) * cfg.sampling.n,
-            "threads": 1, "step_s": [r["time/step"] for r in steps],
+            "step_s": [r["time/step"] for r in steps],
             "generate_s_per_step": statistics.fmean(r.get("time/generate", 0.0) for r in measured),
             "train_s_per_step": statistics.fmean(r["time/train_step"] for r in measured),
             "startup_s": result["seconds"] - sum(r["time/step"] for r in steps) - evals,
@@ -181,64 +183,88 @@ def compare(systems: dict[str, dict], name: str) -> dict:
     return {"ratio_vs_trl": ratios, "targets": targets}
 
 
+def prepare(models: list[str], steps: int | None, quick: bool) -> dict:
+    """Per model: the overrides every system runs with, after the shared starting checkpoint is made."""
+    plan = {}
+    for name in models:
+        n_steps = 2 if quick else (steps or MODELS[name]["steps"])
+        base = model_overrides(name, quick)
+        print(f"== {name}: starting weights (format warm start, shared)", flush=True)
+        path, warm_s, params_m = shared_start(base, QUICK_WARM_START if quick else MODELS[name]["warm_start"])
+        cfg = load(base)
+        plan[name] = {"overrides": base + [f"model.path={path}", f"train.steps={n_steps}"], "steps": n_steps,
+                      "params_m": round(params_m, 2), "warm_start_s": warm_s, "start_checkpoint": path,
+                      "samples_per_step": cfg.train.prompts_per_step * cfg.sampling.n, "systems": {}}
+    return plan
+
+
+def run_clsrl_all(plan: dict, system: str, threads: int, out: Path, skip: int) -> float:
+    """One clsrl mode on every model, under a local Ray whose actors run `threads` torch threads each (the actors
+    read OMP_NUM_THREADS); returns Ray's start-up seconds (not in any run's numbers)."""
+    import ray
+
+    from cluster.job import local_runtime_env
+    from cluster.placement import init_ray
+
+    env = local_runtime_env()
+    env["env_vars"]["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    init_ray(load(next(iter(plan.values()))["overrides"]).cluster, env)
+    ray_s = time.perf_counter() - t0
+    try:
+        for name, p in plan.items():
+            print(f"== {name} / {system}: {p['steps']} steps x {p['samples_per_step']} samples, {threads} thread(s) "
+                  f"per actor", flush=True)
+            load_avg = LoadSampler()
+            p["systems"][system] = {**run_clsrl(p["overrides"], STALENESS[system], out / name / system, skip),
+                                    "threads": threads, "loadavg_1m": load_avg.stop()}
+    finally:
+        ray.shutdown()
+    return ray_s
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,small", help="comma-separated: tiny, small")
     ap.add_argument("--steps", type=int, default=None, help="GRPO steps per system (default: per model, 12 / 8)")
     ap.add_argument("--skip", type=int, default=2, help="first steps left out of the throughput (warm-up)")
-    ap.add_argument("--trl-threads", type=int, default=2, help="torch threads for TRL (clsrl: 1 per process, 2 busy)")
+    ap.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL process")
+    ap.add_argument("--sync-threads", type=int, default=2,
+                    help="torch threads per clsrl-sync actor (rollout worker and learner take turns: 2 busy at a time)")
+    ap.add_argument("--async-threads", type=int, default=1,
+                    help="torch threads per clsrl-async actor (rollout worker and learner run at once: 2 busy)")
     ap.add_argument("--quick", action="store_true", help="2 steps per system on a minimal batch (smoke test)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-vs-trl")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         ap.error(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
+    if min(args.trl_threads, args.sync_threads, args.async_threads) < 1 or (args.steps is not None and args.steps < 1):
+        ap.error("--steps and the thread counts must be >= 1")
     skip = 1 if args.quick else args.skip
     args.out.mkdir(parents=True, exist_ok=True)
     before, t0 = machine(), time.time()
-    plan = {}
-    for name in models:  # every starting checkpoint first: no system pays for it
-        steps = 2 if args.quick else (args.steps or MODELS[name]["steps"])
-        if steps < 1:
-            ap.error(f"--steps must be >= 1, got {steps}")
-        base = model_overrides(name, args.quick)
-        print(f"== {name}: starting weights (format warm start, shared)", flush=True)
-        path, warm_s, params_m = shared_start(base, QUICK_WARM_START if args.quick else MODELS[name]["warm_start"])
-        cfg = load(base)
-        plan[name] = {"overrides": base + [f"model.path={path}", f"train.steps={steps}"], "steps": steps,
-                      "params_m": round(params_m, 2), "warm_start_s": warm_s, "start_checkpoint": path,
-                      "samples_per_step": cfg.train.prompts_per_step * cfg.sampling.n, "systems": {}}
-    # TRL first, before Ray exists: no idle Ray processes beside it
-    for name, p in plan.items():
+    plan = prepare(models, args.steps, args.quick)  # every starting checkpoint first: no system pays for it
+    for name, p in plan.items():  # TRL before Ray exists: no idle Ray processes beside it
         print(f"== {name} / trl: {p['steps']} steps x {p['samples_per_step']} samples, {args.trl_threads} threads",
               flush=True)
         load_avg = LoadSampler()
         p["systems"]["trl"] = {**run_trl(p["overrides"], p["steps"], args.trl_threads, args.out / name / "trl", skip),
                                "loadavg_1m": load_avg.stop()}
-    import ray
-
-    from cluster.job import local_runtime_env
-    from cluster.placement import init_ray
-
-    t_ray = time.perf_counter()
-    init_ray(load(plan[models[0]]["overrides"]).cluster, local_runtime_env())  # once for all clsrl runs
-    ray_init_s = time.perf_counter() - t_ray
+    ray_init_s = {system: run_clsrl_all(plan, system, threads, args.out, skip)
+                  for system, threads in (("clsrl-sync", args.sync_threads), ("clsrl-async", args.async_threads))}
     for name, p in plan.items():
-        for system in ("clsrl-sync", "clsrl-async"):
-            print(f"== {name} / {system}: {p['steps']} steps x {p['samples_per_step']} samples", flush=True)
-            load_avg = LoadSampler()
-            p["systems"][system] = {**run_clsrl(p["overrides"], STALENESS[system], args.out / name / system, skip),
-                                    "loadavg_1m": load_avg.stop()}
         p.update(compare(p["systems"], name))
-    ray.shutdown()
     report = {"machine": before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "quick": args.quick,
-              "skip": skip, "trl_threads": args.trl_threads, "ray_init_s": ray_init_s, "wall_s": time.time() - t0,
-              "models": plan}
+              "skip": skip, "threads": {"trl": args.trl_threads, "clsrl-sync": args.sync_threads,
+                                        "clsrl-async": args.async_threads},
+              "ray_init_s": ray_init_s, "wall_s": time.time() - t0, "models": plan}
     (args.out / "results.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "vs_trl.png")
     print(f"\nmachine: {before['cpus']} CPUs, torch {before['torch']}, load average {before['loadavg']} before, "
           f"{report['loadavg_after']} after, overlap capacity {before['overlap_capacity']} (2.0 = two free cores); "
-          f"throughput over steps {skip + 1}.., TRL on {args.trl_threads} threads\n")
+          f"throughput over steps {skip + 1}..; torch threads: TRL {args.trl_threads}, clsrl-sync "
+          f"{args.sync_threads} per actor, clsrl-async {args.async_threads} per actor\n")
     print(table(report))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'vs_trl.png'} ({report['wall_s']:.0f} s)")
     return 0

@@ -12,9 +12,9 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 
 def table(report: dict) -> str:
-    head = ("| model | params | system | samples/s | steps/s | vs TRL | target | s/step (median) | generate s/step "
-            "| train s/step | startup s | reward first -> last step | accuracy start -> end | load (1 min) |")
-    lines = [head, "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|"]
+    head = ("| model | params | system | torch threads | samples/s | steps/s | vs TRL | target | s/step (median) "
+            "| generate s/step | train s/step | startup s | reward first -> last step | accuracy start -> end | load (1 min) |")
+    lines = [head, "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|"]
     for name, m in report["models"].items():
         for system, r in m["systems"].items():
             ratio = m["ratio_vs_trl"].get(system, 1.0)
@@ -22,8 +22,10 @@ def table(report: dict) -> str:
             target = "-" if goal is None else f">= {goal['target']:.1f}x {'met' if goal['met'] else '**missed**'}"
             rewards = [v for _, v in r["reward"]]
             curve = f"{rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else "-"
+            threads = report["threads"][system]
             lines.append(
-                f"| {name} | {m['params_m']:.1f}M | {system} | {r['samples_per_s']:.1f} | {r['steps_per_s']:.3f} "
+                f"| {name} | {m['params_m']:.1f}M | {system} | {threads if system == 'trl' else f'{threads}/actor'} "
+                f"| {r['samples_per_s']:.1f} | {r['steps_per_s']:.3f} "
                 f"| {ratio:.2f}x | {target} | {r['measured_seconds'] / r['measured_steps']:.2f} ({r['median_step_s']:.2f}) "
                 f"| {_fmt(r['generate_s_per_step'])} | {_fmt(r['train_s_per_step'])} | {r['startup_s']:.1f} | {curve} "
                 f"| {r['grpo_start_accuracy']:.3f} -> {r['final_accuracy']:.3f} | {r['loadavg_1m']['mean']:.1f} |")
