@@ -6,8 +6,8 @@ The spec holds the clsrl config overrides; everything TRL needs is derived from 
 the model folder (the shared warm-start checkpoint), the prompts (clsrl's own encoded examples, turned back into
 the exact resized image + question text, so TRL's processor rebuilds byte-identical tokens and patches), the
 reward terms (clsrl's CompositeReward wrapped as a TRL reward function) and the GRPO settings (see trl_args).
-It runs in its own process so that its torch thread count is its own (vs_trl.py gives it what clsrl's rollout
-worker and learner rank use together).
+It runs in its own process so that its torch thread count is its own (vs_trl.py gives it as many busy threads as
+each clsrl mode has: 2 by default, one per core).
 """
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def trl_args(cfg: ExperimentConfig, steps: int, out_dir: Path) -> GRPOConfig:
     algo, learner, sampling = cfg.algorithm, cfg.learner, cfg.sampling
     samples = cfg.train.prompts_per_step * sampling.n
     loss_type = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo"}[algo.loss_agg]
-    if algo.off_policy != "ppo" or algo.dual_clip is not None or algo.dynamic_sampling or learner.lr_schedule != "constant":
+    if (algo.off_policy != "ppo" or algo.dual_clip is not None or algo.dynamic_sampling or (algo.beta and algo.kl != "k3")
+            or learner.lr_schedule != "constant" or learner.warmup_steps):
         raise ValueError("trl_side matches only clsrl's plain GRPO: off_policy ppo, no dual clip, no dynamic sampling, "
-                         "constant lr")
+                         "k3 KL, constant lr without warmup")
     return GRPOConfig(
         output_dir=str(out_dir), max_steps=steps, seed=cfg.train.seed, use_cpu=not torch.cuda.is_available(),
         bf16=False, gradient_checkpointing=cfg.learner.gradient_checkpointing, report_to=[], logging_steps=1,
@@ -52,7 +53,7 @@ def trl_args(cfg: ExperimentConfig, steps: int, out_dir: Path) -> GRPOConfig:
         per_device_train_batch_size=learner.micro_batch_size, gradient_accumulation_steps=samples // learner.micro_batch_size,
         num_generations=sampling.n, max_completion_length=sampling.max_new_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p, top_k=sampling.top_k,
-        learning_rate=learner.lr, lr_scheduler_type="constant", warmup_steps=learner.warmup_steps,
+        learning_rate=learner.lr, lr_scheduler_type="constant",
         weight_decay=learner.weight_decay, adam_beta1=learner.betas[0], adam_beta2=learner.betas[1],
         max_grad_norm=learner.grad_clip,
         beta=algo.beta, epsilon=algo.clip_low, epsilon_high=algo.clip_high, loss_type=loss_type,
@@ -75,17 +76,18 @@ def trl_dataset(examples: list[PromptExample], image_processor):
     return dataset
 
 
-def check_same_prompt(processor, example: PromptExample, row: dict) -> None:
+def check_same_prompts(processor, examples: list[PromptExample], dataset) -> None:
     """TRL must see the very tokens and pixels clsrl trains on; a template or resize difference stops the bench."""
     from trl.data_utils import prepare_multimodal_messages
 
-    messages = prepare_multimodal_messages(row["prompt"], images=[row["image"]])
-    enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")
-    if not torch.equal(enc["input_ids"][0], example.inputs.input_ids):
-        raise RuntimeError("TRL's prompt tokens differ from clsrl's for the same example")
-    if not torch.allclose(enc["pixel_values"], example.inputs.pixel_values, atol=1e-6):
-        raise RuntimeError("TRL's pixel values differ from clsrl's for the same example")
+    for example, row in zip(examples, dataset, strict=True):
+        messages = prepare_multimodal_messages(row["prompt"], images=[row["image"]])
+        enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt")
+        if not torch.equal(enc["input_ids"][0], example.inputs.input_ids):
+            raise RuntimeError(f"TRL's prompt tokens differ from clsrl's for {example.id}")
+        if not torch.allclose(enc["pixel_values"], example.inputs.pixel_values, atol=1e-6):
+            raise RuntimeError(f"TRL's pixel values differ from clsrl's for {example.id}")
 
 
 def reward_function(cfg: ExperimentConfig, log: list[list[float]]):
@@ -163,7 +165,9 @@ def run(spec: dict) -> dict:
     processor = load_processor(data.model_path)
     processor.tokenizer.padding_side = "left"
     dataset = trl_dataset(data.train_examples, processor.image_processor)
-    check_same_prompt(processor, data.train_examples[0], dataset[0])
+    t_check = time.perf_counter()
+    check_same_prompts(processor, data.train_examples, dataset)
+    check_s = time.perf_counter() - t_check  # the bench's own check, not TRL's start-up
     model = AutoModelForImageTextToText.from_pretrained(data.model_path, dtype=torch.float32)
     args = trl_args(cfg, spec["steps"], out_dir / "trl")
     # clsrl never samples a vision special token; TRL by default blocks only the image pad token
@@ -182,7 +186,7 @@ def run(spec: dict) -> dict:
     return {"steps": len(steps), "step_seconds": steps, "generate_seconds": trainer.generate_seconds,
             "rewards": [statistics.fmean(r) for r in rewards], "samples_scored": [len(r) for r in rewards],
             "samples_per_step": len(rewards[0]),
-            "startup_s": clock.begin - T_PROCESS,  # imports, data, model, trainer set-up: up to the first step
+            "startup_s": clock.begin - T_PROCESS - check_s,  # imports, data, model, trainer: up to the first step
             "train_s": t_done - clock.begin, "threads": torch.get_num_threads(),
             "grpo_start_accuracy": greedy_accuracy(Path(data.model_path), cfg, data.test_examples),
             "final_accuracy": greedy_accuracy(final, cfg, data.test_examples),
