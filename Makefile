@@ -1,4 +1,6 @@
 # `make demo` and `make test` set up .venv on first use (CPU torch pinned by constraints-cpu.txt).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c  # a benchmark that fails fails `make bench`, though piped into tee
 VENV ?= .venv
 PY := $(VENV)/bin/python
 VLLM_VENV ?= .venv-vllm
@@ -38,14 +40,21 @@ test-vllm: $(VLLM_VENV)/.installed
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# every benchmark in one run: each one's output in $(BENCH_OUT)/NAME.log and its wall time in NAME.time, then
+# bench/writeup.py puts the tables into BENCHMARKS.md (so all its numbers come from this run)
+BENCH_OUT ?= runs/bench
+bench_run = /usr/bin/time -f %e -o $(BENCH_OUT)/$(1).time $(PY) bench/$(1).py $(2) | tee $(BENCH_OUT)/$(1).log
 bench: setup
-	$(PY) bench/bench_rewards.py
-	$(PY) bench/async_vs_sync.py --out runs/bench-async
-	$(PY) bench/limits_rollout.py --out runs/bench-limits
-	$(PY) bench/limits_weights.py --out runs/bench-limits
-	$(PY) bench/limits_buffer.py --out runs/bench-limits
-	$(PY) bench/limits_learner.py --out runs/bench-limits
-	$(PY) bench/scaling_model.py --out runs/bench-limits
+	mkdir -p $(BENCH_OUT)
+	$(call bench_run,bench_rewards,)
+	$(call bench_run,async_vs_sync,--out $(BENCH_OUT)/async)
+	$(call bench_run,vs_trl,--out $(BENCH_OUT)/vs_trl)
+	$(call bench_run,limits_rollout,--out $(BENCH_OUT)/limits)
+	$(call bench_run,limits_weights,--out $(BENCH_OUT)/limits)
+	$(call bench_run,limits_buffer,--out $(BENCH_OUT)/limits)
+	$(call bench_run,limits_learner,--out $(BENCH_OUT)/limits)
+	$(call bench_run,scaling_model,--out $(BENCH_OUT)/limits)
+	$(PY) bench/writeup.py $(BENCH_OUT) BENCHMARKS.md
 
 clean:
 	rm -rf runs .pytest_cache
