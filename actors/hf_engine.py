@@ -33,8 +33,6 @@ def load_policy(model_path: str | Path, dtype: torch.dtype, trust_remote_code: b
 
 
 class HFEngine:
-    ranks = 1  # weight-group ranks it occupies
-
     def __init__(self, model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  trust_remote_code: bool = False, partial_rollout: bool = False) -> None:
         model, self.tokenizer, self.processor = load_policy(model_path, dtype, trust_remote_code)

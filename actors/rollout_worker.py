@@ -66,7 +66,7 @@ class RolloutWorker:
         stats = self.engine.receive_weights(self.sync_timeout_s * 3)
         return {**stats, "seconds": time.perf_counter() - t0}
 
-    # ---- colocated mode (vLLM engine on a learner rank's GPU) ----
+    # ---- colocated mode (rollout.colocate: the engine shares a learner rank's GPU) ----
 
     def sleep(self) -> None:
         self.engine.sleep()

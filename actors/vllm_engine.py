@@ -61,11 +61,6 @@ class VLLMEngine:
         self.asleep = False
         self.lock = threading.Lock()  # one call into the LLM at a time (a threaded actor may overlap them)
 
-    @property
-    def ranks(self) -> int:
-        """Weight-group ranks this engine occupies: one per tensor-parallel worker."""
-        return self.opts.tensor_parallel_size
-
     # ---- rollout ----
 
     def _prompt(self, inputs: PromptInputs) -> dict:
