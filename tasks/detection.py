@@ -8,14 +8,13 @@ positive nor a negative: its ground truth is ambiguous, so it is left out.
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.boxes import Box1000, as_solution, coco_box_to_frame
-from tasks.manifest import DatasetError
+from tasks.manifest import DatasetError, read_json
 
 COCO_KEYS = ("images", "annotations", "categories")
 
@@ -68,12 +67,7 @@ class DetectionDataset:
 
 
 def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"COCO annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json(path, "COCO annotation file")
     missing = [k for k in COCO_KEYS if not isinstance(data, dict) or not isinstance(data.get(k), list)]
     if missing:
         raise DatasetError(f"{path}: not a COCO instances file: missing list(s) {missing} "

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from tasks.boxes import Box1000, as_solution, check_frame_box, pixel_box_to_frame
-from tasks.manifest import IMAGE_SUFFIXES, DatasetError, jsonl_rows
+from tasks.manifest import IMAGE_SUFFIXES, DatasetError, jsonl_rows, read_json
 
 JSONL_KEYS = {"image", "question", "expression", "boxes", "box", "split", "id"}
 REASONSEG_SPLITS = ("train", "val", "test")
@@ -109,10 +109,7 @@ def read_reasonseg_file(ann: Path, split: str, merge_targets: bool = True,
     `merge_targets`: one box enclosing every target polygon (the box of LISA's target mask, the default),
     or one box per polygon (grounding_giou then scores the prediction against the best-matching one).
     """
-    try:
-        data = json.loads(ann.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{ann}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json(ann, "ReasonSeg annotation")
     if not isinstance(data, dict) or "text" not in data or not isinstance(data.get("shapes"), list):
         raise DatasetError(f"{ann}: not a ReasonSeg annotation (expected keys 'text' and 'shapes', "
                            f"got {sorted(data) if isinstance(data, dict) else type(data).__name__})")

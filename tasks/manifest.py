@@ -55,6 +55,16 @@ def _check_classes(name: str, classnames: list[str], samples: list[Sample], sour
         raise DatasetError(f"{source}: class(es) with no images in data set {name!r}: {empty}")
 
 
+def read_json(path: Path, what: str) -> object:
+    """A whole JSON file; missing (named as `what`) or invalid JSON is an error naming the file and line."""
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
 def jsonl_rows(path: Path) -> Iterator[tuple[int, str, object]]:
     """(line number, "file:line", parsed JSON) for every non-blank line; a line that is not JSON is an error naming it."""
     with path.open(encoding="utf-8") as fh:
@@ -146,12 +156,7 @@ def read_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "tes
 def read_coop_split(split_json: str | Path, image_root: str | Path, name: str | None = None) -> ClassificationDataset:
     """CoOp's `split_zhou_*.json`: {"train"|"val"|"test": [[relative image path, label index, class name], ...]}."""
     split_json, image_root = Path(split_json), Path(image_root)
-    if not split_json.is_file():
-        raise DatasetError(f"CoOp split file not found: {split_json}")
-    try:
-        data = json.loads(split_json.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{split_json}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json(split_json, "CoOp split file")
     if not isinstance(data, dict) or not data:
         raise DatasetError(f"{split_json}: expected an object with train/val/test lists")
     by_index: dict[int, str] = {}
