@@ -2,40 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from vlm.generation import Completion, SamplingConfig
-from vlm.inputs import PromptInputs
-
-
-@dataclass
-class RolloutRequest:
-    prompt_id: str  # stable across epochs and retries: the unit of exactly-once accounting
-    inputs: PromptInputs
-    solution: object = None  # passed through to the reward; the engine never reads it
-    meta: dict = field(default_factory=dict)
-
-
-@dataclass
-class RolloutGroup:
-    """The G completions of one prompt, stamped with the policy version that produced them (with partial rollout:
-    that of their first tokens; later ones may come from newer versions, see `version_span`)."""
-
-    request: RolloutRequest
-    completions: list[Completion]
-    policy_version: int
-    rewards: list[float] | None = None  # filled by the reward pool, one per completion
-    reward_components: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def version_span(self) -> tuple[int, int]:
-        """(oldest, newest) policy version that sampled a token of this group; staleness counts from the oldest."""
-        ends = [v for c in self.completions for v in ((c.versions[0], c.versions[-1]) if c.versions
-                                                       else (self.policy_version,))]
-        return (min(ends), max(ends)) if ends else (self.policy_version, self.policy_version)
+from protocol.components import SamplingConfig
+from protocol.rollout import RolloutGroup, RolloutRequest
 
 
 class RolloutEngine(Protocol):
@@ -45,3 +17,22 @@ class RolloutEngine(Protocol):
                  interruptible: bool = True) -> list[RolloutGroup]: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int: ...
+
+
+def make_engine(rollout, model_path: str, trust_remote_code: bool, seed: int):
+    """The engine `rollout.engine` names (a `protocol.config.RolloutConfig`)."""
+    if rollout.engine == "vllm":
+        from actors.vllm_engine import VLLMEngine, engine_options
+
+        return VLLMEngine(engine_options(model_path, rollout, rollout.dtype, seed, rollout.colocate), trust_remote_code)
+    from actors.hf_engine import HFEngine
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return HFEngine(model_path, device=device, dtype=engine_dtype(rollout.dtype), trust_remote_code=trust_remote_code,
+                    partial_rollout=rollout.partial_rollout)  # hosted with max_concurrency=2 then (cluster/job.py)
+
+
+def engine_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]

@@ -9,9 +9,10 @@ import os
 
 import torch
 
-from actors.engine import RolloutEngine, RolloutRequest
+from actors.engine import RolloutEngine
+from protocol.components import SamplingConfig
+from protocol.rollout import RolloutRequest
 from rewards import get_reward
-from vlm.generation import SamplingConfig
 
 
 def greedy_answers(engine: RolloutEngine, correct: dict, requests: list[RolloutRequest], max_new_tokens: int,
@@ -34,7 +35,7 @@ class EvalWorker:
     def __init__(self, model_path: str, rollout, correct_reward: dict[str, str], trust_remote_code: bool = False,
                  seed: int = 0) -> None:
         """`rollout`: the config's rollout section (which engine, dtype, prompts per call)."""
-        from actors.rollout_worker import make_engine
+        from actors.engine import make_engine
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.engine = make_engine(rollout, model_path, trust_remote_code, seed)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from actors.engine import RolloutGroup, RolloutRequest
-from cluster.weight_sync import WeightReceiver, WeightSyncConfig
-from vlm.generation import SamplingConfig, sample_completions
+from protocol.components import SamplingConfig
+from protocol.rollout import RolloutGroup, RolloutRequest
+from vlm.generation import sample_completions
 from vlm.partial import WeightGate, sample_in_segments
+from weights.sync import WeightReceiver, WeightSyncConfig
 
 
 def load_policy(model_path: str | Path, dtype: torch.dtype, trust_remote_code: bool):
@@ -119,8 +120,8 @@ class HFEngine:
             self.asleep = True
 
     def load_ipc(self, handles: list, version: int) -> int:
-        """Wake, then copy in the learner's tensors from their IPC handles (cluster/ipc_weights.py)."""
-        from cluster.ipc_weights import rebuild
+        """Wake, then copy in the learner's tensors from their IPC handles (weights/ipc.py)."""
+        from weights.ipc import rebuild
 
         if self.asleep:
             self.model.to(self.device)

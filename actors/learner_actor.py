@@ -12,13 +12,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from cluster.redis_server import RedisConfig
-from cluster.rollout_buffer import RolloutBuffer
-from cluster.weight_group import WeightSyncConfig
-from cluster.weight_sync import WeightSender
 from learner.grpo import group_advantages
-from learner.objective import GRPOConfig
-from learner.worker import LearnerConfig, LearnerWorker
+from learner.worker import LearnerWorker
+from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSyncConfig
+from stream.buffer import RolloutBuffer
+from weights.sync import WeightSender
 
 
 class LearnerActor:
@@ -145,7 +143,7 @@ class LearnerActor:
     def share_weights(self) -> dict:
         """Colocated mode: this rank's weights as IPC handles for the engine on its GPU (every rank at once: ZeRO-3
         gathers in lockstep). The tensors stay alive until release_shared()."""
-        from cluster.ipc_weights import share
+        from weights.ipc import share
 
         handles, self.shared = share(self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision))
         return {"handles": handles, "bytes": sum(t.numel() * t.element_size() for t in self.shared)}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from protocol.components import RewardTerm
 from rewards import CompositeReward
-from rewards.composite import RewardTerm
 
 
 class RewardActor:

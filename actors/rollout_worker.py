@@ -11,32 +11,12 @@ import time
 
 import torch
 
-from actors.engine import RolloutGroup, RolloutRequest
+from actors.engine import make_engine
 from actors.eval_worker import greedy_answers
-from cluster.redis_server import RedisConfig
-from cluster.rollout_buffer import RolloutBuffer
-from cluster.weight_group import WeightSyncConfig
+from protocol.components import RedisConfig, SamplingConfig, WeightSyncConfig
+from protocol.rollout import RolloutGroup, RolloutRequest
 from rewards import get_reward
-from vlm.generation import SamplingConfig
-
-
-def engine_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
-def make_engine(rollout, model_path: str, trust_remote_code: bool, seed: int):
-    """The engine `rollout.engine` names (a `cluster.config.RolloutConfig`)."""
-    if rollout.engine == "vllm":
-        from actors.vllm_engine import VLLMEngine, engine_options
-
-        return VLLMEngine(engine_options(model_path, rollout, rollout.dtype, seed, rollout.colocate), trust_remote_code)
-    from actors.hf_engine import HFEngine
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HFEngine(model_path, device=device, dtype=engine_dtype(rollout.dtype), trust_remote_code=trust_remote_code,
-                    partial_rollout=rollout.partial_rollout)  # hosted with max_concurrency=2 then (cluster/job.py)
+from stream.buffer import RolloutBuffer
 
 
 class RolloutWorker:

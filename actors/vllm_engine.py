@@ -13,10 +13,9 @@ import threading
 from pathlib import Path
 
 from actors import vllm_adapter as adapter
-from actors.engine import RolloutGroup, RolloutRequest
-from cluster.weight_group import WeightSyncConfig
-from vlm.generation import Completion, SamplingConfig
-from vlm.inputs import PromptInputs, vision_token_ids
+from protocol.components import SamplingConfig, WeightSyncConfig
+from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
+from vlm.inputs import vision_token_ids
 from vlm.pixels import patches_to_image
 
 

@@ -13,7 +13,7 @@ class WeightSyncExtension:
     _clsrl_receiver = None
 
     def clsrl_join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: dict, name: str) -> str:
-        from cluster.weight_sync import WeightReceiver, WeightSyncConfig
+        from weights.sync import WeightReceiver, WeightSyncConfig
 
         self.clsrl_leave_weight_group()
         tp_rank = adapter.worker_rank(self)
@@ -30,9 +30,9 @@ class WeightSyncExtension:
         return version, len(named)
 
     def clsrl_load_ipc(self, handles: list[tuple[str, tuple]]) -> int:
-        """Colocated: map the learner's tensors from their handles (cluster/ipc_weights.py) and load them; the
+        """Colocated: map the learner's tensors from their handles (weights/ipc.py) and load them; the
         learner keeps them alive until this returns."""
-        from cluster.ipc_weights import rebuild
+        from weights.ipc import rebuild
 
         named = rebuild(handles, adapter.worker_device(self))
         adapter.load_weights(self, named)

@@ -97,10 +97,10 @@ def parse_modes(text: str) -> list[tuple[str, int, list[str]]]:
 
 
 def run_mode(staleness: int, overrides: list[str], run_dir: Path, warm_start: Path | None) -> tuple[list[dict], dict, Path]:
-    from cluster.cli import DEFAULT_CONFIG
-    from cluster.config import ExperimentConfig
     from cluster.driver import train
-    from cluster.schema import load_config
+    from commands.cli import DEFAULT_CONFIG
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import load_config
 
     cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, overrides + [f"rollout.max_staleness={staleness}"])
     if run_dir.exists():
@@ -228,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 1:
         ap.error(f"--steps must be >= 1, got {steps}")
     overrides = BASE + (QUICK if args.quick else []) + [f"train.steps={steps}"] + args.set
-    from cluster.cli import DEFAULT_CONFIG
-    from cluster.config import ExperimentConfig
-    from cluster.schema import load_config
+    from commands.cli import DEFAULT_CONFIG
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import load_config
 
     cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, overrides)
     samples_per_step = cfg.train.prompts_per_step * cfg.sampling.n

@@ -22,15 +22,15 @@ MiB = 2**20
 
 
 def fields_of(group) -> dict:
-    """What RolloutBuffer.put_many writes per group (cluster/rollout_buffer.py)."""
-    from cluster.codec import FORMAT_VERSION, encode_group
+    """What RolloutBuffer.put_many writes per group (stream/buffer.py)."""
+    from stream.codec import FORMAT_VERSION, encode_group
 
     return {"g": encode_group(group), "prompt_id": group.request.prompt_id, "policy_version": str(group.policy_version),
             "v": str(FORMAT_VERSION)}
 
 
 def clsrl_round(url: str, cfg, groups: list, chunk: int, take_n: int) -> tuple[float, float, int]:
-    from cluster.rollout_buffer import RolloutBuffer
+    from stream.buffer import RolloutBuffer
 
     with RolloutBuffer(url, f"bench:{uuid.uuid4().hex}", "learners", "learner-0", maxlen=10 * len(groups), cfg=cfg) as buf:
         buf.ensure_group()
@@ -80,7 +80,7 @@ def raw_round(client, payloads: list[dict], chunk: int, take_n: int) -> tuple[fl
 
 def codec_costs(groups: list) -> dict:
     """Encode and decode alone, per group: the codec's share of clsrl's side."""
-    from cluster.codec import decode_group, encode_group
+    from stream.codec import decode_group, encode_group
 
     enc_s, blobs = lc.timed(lambda: [encode_group(g) for g in groups])
     dec_s, _ = lc.timed(lambda: [decode_group(b) for b in blobs])
@@ -90,7 +90,8 @@ def codec_costs(groups: list) -> dict:
 def run(groups: list, total: int, rounds: int, chunk: int, take_n: int) -> dict:
     import tempfile
 
-    from cluster.redis_server import PrivateRedis, RedisConfig
+    from protocol.components import RedisConfig
+    from stream.server import PrivateRedis
 
     batch = [groups[i % len(groups)] for i in range(total)]
     payloads = [fields_of(g) for g in batch]  # the raw side's bytes: encoded once, outside its timing

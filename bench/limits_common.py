@@ -92,7 +92,7 @@ SIZES: dict[str, dict] = {
 
 def tiny_spec(size: str = "tiny"):
     """The default tiny Qwen2-VL (configs/cpu_demo.yaml's model), or a larger one of the same family."""
-    from vlm.tiny import TinyVLMSpec
+    from protocol.components import TinyVLMSpec
 
     return TinyVLMSpec(**SIZES[size])
 
@@ -124,7 +124,7 @@ def shapes_prompts(model_dir: Path, dataset, n: int) -> list:
 
 def requests_for(examples: list) -> list:
     """RolloutRequests as cluster.job.Job.request builds them."""
-    from actors.engine import RolloutRequest
+    from protocol.rollout import RolloutRequest
 
     return [RolloutRequest(e.id, e.inputs, e.solution, meta={"draw": i, "dataset": e.dataset})
             for i, e in enumerate(examples)]
@@ -135,8 +135,9 @@ def make_groups(count: int, n: int = 8) -> list:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from actors.engine import RolloutGroup
-    from vlm.generation import SamplingConfig, sample_completions
+    from protocol.components import SamplingConfig
+    from protocol.rollout import RolloutGroup
+    from vlm.generation import sample_completions
     from vlm.processor import load_processor
 
     model_dir, dataset = shapes_model()

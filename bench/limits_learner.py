@@ -50,10 +50,10 @@ def rank_main(rank: int, port: int, model_dir: str, stage: int, blobs: list[byte
     import torch
 
     torch.set_num_threads(1)
-    from cluster.codec import decode_group
     from learner.grpo import group_advantages
-    from learner.objective import GRPOConfig
-    from learner.worker import LearnerConfig, LearnerWorker
+    from learner.worker import LearnerWorker
+    from protocol.components import GRPOConfig, LearnerConfig
+    from stream.codec import decode_group
 
     rss_start = rss_mib()
     groups = [decode_group(b) for b in blobs]
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (2 per step per rank)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    from cluster.codec import encode_group
+    from stream.codec import encode_group
 
     lc.progress("learner: sampling real rollout groups from the tiny model")
     blobs = [encode_group(g) for g in lc.make_groups(2)]

@@ -36,8 +36,8 @@ def start_actors(model_dir: Path, dataset: str, sampling, prompts: int, redis_ur
 
     from actors.reward_actor import RewardActor
     from actors.rollout_worker import RolloutWorker
-    from cluster.config import RolloutConfig
-    from rewards.composite import RewardTerm
+    from protocol.components import RewardTerm
+    from protocol.config import RolloutConfig
 
     reward = ray.remote(RewardActor).options(num_cpus=0.5).remote({dataset: [RewardTerm("cls_equality")]})
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(
@@ -76,7 +76,8 @@ def run_config(name: str, prompts: int, n: int, max_new: int, iters: int, model,
                dataset, redis_url: str, redis_cfg, buffer) -> dict:
     import ray
 
-    from vlm.generation import SamplingConfig, sample_completions
+    from protocol.components import SamplingConfig
+    from vlm.generation import sample_completions
 
     sampling = SamplingConfig(n=n, max_new_tokens=max_new)
     examples = lc.shapes_prompts(model_dir, dataset, prompts)
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForImageTextToText
 
     from cluster.job import local_runtime_env
-    from cluster.redis_server import PrivateRedis, RedisConfig
-    from cluster.rollout_buffer import RolloutBuffer
+    from protocol.components import RedisConfig
+    from stream.buffer import RolloutBuffer
+    from stream.server import PrivateRedis
     from vlm.processor import load_processor
 
     torch.set_num_threads(1)  # like the actor (OMP_NUM_THREADS=1 in its runtime env)

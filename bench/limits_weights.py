@@ -4,7 +4,7 @@
     python bench/limits_weights.py --quick
 
 K + 1 processes (rank 0 = the learner's sender, ranks 1..K = engines) hold two groups side by side: clsrl's
-stateless weight-sync group (cluster/weight_sync.py: per-dtype buckets, JSON headers through the store, acks)
+stateless weight-sync group (weights/sync.py: per-dtype buckets, JSON headers through the store, acks)
 and a default `torch.distributed` gloo group. Each round times both on the same processes, in alternating
 order: clsrl's `broadcast` of every named parameter of a real model (its own `mb_per_s`: from the first bucket
 to the last engine's ack, excluding the wait for engines to enter `receive`), and `dist.broadcast` of one flat
@@ -65,8 +65,8 @@ def rank_main(rank: int, k: int, ports: tuple[int, int], variants: list[tuple[st
     import torch
     import torch.distributed as dist
 
-    from cluster.weight_group import WeightSyncConfig
-    from cluster.weight_sync import WeightReceiver, WeightSender
+    from protocol.components import WeightSyncConfig
+    from weights.sync import WeightReceiver, WeightSender
 
     torch.set_num_threads(1)
     cfg = WeightSyncConfig(backend="gloo", timeout_s=120)
@@ -109,7 +109,7 @@ def copy_costs(named: list, bucket_bytes: int) -> dict:
     memory (each engine does that per bucket per version before the data lands in it)."""
     import torch
 
-    from cluster.weight_group import Packer
+    from weights.group import Packer
 
     t0 = time.perf_counter()
     packer, sizes = Packer(bucket_bytes, torch.device("cpu")), []

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from cluster.config import ExperimentConfig  # noqa: E402
+from protocol.config import ExperimentConfig  # noqa: E402
 from rewards import CompositeReward  # noqa: E402
 from tasks.examples import PromptExample  # noqa: E402
 
@@ -137,9 +137,9 @@ class TimedGRPOTrainer(GRPOTrainer):
 
 def greedy_accuracy(model_dir: Path, cfg: ExperimentConfig, test_examples: list[PromptExample]) -> float:
     """clsrl's own eval on a TRL model folder: greedy answers from the same engine, scored by the task's correct_reward."""
-    from actors.engine import RolloutRequest
     from actors.eval_worker import greedy_answers
     from actors.hf_engine import HFEngine
+    from protocol.rollout import RolloutRequest
     from rewards import get_reward
 
     engine = HFEngine(model_dir)
@@ -152,9 +152,9 @@ def greedy_accuracy(model_dir: Path, cfg: ExperimentConfig, test_examples: list[
 def run(spec: dict) -> dict:
     from transformers import AutoModelForImageTextToText
 
-    from cluster.cli import DEFAULT_CONFIG
-    from cluster.data import load_run_data
-    from cluster.schema import load_config
+    from commands.cli import DEFAULT_CONFIG
+    from protocol.overrides import load_config
+    from tasks.data import load_run_data
     from vlm.inputs import vision_token_ids
     from vlm.processor import load_processor, save_processor
 

@@ -66,9 +66,9 @@ def model_overrides(name: str, quick: bool) -> list[str]:
 
 
 def load(overrides: list[str]):
-    from cluster.cli import DEFAULT_CONFIG
-    from cluster.config import ExperimentConfig
-    from cluster.schema import load_config
+    from commands.cli import DEFAULT_CONFIG
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import load_config
 
     return load_config(ExperimentConfig, DEFAULT_CONFIG, overrides)
 
@@ -76,8 +76,8 @@ def load(overrides: list[str]):
 def shared_start(overrides: list[str], steps: int) -> tuple[str, float, float]:
     """(the starting checkpoint every system loads, seconds it took, millions of parameters). The format-only warm
     start (learner/warm_start.py, as the driver runs it) is cached under $CLSRL_CACHE, keyed by model and settings."""
-    from cluster.data import load_run_data
     from learner.warm_start import format_warm_start
+    from tasks.data import load_run_data
     from vlm.cache import default_cache_dir
 
     t0 = time.perf_counter()

@@ -11,10 +11,10 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from cluster.config import ExperimentConfig
 from cluster.job import Job
-from cluster.logs import run_logging
-from cluster.metrics import MetricsLogger, plot_histogram
+from protocol.config import ExperimentConfig
+from telemetry.logs import run_logging
+from telemetry.metrics import MetricsLogger, plot_histogram
 
 TRAINED_FILE = "trained.jsonl"  # per step: the draws and prompt ids trained on
 

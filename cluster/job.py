@@ -15,23 +15,23 @@ from pathlib import Path
 import ray
 import yaml
 
-from actors.engine import RolloutRequest
 from actors.learner_actor import LearnerActor
 from actors.reward_actor import RewardActor
 from actors.rollout_worker import RolloutWorker
 from cluster.checkpoint import DriverState, complete_tags, prune_checkpoints, read_checkpoint, tag_for, write_driver_state
-from cluster.config import ExperimentConfig
-from cluster.data import load_run_data
-from cluster.logs import announce
 from cluster.placement import init_ray, release, reserve
-from cluster.redis_server import connect
-from cluster.rollout_buffer import RolloutBuffer
 from cluster.scheduler import RolloutScheduler
-from cluster.schema import to_dict
 from cluster.staleness import StalenessManager
 from learner.warm_start import format_warm_start
+from protocol.config import ExperimentConfig
+from protocol.overrides import to_dict
+from protocol.rollout import RolloutRequest
+from stream.buffer import RolloutBuffer
+from stream.server import connect
+from tasks.data import load_run_data
 from tasks.examples import format_target
 from tasks.mixture import MixtureOrder
+from telemetry.logs import announce
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # ray is imported lazily: its import freezes RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (see init_ray)
     from ray.util.placement_group import PlacementGroup
 
-    from cluster.config import ClusterConfig
+    from protocol.config import ClusterConfig
 
 Bundle = tuple[str, int, dict[str, float]]
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import ray
 
-from actors.engine import RolloutRequest
-from cluster.logs import announce
 from cluster.staleness import StalenessManager
+from protocol.rollout import RolloutRequest
 from tasks.mixture import MixtureOrder
+from telemetry.logs import announce
 
 MAX_FILTERED_IN_A_ROW = 1000  # groups; beyond this dynamic sampling is not finding signal, it is spinning
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cluster.config import ExperimentConfig
 from cluster.job import Job
-from cluster.logs import run_logging
-from cluster.metrics import MetricsLogger
+from protocol.config import ExperimentConfig
+from telemetry.logs import run_logging
+from telemetry.metrics import MetricsLogger
 
 
 def train_sft(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> dict:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from protocol.components import OFF_POLICY
+
 __all__ = [
     "ADV_SCALES",
     "AGGREGATIONS",
@@ -29,7 +31,6 @@ __all__ = [
     "group_advantages",
     "kl_penalty",
     "policy_loss",
-    "token_entropy",
 ]
 
 ADV_SCALES = ("group", "batch", "none")
@@ -38,7 +39,6 @@ AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 # "decoupled" PPO (Hilton et al. 2021, AReaL) with a *truncated* behaviour weight is the same formula as "tis"
 # (Yao et al. 2025): clip against the proximal policy, times min(pi_prox / mu, cap); hence one name. (AReaL's
 # cap drops tokens above it instead of truncating; not offered.)
-OFF_POLICY = ("ppo", "tis")
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:
@@ -117,19 +117,6 @@ def expand_group_mask(group_mask: Tensor, group_size: int) -> Tensor:
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     return group_mask.repeat_interleave(group_size)
-
-
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution for each position: ``[..., V] -> [...]``.
-
-    Computed as ``logsumexp(z) - sum(softmax(z) * z)`` in float32 (or wider), which
-    avoids the ``0 * -inf`` of ``p * log p`` on masked-out vocabulary entries.
-    Call under ``torch.no_grad()`` when it is only a metric: it keeps a ``[..., V]``
-    intermediate alive for backward otherwise.
-    """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * z.nan_to_num(neginf=0.0)).sum(dim=-1)
 
 
 def kl_penalty(

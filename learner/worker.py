@@ -8,42 +8,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from learner.objective import GRPOConfig, grpo_objective, pad_rows, sft_objective
+from learner.objective import grpo_objective, pad_rows, sft_objective
+from protocol.components import GRPOConfig, LearnerConfig
 from vlm.inputs import build_sequence_batch, vision_token_ids
 from vlm.logprobs import completion_logprobs
 from vlm.processor import load_processor, save_processor
-
-
-@dataclass
-class LearnerConfig:
-    """Maps onto the YAML `learner` section."""
-
-    zero_stage: int = 2
-    micro_batch_size: int = 8  # sequences (prompt + one completion) per forward/backward
-    lr: float = 1e-6
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over the run, after warmup)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    gradient_checkpointing: bool = False
-    freeze_vision: bool = False  # train the language model only; only trainable weights are then synced
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
-    collective_timeout_s: float = 600.0  # a dead rank fails the step with an error instead of a 30-min hang
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"learner.zero_stage must be 0-3, got {self.zero_stage}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"learner.lr_schedule must be constant|linear|cosine, got {self.lr_schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"learner.precision must be auto|fp32|bf16, got {self.precision!r}")
 
 
 def lr_lambda(cfg: LearnerConfig, total_steps: int):

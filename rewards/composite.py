@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
+
+from protocol.components import RewardTerm
 
 from .registry import BoundReward, get_reward, is_real
 
 _TERM_KEYS = ("name", "weight", "params")
-
-
-@dataclass
-class RewardTerm:
-    name: str
-    weight: float = 1.0
-    params: dict = field(default_factory=dict)
 
 
 class CompositeReward:

@@ -5,6 +5,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from protocol.rollout import PromptInputs
 from tasks.images import ImageLoadError, load_image
 from tasks.manifest import ClassificationDataset, Sample
 from tasks.prompts import (
@@ -16,7 +17,7 @@ from tasks.prompts import (
     question_prefix,
     vqa_prompt,
 )
-from vlm.inputs import PromptInputs, encode_prompt
+from vlm.inputs import encode_prompt
 
 
 @dataclass

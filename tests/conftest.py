@@ -26,8 +26,9 @@ def shapes_dataset():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(shapes_dataset):
+    from protocol.components import TinyVLMSpec
     from tasks.examples import tokenizer_corpus
-    from vlm.tiny import TinyVLMSpec, ensure_tiny_vlm
+    from vlm.tiny import ensure_tiny_vlm
 
     return ensure_tiny_vlm(TinyVLMSpec(), tokenizer_corpus([shapes_dataset]))
 

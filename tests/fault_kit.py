@@ -23,12 +23,12 @@ from pathlib import Path
 import psutil
 import ray
 
-import cluster.logs
-from cluster.cli import DEFAULT_CONFIG
-from cluster.config import ExperimentConfig
+import telemetry.logs
 from cluster.job import Job
 from cluster.scheduler import RolloutScheduler
-from cluster.schema import load_config
+from commands.cli import DEFAULT_CONFIG
+from protocol.config import ExperimentConfig
+from protocol.overrides import load_config
 from tasks.mixture import dataset_seed
 from tasks.order import EpochOrder
 
@@ -135,7 +135,7 @@ class Run:
 
 
 class Recorder:
-    """Wraps Job.scheduler / finish_train / broadcast and cluster.logs.announce's `print`."""
+    """Wraps Job.scheduler / finish_train / broadcast and telemetry.logs.announce's `print`."""
 
     def __init__(self, monkeypatch, after_broadcast: bool = False, keep_steps: bool = True) -> None:
         self.runs: list[Run] = []
@@ -176,7 +176,7 @@ class Recorder:
         monkeypatch.setattr(Job, "scheduler", wrapped_scheduler)
         monkeypatch.setattr(Job, "finish_train", wrapped_finish)
         monkeypatch.setattr(Job, "broadcast", wrapped_broadcast)
-        monkeypatch.setattr(cluster.logs, "print", tee, raising=False)  # announce(): every line the runtime tells the user
+        monkeypatch.setattr(telemetry.logs, "print", tee, raising=False)  # announce(): every line the runtime tells the user
 
     @staticmethod
     def _engines(job: Job, version: int) -> dict:

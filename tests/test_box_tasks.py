@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import ExperimentConfig
-from cluster.data import load_run_data
-from cluster.schema import ConfigError, load_config
+from protocol.config import ExperimentConfig
+from protocol.overrides import ConfigError, load_config
 from rewards import get_reward
+from tasks.data import load_run_data
 from tasks.examples import format_target
 
 

@@ -1,4 +1,4 @@
-"""cluster.rollout_buffer against a real (private) Redis: delivery, redelivery, trimming, persistence, errors."""
+"""stream.buffer against a real (private) Redis: delivery, redelivery, trimming, persistence, errors."""
 from __future__ import annotations
 
 import os
@@ -11,12 +11,11 @@ import pytest
 import redis
 import torch
 
-from actors.engine import RolloutGroup, RolloutRequest
-from cluster.codec import FORMAT_VERSION
-from cluster.redis_server import PrivateRedis, RedisConfig
-from cluster.rollout_buffer import BufferUnavailable, RolloutBuffer
-from vlm.generation import Completion
-from vlm.inputs import PromptInputs
+from protocol.components import RedisConfig
+from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
+from stream.buffer import BufferUnavailable, RolloutBuffer
+from stream.codec import FORMAT_VERSION
+from stream.server import PrivateRedis
 
 
 def group(i: int, patches: int = 2) -> RolloutGroup:

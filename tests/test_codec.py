@@ -1,4 +1,4 @@
-"""cluster.codec: exact msgpack round trips of rollout groups, and clear errors for anything else."""
+"""stream.codec: exact msgpack round trips of rollout groups, and clear errors for anything else."""
 from __future__ import annotations
 
 import math
@@ -11,10 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.engine import RolloutGroup, RolloutRequest
-from cluster.codec import FORMAT_VERSION, CodecError, decode_group, encode_group
-from vlm.generation import Completion
-from vlm.inputs import PromptInputs
+from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
+from stream.codec import FORMAT_VERSION, CodecError, decode_group, encode_group
 
 
 def make_group(prompt_len=40, patches=16, patch_dim=1176, g=4, tokens=12, pixel_dtype=torch.float32, seed=0,

@@ -8,11 +8,11 @@ import json
 import pytest
 import ray
 
-from cluster.cli import DEFAULT_CONFIG
-from cluster.config import ExperimentConfig
 from cluster.driver import train
 from cluster.job import Job
-from cluster.schema import load_config
+from commands.cli import DEFAULT_CONFIG
+from protocol.config import ExperimentConfig
+from protocol.overrides import load_config
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 import rewards
-from cluster.config import ExperimentConfig
-from cluster.schema import ConfigError, load_config
+from protocol.config import ExperimentConfig
+from protocol.overrides import ConfigError, load_config
 from tasks.examples import format_target
 from tasks.prompts import BOX_STYLES, DIRECT_INSTRUCTION, PROMPT_STYLES, THINK_INSTRUCTION, VQA_STYLES, classification_prompt
 
@@ -194,5 +194,5 @@ def test_runtime_env_excludes_runs_caches_and_weights():
                 ".venv/bin/python", "weights/model-00001-of-00002.safetensors", "pytorch_model.bin",
                 "out/checkpoint-100/optimizer.pt", "runs/x/tensorboard/events.out.tfevents.1.host"]:
         assert skipped(root / rel), f"{rel} would be uploaded"
-    for rel in ["cluster/config.py", "configs/cls_rl.yaml", "rewards/__init__.py", "pyproject.toml"]:
+    for rel in ["protocol/config.py", "configs/cls_rl.yaml", "rewards/__init__.py", "pyproject.toml"]:
         assert not skipped(root / rel), f"{rel} would be left out"

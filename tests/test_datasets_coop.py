@@ -179,9 +179,9 @@ def test_imagenet_unlisted_folder_and_missing_val_are_named(tmp_path):
 
 def test_a_run_config_reads_coop_layout_into_prompts(tmp_path):
     """data.format: coop through the run's data loading: EuroSAT's own question prefix, prompt ids per data set."""
-    from cluster.config import ExperimentConfig
-    from cluster.data import load_run_data
-    from cluster.schema import ConfigError, load_config
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import ConfigError, load_config
+    from tasks.data import load_run_data
 
     _json_layout(tmp_path, "eurosat")
     cfg = load_config(ExperimentConfig, None, [f"data.root={tmp_path}", "data.format=coop", "data.coop=eurosat",

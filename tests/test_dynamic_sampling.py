@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG
-from cluster.config import ExperimentConfig
 from cluster.driver import TRAINED_FILE, train
-from cluster.schema import load_config
+from commands.cli import DEFAULT_CONFIG
+from protocol.config import ExperimentConfig
+from protocol.overrides import load_config
 
 
 @pytest.mark.slow

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from cluster.cli import DEFAULT_CONFIG, REPO_ROOT, main
-from cluster.config import ExperimentConfig
-from cluster.evaluation import harmonic_mean, markdown_table, resolve_model, run_eval
-from cluster.schema import load_config
+from commands.cli import DEFAULT_CONFIG, REPO_ROOT, main
+from commands.evaluation import harmonic_mean, markdown_table, resolve_model, run_eval
+from protocol.config import ExperimentConfig
+from protocol.overrides import load_config
 from rewards import get_reward
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from cluster.checkpoint import complete_tags, read_checkpoint
 from cluster.driver import train
-from cluster.rollout_buffer import RolloutBuffer
+from stream.buffer import RolloutBuffer
 from tests.fault_kit import (
     Background,
     Recorder,
@@ -168,7 +168,7 @@ def test_learner_rank_killed_stops_with_a_resume_hint_and_resume_trains_each_dra
 def test_redis_killed_and_restarted_mid_run_loses_no_pending_sample(ray_local, tmp_path, monkeypatch, caplog):
     cfg = make_cfg("train.steps=4", "redis.appendonly=true", "sampling.max_new_tokens=64")
     rec = Recorder(monkeypatch)
-    caplog.set_level(logging.WARNING, logger="cluster.rollout_buffer")
+    caplog.set_level(logging.WARNING, logger="stream.buffer")
 
     def kill_and_restart_redis() -> int:
         wait_until(lambda: last_step(tmp_path) >= 1, STARTUP_S, "step 1")
@@ -187,7 +187,7 @@ def test_redis_killed_and_restarted_mid_run_loses_no_pending_sample(ray_local, t
 
     rows = _all_steps(tmp_path, cfg.train.steps)
     assert pending_at_kill >= 1
-    retried = [r.getMessage() for r in caplog.records if r.name == "cluster.rollout_buffer"]
+    retried = [r.getMessage() for r in caplog.records if r.name == "stream.buffer"]
     assert retried and all(" failed (" in m and ", retry " in m for m in retried), retried  # the driver backed off
     assert all(r["buffer/lost"] == 0 and r["buffer/corrupt"] == 0 and r["dropped/duplicate"] == 0 for r in rows)
     assert rows[-1]["buffer/depth"] == 0 and rows[-1]["buffer/pending"] == 0

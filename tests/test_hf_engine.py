@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from actors.engine import RolloutRequest
 from actors.hf_engine import HFEngine
+from protocol.components import SamplingConfig
+from protocol.rollout import RolloutRequest
 from tasks.examples import build_examples
-from vlm.generation import SamplingConfig
 
 
 def test_generate_and_update_weights(tiny_model_dir, shapes_dataset):

@@ -21,21 +21,21 @@ pytestmark = pytest.mark.slow
 PROBE = r"""
 import json, os, sys
 import ray
-import cluster.schema, learner  # top-level packages of the uploaded working dir
+import protocol.overrides, learner  # top-level packages of the uploaded working dir
 
 @ray.remote(num_cpus=1)
 class Probe:
     def info(self):
         import torch
-        import cluster.schema
-        return {"pid": os.getpid(), "torch": torch.__version__, "schema": cluster.schema.__file__, "cwd": os.getcwd(),
+        import protocol.overrides
+        return {"pid": os.getpid(), "torch": torch.__version__, "schema": protocol.overrides.__file__, "cwd": os.getcwd(),
                 "env": {k: os.environ.get(k) for k in ("CLSRL_CACHE", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")}}
 
 ray.init()
 probes = [Probe.remote() for _ in range(2)]
 infos = ray.get([p.info.remote() for p in probes], timeout=180)
 print("CLSRL_PROBE " + json.dumps({
-    "pid": os.getpid(), "cwd": os.getcwd(), "prefix": sys.prefix, "schema": cluster.schema.__file__,
+    "pid": os.getpid(), "cwd": os.getcwd(), "prefix": sys.prefix, "schema": protocol.overrides.__file__,
     "learner": learner.__file__, "gcs": ray.get_runtime_context().gcs_address, "cpus": ray.cluster_resources().get("CPU"),
     "present": {d: os.path.exists(d) for d in (".venv", ".cache", "runs", ".git", "cluster", "pyproject.toml")},
     "actors": infos}))
@@ -123,7 +123,7 @@ def test_job_submit_runs_clsrl_train(head, tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["train.steps=2", "train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_every=0",
                  "data.eval_limit=4", "sampling.n=4", "learner.micro_batch_size=8", "train.tensorboard=false"]
-    entry = ["python", "-m", "cluster.cli", "train", "configs/cpu_demo.yaml", *overrides, "--run-dir", str(run_dir)]
+    entry = ["python", "-m", "commands.cli", "train", "configs/cpu_demo.yaml", *overrides, "--run-dir", str(run_dir)]
     status, logs = submit_job(head, entry, job_runtime_env(), timeout_s=400)
     assert status == "SUCCEEDED", logs[-6000:]
     assert f"ray: joined {head.gcs_address}" in logs or "ray: joined" in logs, logs[-3000:]

@@ -6,12 +6,12 @@ import socket
 import pytest
 import torch
 
-from actors.engine import RolloutGroup, RolloutRequest
 from learner.grpo import group_advantages
-from learner.objective import GRPOConfig
-from learner.worker import LearnerConfig, LearnerWorker
+from learner.worker import LearnerWorker
+from protocol.components import GRPOConfig, LearnerConfig, SamplingConfig
+from protocol.rollout import RolloutGroup, RolloutRequest
 from tasks.examples import build_examples
-from vlm.generation import SamplingConfig, sample_completions
+from vlm.generation import sample_completions
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""cluster.logs: the driver's rotating run log."""
+"""telemetry.logs: the driver's rotating run log."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cluster.logs import LOG_FILE, close_run_logging, run_log_path, setup_run_logging
+from telemetry.logs import LOG_FILE, close_run_logging, run_log_path, setup_run_logging
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) \S+ \[\d+\]: ")
 
@@ -28,13 +28,13 @@ def test_writes_clsrl_info_and_everyones_warnings_with_timestamps(tmp_path):
     log.info("step %d done", 3)
     logging.getLogger("clsrl.job").info("child logger")
     logging.getLogger("clsrl.job").debug("too verbose")
-    logging.getLogger("cluster.rollout_buffer").warning("Redis retry 1/5")
-    logging.getLogger("cluster.rollout_buffer").info("library chatter")
+    logging.getLogger("stream.buffer").warning("Redis retry 1/5")
+    logging.getLogger("stream.buffer").info("library chatter")
     logging.getLogger().error("root error")
     lines = (tmp_path / LOG_FILE).read_text().splitlines()
     assert len(lines) == 4 and all(STAMP.match(line) for line in lines), lines
     assert [line.split(": ", 1)[1] for line in lines] == ["step 3 done", "child logger", "Redis retry 1/5", "root error"]
-    assert " clsrl.job " in lines[1] and " WARNING cluster.rollout_buffer " in lines[2]
+    assert " clsrl.job " in lines[1] and " WARNING stream.buffer " in lines[2]
 
 
 def test_idempotent_and_a_new_run_dir_replaces_the_file(tmp_path):
@@ -76,7 +76,7 @@ def test_console_keeps_warnings_when_nothing_else_handles_root(tmp_path, capsys)
         setup_run_logging(tmp_path)
         setup_run_logging(tmp_path)
         assert len(ours("console")) == 1
-        logging.getLogger("cluster.rollout_buffer").warning("visible")
+        logging.getLogger("stream.buffer").warning("visible")
         logging.getLogger("clsrl").info("file only")
         err = capsys.readouterr().err
         assert "visible" in err and "file only" not in err

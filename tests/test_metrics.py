@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cluster.metrics import MetricsLogger, plot_curves, read_metrics
+from telemetry.metrics import MetricsLogger, plot_curves, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,7 +72,7 @@ def test_resume_truncates_and_drops_corrupt_line(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     good = [{"step": s, "kl": s / 10} for s in range(6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 6, "kl": 0.')  # crash mid-line
-    with caplog.at_level(logging.WARNING, logger="cluster.metrics"):
+    with caplog.at_level(logging.WARNING, logger="telemetry.metrics"):
         m = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
     assert any("metrics.jsonl:7" in r.getMessage() for r in caplog.records), caplog.text
     assert m.rows == good[:4]
@@ -89,7 +89,7 @@ def test_append_after_crash_keeps_next_row_intact(tmp_path, caplog):
     path.write_text('{"step": 0, "kl": 1}\n{"step": 1, "k')
     with MetricsLogger(tmp_path, tensorboard=False) as m:
         m.log({"step": 2, "kl": 3})
-    with caplog.at_level(logging.WARNING, logger="cluster.metrics"):
+    with caplog.at_level(logging.WARNING, logger="telemetry.metrics"):
         assert read_metrics(path) == [{"step": 0, "kl": 1}, {"step": 2, "kl": 3}]
     assert "metrics.jsonl:2" in caplog.text
 

@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import yaml
 
-from cluster.cli import REPO_ROOT
-from cluster.config import ExperimentConfig
 from cluster.driver import TRAINED_FILE, train
-from cluster.schema import from_dict
+from commands.cli import REPO_ROOT
+from protocol.config import ExperimentConfig
+from protocol.overrides import from_dict
 from tasks.bundled import ensure_bundled
 from tasks.manifest import read_dataset
 from tasks.mixture import MixtureOrder

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from learner.grpo import AGGREGATIONS, OFF_POLICY, policy_loss
-from learner.objective import GRPOConfig
+from protocol.components import GRPOConfig
 
 D = torch.float64
 TMAX = 7  # max_len for seq-mean-token-sum-norm

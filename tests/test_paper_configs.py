@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from cluster.cli import REPO_ROOT
-from cluster.config import ExperimentConfig
 from cluster.driver import train
-from cluster.schema import load_config
+from commands.cli import REPO_ROOT
+from protocol.config import ExperimentConfig
+from protocol.overrides import load_config
 
 PAPER_CONFIGS = ["cls_rl.yaml", "no_think.yaml", "cls_rl_b2n.yaml", "no_think_b2n.yaml", "visual_rft_cls.yaml",
                  "visual_rft_cls_2shot.yaml", "visual_rft_cls_4shot.yaml", "visual_rft_cls_8shot.yaml",

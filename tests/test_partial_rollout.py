@@ -8,15 +8,15 @@ import threading
 import pytest
 import torch
 
-from actors.engine import RolloutRequest
 from actors.hf_engine import HFEngine
-from cluster.cli import DEFAULT_CONFIG
-from cluster.config import ExperimentConfig
 from cluster.driver import train
-from cluster.schema import ConfigError, load_config
+from commands.cli import DEFAULT_CONFIG
 from learner.objective import pad_rows
+from protocol.components import SamplingConfig
+from protocol.config import ExperimentConfig
+from protocol.overrides import ConfigError, load_config
+from protocol.rollout import RolloutRequest
 from tasks.examples import build_examples
-from vlm.generation import SamplingConfig
 from vlm.inputs import build_sequence_batch, left_pad_prompts, vision_token_ids
 from vlm.logprobs import completion_logprobs
 from vlm.partial import continuation_inputs

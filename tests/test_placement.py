@@ -11,7 +11,6 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from cluster.config import ClusterConfig
 from cluster.placement import (
     ROLES,
     Placement,
@@ -22,6 +21,7 @@ from cluster.placement import (
     release,
     reserve,
 )
+from protocol.config import ClusterConfig
 from tests.conftest import REPO
 
 DEMO = ClusterConfig(rollout_workers=2, cpus_per_engine=1.0, learner_ranks=2, cpus_per_learner=1.0, reward_actors=1,

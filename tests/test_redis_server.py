@@ -1,4 +1,4 @@
-"""cluster.redis_server: the private server is loopback-only, password-protected, and never outlives us."""
+"""stream.server: the private server is loopback-only, password-protected, and never outlives us."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cluster.redis_server import PrivateRedis, RedisConfig, connect, find_redis_server, redact_url
+from protocol.components import RedisConfig
+from stream.server import PrivateRedis, connect, find_redis_server, redact_url
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +120,7 @@ def test_server_dies_with_a_killed_parent(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
-        from cluster.redis_server import PrivateRedis, RedisConfig
+        from stream.server import PrivateRedis, RedisConfig
         srv = PrivateRedis(RedisConfig(), {str(tmp_path)!r}).start()
         print(srv.proc.pid, srv.port, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no context exit

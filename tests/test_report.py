@@ -9,9 +9,9 @@ import re
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.report import build_report, md_cell
-from cluster.report_figures import MAX_BARS, Panel, plot_panels, plot_stage_times
+from commands.cli import main
+from commands.report import build_report, md_cell
+from telemetry.plots import MAX_BARS, Panel, plot_panels, plot_stage_times
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHAPES = ["red", "green", "blue", "yellow"]  # two eval answers per class

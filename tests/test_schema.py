@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import ExperimentConfig
-from cluster.schema import ConfigError, load_config
+from protocol.config import ExperimentConfig
+from protocol.overrides import ConfigError, load_config
 
 DEMO = "configs/cpu_demo.yaml"
 

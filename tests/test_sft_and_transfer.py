@@ -7,11 +7,11 @@ import json
 import pytest
 import yaml
 
-from cluster.cli import REPO_ROOT
-from cluster.config import ExperimentConfig
 from cluster.driver import train
-from cluster.schema import ConfigError, from_dict, load_config
-from cluster.transfer import run_transfer
+from commands.cli import REPO_ROOT
+from commands.transfer import run_transfer
+from protocol.config import ExperimentConfig
+from protocol.overrides import ConfigError, from_dict, load_config
 
 SMALL_TRAIN = dict(prompts_per_step=8, warm_start_steps=0, eval_every=0, save_every=0)
 

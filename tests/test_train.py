@@ -9,11 +9,11 @@ import time
 import pytest
 import ray
 
-from cluster.cli import DEFAULT_CONFIG, main
-from cluster.config import ExperimentConfig
 from cluster.driver import train
 from cluster.job import Job
-from cluster.schema import load_config
+from commands.cli import DEFAULT_CONFIG, main
+from protocol.config import ExperimentConfig
+from protocol.overrides import load_config
 
 SMALL = ["train.steps=3", "train.warm_start_steps=2", "train.prompts_per_step=4", "train.eval_every=2",
          "train.save_every=1", "data.eval_limit=8", "sampling.n=4", "learner.micro_batch_size=4",

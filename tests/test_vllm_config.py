@@ -6,9 +6,9 @@ import importlib.util
 import pytest
 
 from actors.vllm_engine import check_image_tokens, collapse_image_runs
-from cluster.cli import DEFAULT_CONFIG
-from cluster.config import ExperimentConfig
-from cluster.schema import ConfigError, load_config
+from commands.cli import DEFAULT_CONFIG
+from protocol.config import ExperimentConfig
+from protocol.overrides import ConfigError, load_config
 
 VLLM = ["rollout.engine=vllm"]
 
@@ -41,7 +41,7 @@ def test_bad_vllm_settings_are_refused_naming_the_keys(overrides, message):
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_engine_vllm_without_vllm_says_what_to_install(tiny_model_dir):
-    from actors.rollout_worker import make_engine
+    from actors.engine import make_engine
     from actors.vllm_adapter import VLLMUnavailable
 
     with pytest.raises(VLLMUnavailable, match=r"pip install 'clsrl\[gpu\]'.*rollout.engine: hf"):

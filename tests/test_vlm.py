@@ -5,12 +5,13 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from learner.objective import pad_rows
+from protocol.components import SamplingConfig, TinyVLMSpec
 from tasks.examples import build_examples
-from vlm.generation import SamplingConfig, sample_completions
+from vlm.generation import sample_completions
 from vlm.inputs import build_sequence_batch, encode_prompt, vision_token_ids
 from vlm.logprobs import completion_logprobs
 from vlm.processor import Qwen2VLImageOnlyProcessor, load_processor
-from vlm.tiny import TinyVLMSpec, ensure_tiny_vlm
+from vlm.tiny import ensure_tiny_vlm
 
 
 def _examples(processor, dataset, n=3, style="cls_rl"):

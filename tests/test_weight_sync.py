@@ -1,4 +1,4 @@
-"""Learner -> engine weight broadcast (cluster.weight_sync): protocol tests in one process (threads)."""
+"""Learner -> engine weight broadcast (weights.sync): protocol tests in one process (threads)."""
 from __future__ import annotations
 
 import threading
@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster.weight_group import Packer, WeightSyncConfig, WeightSyncError, check_header, resolve_backend
-from cluster.weight_sync import WeightReceiver, WeightSender
+from protocol.components import WeightSyncConfig
 from tests.weight_sync_data import FAST, HOST, bits, make_weights, sent
+from weights.group import Packer, WeightSyncError, check_header, resolve_backend
+from weights.sync import WeightReceiver, WeightSender
 
 
 def run_threads(cfg, num_engines, send, version=1):

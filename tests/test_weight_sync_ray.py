@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster.weight_group import WeightSyncConfig, WeightSyncError
-from cluster.weight_sync import WeightReceiver, WeightSender
+from protocol.components import WeightSyncConfig
 from tests.weight_sync_data import FAST, HOST, MARGIN_S, bits, make_weights, sent
+from weights.group import WeightSyncError
+from weights.sync import WeightReceiver, WeightSender
 
 # ---- separate processes: Ray actors ----
 

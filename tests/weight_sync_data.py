@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.weight_group import WeightSyncConfig
+from protocol.components import WeightSyncConfig
 
 HOST = "127.0.0.1"
 FAST = WeightSyncConfig(bucket_mb=0.25, timeout_s=4.0, heartbeat_s=0.2)  # dead = 1 s without a heartbeat

@@ -2,41 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from vlm.inputs import PromptInputs, left_pad_prompts, vision_token_ids
+from protocol.components import SamplingConfig
+from protocol.rollout import Completion, PromptInputs
+from vlm.inputs import left_pad_prompts, vision_token_ids
 from vlm.logprobs import policy_logprobs
-
-
-@dataclass
-class SamplingConfig:
-    """Maps onto the YAML `sampling` section."""
-
-    n: int = 4  # completions per prompt (the GRPO group size G)
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    greedy: bool = False  # evaluation decodes greedily with n = 1
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"sampling.n and sampling.max_new_tokens must be >= 1, got {self.n}, {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature} (use greedy: true)")
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # includes the end-of-turn token when the model stopped
-    logprobs: list[float]  # behaviour log-probs, one per token
-    text: str  # decoded with special tokens skipped (what rewards read)
-    finish_reason: str  # "stop" or "length"
-    # policy version that sampled each token; empty = all of them the group's policy_version. Several versions
-    # when generation was interrupted by a weight update and continued under the new weights (partial rollout).
-    versions: list[int] = field(default_factory=list)
 
 
 def _generation_config(model, cfg: SamplingConfig, n: int, max_new_tokens: int):

@@ -12,18 +12,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-
-@dataclass
-class PromptInputs:
-    """One encoded prompt: 1-D token ids and the image's patches (as the processor made them); a text-only
-    prompt (the text-only model that vLLM's CPU test runs) has no patches."""
-
-    input_ids: torch.Tensor  # [L] long
-    pixel_values: torch.Tensor | None = None  # [patches, patch_dim] float
-    image_grid_thw: torch.Tensor | None = None  # [1, 3] long
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
+from protocol.rollout import PromptInputs
 
 
 def chat_messages(text: str) -> list[dict]:

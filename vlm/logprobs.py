@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from learner.grpo import token_entropy
 from vlm.inputs import SequenceBatch
 
 
@@ -55,3 +54,16 @@ def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0, b
             entropy = token_entropy(policy_scores(logits, temperature, blocked_ids)) * mask
         return logprobs, mask, entropy
     return logprobs, mask
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution for each position: ``[..., V] -> [...]``.
+
+    Computed as ``logsumexp(z) - sum(softmax(z) * z)`` in float32 (or wider), which
+    avoids the ``0 * -inf`` of ``p * log p`` on masked-out vocabulary entries.
+    Call under ``torch.no_grad()`` when it is only a metric: it keeps a ``[..., V]``
+    intermediate alive for backward otherwise.
+    """
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z.nan_to_num(neginf=0.0)).sum(dim=-1)

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vlm.generation import Completion, SamplingConfig, eos_token_ids, generate_segment, stop_index
-from vlm.inputs import PromptInputs, left_pad_prompts
+from protocol.components import SamplingConfig
+from protocol.rollout import Completion, PromptInputs
+from vlm.generation import eos_token_ids, generate_segment, stop_index
+from vlm.inputs import left_pad_prompts
 
 
 class WeightGate:

@@ -10,41 +10,16 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from protocol.components import TinyVLMSpec
 from vlm.cache import build_once, default_cache_dir
 from vlm.processor import Qwen2VLImageOnlyProcessor, save_processor
 from vlm.tokenizer import QWEN2_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, train_qwen_tokenizer
 
 BUILDER_VERSION = 1  # bump when the build changes, so caches rebuild
-
-
-@dataclass
-class TinyVLMSpec:
-    """Shape of the tiny model; every field maps onto a YAML key under `model.tiny`."""
-
-    kind: str = "qwen2_vl"  # or "qwen2_5_vl"
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    vision_depth: int = 2
-    vision_hidden_size: int = 64
-    min_pixels: int = 56 * 56
-    max_pixels: int = 112 * 112
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"model.tiny.kind must be 'qwen2_vl' or 'qwen2_5_vl', got {self.kind!r}")
-        head_dim = self.hidden_size // self.num_attention_heads
-        if head_dim % 8:  # mRoPE splits head_dim/2 into 3 sections
-            raise ValueError(f"hidden_size/num_attention_heads must be a multiple of 8, got {head_dim}")
 
 
 def _mrope_section(head_dim: int) -> list[int]:

@@ -11,13 +11,11 @@ import pytest
 import ray
 import torch
 
-from actors.engine import RolloutRequest
 from actors.hf_engine import HFEngine
-from cluster.weight_group import WeightSyncConfig
-from cluster.weight_sync import WeightSender
-from vlm.generation import SamplingConfig
-from vlm.inputs import PromptInputs
+from protocol.components import SamplingConfig, WeightSyncConfig
+from protocol.rollout import PromptInputs, RolloutRequest
 from vlm.logprobs import policy_logprobs
+from weights.sync import WeightSender
 
 QUESTIONS = ["circle square", "which shape is it?", "the quick brown fox", "answer with one word"]
 VISION = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -126,7 +124,7 @@ def test_colocated_load_path_on_cpu_where_handles_carry_copies_not_cuda_ipc(engi
     """Colocated mode's weight path (learner handles -> engine.load_ipc -> worker extension -> in-place reload)
     end to end. On CPU, torch's handles of CPU tensors travel as copies through pickling; CUDA IPC itself and
     vLLM's sleep/wake need a GPU (docs/vllm.md)."""
-    from cluster.ipc_weights import share
+    from weights.ipc import share
 
     actor, hf = engines
     requests = _requests(hf.tokenizer)
@@ -148,10 +146,10 @@ def test_rollout_worker_hosting_vllm_publishes_scored_groups_to_redis(ray_local,
     reward actor, publish to the Redis stream the learners read."""
     from actors.reward_actor import RewardActor
     from actors.rollout_worker import RolloutWorker
-    from cluster.config import RolloutConfig
-    from cluster.redis_server import RedisConfig, connect
-    from cluster.rollout_buffer import RolloutBuffer
-    from rewards.composite import RewardTerm
+    from protocol.components import RedisConfig, RewardTerm
+    from protocol.config import RolloutConfig
+    from stream.buffer import RolloutBuffer
+    from stream.server import connect
 
     redis_cfg = RedisConfig()
     url, server = connect(redis_cfg, tmp_path)

@@ -1,6 +1,6 @@
 """A run's data: every data set of the config read, cut to its classes and shots, and encoded into prompts.
 
-Shared by training (cluster/job.py) and evaluation (cluster/evaluation.py). Prompt ids are
+Shared by training (cluster/job.py) and evaluation (commands/evaluation.py). Prompt ids are
 "<data set>/<sample id>", unique run-wide.
 """
 from __future__ import annotations
@@ -9,8 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import TASK_FORMATS, DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
-from cluster.logs import announce
+from protocol.config import TASK_FORMATS, DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
 from tasks.bundled import ensure_bundled
 from tasks.bundled_boxes import ensure_bundled_boxes
 from tasks.coop import read_coop
@@ -22,6 +21,7 @@ from tasks.parquet import read_rft_parquet
 from tasks.prompts import PROMPT_STYLES
 from tasks.sampling import base_new_split, k_shot, subset_classes
 from tasks.vqa import ensure_bundled_vqa, read_vqa_jsonl
+from telemetry.logs import announce
 from vlm.cache import default_cache_dir
 from vlm.processor import load_processor
 from vlm.tiny import ensure_tiny_vlm

@@ -27,16 +27,16 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-BACKENDS = ("auto", "gloo", "nccl")
+from protocol.components import WEIGHT_SYNC_BACKENDS as BACKENDS
+from protocol.components import WeightSyncConfig
+
 POLL_S = 0.01  # how often store keys are polled while waiting
 HEALTH_EVERY_S = 0.2  # how often heartbeats and failure reports are read while waiting
-STALE_BEATS = 5  # an engine whose heartbeat has not moved for this many intervals is reported dead
 
 
 class WeightSyncError(RuntimeError):
@@ -44,34 +44,6 @@ class WeightSyncError(RuntimeError):
 
     After it is raised the group is unusable on every side: close it and form a new one.
     """
-
-
-@dataclass
-class WeightSyncConfig:
-    """YAML section `weight_sync`."""
-
-    bucket_mb: float = 64  # flat buckets of at most this many MiB; a larger tensor is sent on its own
-    timeout_s: float = 60  # every wait (join, start, each bucket, acks) gives up after this long
-    backend: str = "auto"  # auto = nccl when CUDA is available, else gloo
-    heartbeat_s: float = 1.0  # engines beat this often; silent for 5 beats while awaited = dead
-
-    def __post_init__(self) -> None:
-        if self.bucket_mb <= 0:
-            raise ValueError(f"weight_sync.bucket_mb must be > 0, got {self.bucket_mb}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"weight_sync.timeout_s must be > 0, got {self.timeout_s}")
-        if self.heartbeat_s <= 0:
-            raise ValueError(f"weight_sync.heartbeat_s must be > 0, got {self.heartbeat_s}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"weight_sync.backend must be one of {BACKENDS}, got {self.backend!r}")
-
-    @property
-    def bucket_bytes(self) -> int:
-        return max(16, int(self.bucket_mb * 2**20) // 16 * 16)  # a multiple of every element size
-
-    @property
-    def stale_s(self) -> float:
-        return STALE_BEATS * self.heartbeat_s
 
 
 # ---- the one place that knows about backends ----

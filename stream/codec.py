@@ -19,9 +19,7 @@ import msgpack
 import numpy as np
 import torch
 
-from actors.engine import RolloutGroup, RolloutRequest
-from vlm.generation import Completion
-from vlm.inputs import PromptInputs
+from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
 
 FORMAT = "clsrl.RolloutGroup"
 FORMAT_VERSION = 2  # bump on any incompatible change; decoders refuse other versions by name (2: token ids as int32 bytes)
@@ -35,7 +33,7 @@ _TENSOR_FIELDS = ("input_ids", "pixel_values", "image_grid_thw")
 _OPTIONAL_TENSORS = ("pixel_values", "image_grid_thw")  # absent for a text-only prompt
 
 if sys.byteorder != "little":  # raw tensor bytes are written in native order; every supported host is LE
-    raise ImportError("cluster.codec supports little-endian hosts only")
+    raise ImportError("stream.codec supports little-endian hosts only")
 
 
 class CodecError(ValueError):

@@ -17,12 +17,12 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from actors.engine import RolloutRequest
 from actors.eval_worker import EvalWorker
 from cluster.checkpoint import complete_tags
-from cluster.config import ExperimentConfig
-from cluster.data import load_run_data
 from cluster.placement import init_ray
+from protocol.config import ExperimentConfig
+from protocol.rollout import RolloutRequest
+from tasks.data import load_run_data
 
 PROTOCOLS = {"cls_rl": "eval_cls_rl", "visual_rft": "eval_visual_rft"}
 

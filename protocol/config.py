@@ -3,13 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.redis_server import RedisConfig
-from cluster.weight_group import WeightSyncConfig
-from learner.objective import GRPOConfig
-from learner.worker import LearnerConfig
-from rewards.composite import RewardTerm
-from vlm.generation import SamplingConfig
-from vlm.tiny import TinyVLMSpec
+from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, RewardTerm, SamplingConfig, TinyVLMSpec, WeightSyncConfig
 
 
 @dataclass
@@ -95,7 +89,7 @@ class RolloutConfig:
     max_model_len: int | None = None  # null = the checkpoint's
     enforce_eager: bool = False  # true = no CUDA graphs (faster start, slower decode)
     # engine i shares learner rank i's GPU: it sleeps (vLLM: weights and KV cache released) while the learners
-    # train, and takes the new weights through CUDA IPC handles instead of the broadcast (cluster/ipc_weights.py)
+    # train, and takes the new weights through CUDA IPC handles instead of the broadcast (weights/ipc.py)
     colocate: bool = False
 
     def __post_init__(self) -> None:

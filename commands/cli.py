@@ -15,9 +15,9 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "cpu_demo.yaml"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cluster.config import ExperimentConfig
     from cluster.driver import train
-    from cluster.schema import load_config
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import load_config
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     if args.resume and not args.run_dir:
@@ -32,9 +32,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from cluster.config import ExperimentConfig
-    from cluster.evaluation import resolve_model, run_eval
-    from cluster.schema import load_config
+    from commands.evaluation import resolve_model, run_eval
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import load_config
 
     overrides = list(args.overrides) + ([f"model.path={resolve_model(args.model)}"] if args.model else [])
     cfg = load_config(ExperimentConfig, args.config, overrides)
@@ -46,9 +46,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_transfer(args: argparse.Namespace) -> int:
-    from cluster.config import ExperimentConfig
-    from cluster.schema import ConfigError, load_config
-    from cluster.transfer import run_transfer
+    from commands.transfer import run_transfer
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import ConfigError, load_config
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     bad = [c for c in args.checkpoint if "=" not in c]
@@ -69,7 +69,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cluster.report import build_report  # lazily: matplotlib and yaml only for this command
+    from commands.report import build_report  # lazily: matplotlib and yaml only for this command
 
     print(build_report(args.run_dir, args.out))
     return 0
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "demo", "eval") and args.config and "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
-    from cluster.schema import ConfigError
+    from protocol.overrides import ConfigError
     from tasks.manifest import DatasetError
 
     try:

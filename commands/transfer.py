@@ -13,10 +13,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from cluster.config import ExperimentConfig
-from cluster.data import load_run_data
-from cluster.evaluation import resolve_model, run_eval
+from commands.evaluation import resolve_model, run_eval
 from learner.warm_start import format_warm_start
+from protocol.config import ExperimentConfig
+from tasks.data import load_run_data
 
 
 def _with(cfg: ExperimentConfig, **sections) -> ExperimentConfig:

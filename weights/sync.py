@@ -13,7 +13,7 @@ so engines need no prior knowledge and check what arrives. Each engine confirms 
 an engine that is dead (its heartbeat stopped), stuck (never starts or never confirms) or failed is named in
 a `WeightSyncError` raised within about `timeout_s` (plus a few heartbeats to tell who died). After an error
 the group is unusable: close both sides and form a new one (a new port; a replacement engine may join).
-The group itself lives in `cluster.weight_group`.
+The group itself lives in `weights.group`.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from cluster.weight_group import (
+from protocol.components import WeightSyncConfig
+from weights.group import (
     Bucket,
     Heartbeat,
     Packer,
     Watch,
-    WeightSyncConfig,
     WeightSyncError,
     abort_backend,
     backend_device,

@@ -11,7 +11,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from cluster.report_data import (
+from commands.report_data import (
     Run,
     accuracy_by_step,
     config_datasets,
@@ -21,8 +21,8 @@ from cluster.report_data import (
     eval_scores,
     load_run,
 )
-from cluster.report_figures import Panel, finite, plot_panels, plot_stage_times
 from rewards.parsing import extract_answer, words_lower
+from telemetry.plots import Panel, finite, plot_panels, plot_stage_times
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
@@ -127,7 +127,7 @@ def summary_section(acc: dict[int, dict[str, float]], names: list[str]) -> str:
 
 
 def figures_section(run: Run, names: list[str], out_dir: Path) -> str:
-    from cluster.metrics import plot_histogram
+    from telemetry.metrics import plot_histogram
 
     rows, multi = run.rows, len(names) > 1
     comps = sorted({k for r in rows for k in r if k.startswith("reward/") and k.count("/") == 1} - {"reward/mean", "reward/std"})

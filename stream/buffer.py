@@ -30,9 +30,10 @@ from typing import Any
 
 import redis
 
-from actors.engine import RolloutGroup
-from cluster.codec import FORMAT_VERSION, CodecError, decode_group, encode_group
-from cluster.redis_server import RedisConfig, make_client, redact_url
+from protocol.components import RedisConfig
+from protocol.rollout import RolloutGroup
+from stream.codec import FORMAT_VERSION, CodecError, decode_group, encode_group
+from stream.server import make_client, redact_url
 
 log = logging.getLogger(__name__)
 

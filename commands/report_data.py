@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.report_figures import finite
+from telemetry.plots import finite
 
 _EVAL_FILE = re.compile(r"^step-(\d+)\.jsonl$")
 _STAMP = re.compile(rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", re.MULTILINE)

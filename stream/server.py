@@ -24,59 +24,16 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
+from protocol.components import RedisConfig
+
 log = logging.getLogger(__name__)
 
 MIN_SERVER_VERSION = (6, 2)  # XAUTOCLAIM (dead-consumer recovery) arrived in Redis 6.2
-
-
-@dataclass
-class RedisConfig:
-    """Maps onto the YAML `redis` section."""
-
-    url: str | None = None  # an existing server, redis://:password@host:port/db; null = start a private one
-    appendonly: bool = False  # private server: AOF, so a restart on the same run dir keeps stream + pending list
-    # Private server with appendonly: when the AOF is fsynced. "always" (the default) fsyncs before Redis replies,
-    # so an XADD/XREADGROUP/XACK the client saw succeed is on disk even if the machine dies. "everysec" (Redis'
-    # own default) survives a killed redis-server as well (the AOF write() precedes the reply and the page cache
-    # outlives the process; 0 entries lost in our SIGKILL trials with any setting) except when a slow disk makes
-    # Redis postpone that write, and it loses up to ~2 s of acknowledged entries on a power loss or kernel crash,
-    # after which the driver's count of what is in the stream is wrong. "always" costs one fsync per command:
-    # measured +0.5-2.5 ms per put (9-300 KB entries) and ~+5 ms per take(20)+ack, i.e. still hundreds of puts/s,
-    # far above the rate rollout groups are generated at; correctness of the pending list wins. "no": the OS.
-    appendfsync: str = "always"
-    stream_maxlen: int = 10000  # approximate cap on stream entries (see cluster/rollout_buffer.py on trimming)
-    stream: str = "clsrl:rollouts"
-    group: str = "learners"
-    claim_idle_ms: int = 300_000  # pending this long = its consumer died; must exceed the longest take->ack
-    delete_on_ack: bool = True  # XDEL acked entries, so the stream holds only unfinished work
-    maxmemory: str | None = None  # private server only, e.g. "8gb": writes fail with OOM instead of swapping
-    connect_timeout_s: float = 5.0
-    socket_timeout_s: float = 30.0  # per command; take(block_ms=...) must block for less than this
-    retry_attempts: int = 6  # tries per command on connection errors, with exponential backoff
-    retry_backoff_s: float = 0.1  # first wait; doubles each retry
-    retry_backoff_max_s: float = 5.0
-    start_timeout_s: float = 30.0  # private server: time to answer PING (loading a large AOF takes a while)
-
-    def __post_init__(self) -> None:
-        if self.stream_maxlen < 1:
-            raise ValueError(f"redis.stream_maxlen must be >= 1, got {self.stream_maxlen}")
-        if self.claim_idle_ms < 0:
-            raise ValueError(f"redis.claim_idle_ms must be >= 0, got {self.claim_idle_ms}")
-        if self.retry_attempts < 1:
-            raise ValueError(f"redis.retry_attempts must be >= 1, got {self.retry_attempts}")
-        for name in ("connect_timeout_s", "socket_timeout_s", "start_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"redis.{name} must be > 0, got {getattr(self, name)}")
-        if not self.stream or not self.group:
-            raise ValueError("redis.stream and redis.group must be non-empty")
-        if self.appendfsync not in ("always", "everysec", "no"):
-            raise ValueError(f"redis.appendfsync must be always|everysec|no, got {self.appendfsync!r}")
 
 
 def redact_url(url: str) -> str:

@@ -1,0 +1,1 @@
+"""What a run records: log files and console, metrics sinks, plots."""

@@ -1,0 +1,1 @@
+"""Weight transport from the learners to the engines: the broadcast group, sender/receiver, IPC."""
