@@ -24,7 +24,8 @@ Registered rewards (value range):
     eval_grounding_iou50 {0, 1}  grounding accuracy: first (x1,y1),(x2,y2) has IoU > 0.5 with a box
 """
 
-from . import classification, detection, eval_protocols, format_check, grounding, length  # noqa: F401  (register)
+# imported for their side effect: each module registers its rewards
+from . import classification, detection, eval_protocols, format_check, grounding, length  # noqa: F401
 from .composite import CompositeReward, RewardTerm
 from .registry import (
     BoundReward,

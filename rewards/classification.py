@@ -40,7 +40,9 @@ def _words_label(sol: str) -> tuple[str, int]:
 
 
 @register("cls_accuracy")
-def cls_accuracy(completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]) -> list[float]:
+def cls_accuracy(
+    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]
+) -> list[float]:
     """1.0 if the first answer span (or the whole text without tags) equals the label, else 0.0.
 
     Equality ignores case and treats every run of whitespace and ``_`` as one space, ends
@@ -61,7 +63,9 @@ def cls_accuracy(completions: Sequence[str], solutions: Sequence[Any], info: Map
 
 
 @register("cls_equality")
-def cls_equality(completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]) -> list[float]:
+def cls_equality(
+    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]
+) -> list[float]:
     """1.0 if the whole completion equals the label exactly (case-sensitive), else 0.0.
 
     Our spec: whitespace around the completion is ignored (a trailing newline is not a
@@ -69,11 +73,16 @@ def cls_equality(completions: Sequence[str], solutions: Sequence[Any], info: Map
     directly.
     """
     label_of = _label_cache(str.strip)
-    return [1.0 if text.strip() == label_of(sol) else 0.0 for text, sol in zip(completions, solutions, strict=True)]
+    return [
+        1.0 if text.strip() == label_of(sol) else 0.0
+        for text, sol in zip(completions, solutions, strict=True)
+    ]
 
 
 @register("cls_contains")
-def cls_contains(completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]) -> list[float]:
+def cls_contains(
+    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]
+) -> list[float]:
     """1.0 if the answer and the label, lowercased with whitespace and ``_`` removed, contain one another.
 
     Our spec: an answer that is empty after that normalisation scores 0. The reference

@@ -35,11 +35,15 @@ class CompositeReward:
             if not isinstance(t, RewardTerm):
                 raise TypeError(f"reward term {k}: expected RewardTerm, got {type(t).__name__}")
             if not is_real(t.weight):
-                raise ValueError(f"reward term {k} ({t.name!r}): weight must be a finite number, got {t.weight!r}")
+                raise ValueError(
+                    f"reward term {k} ({t.name!r}): weight must be a finite number, got {t.weight!r}"
+                )
             if not isinstance(t.params, Mapping):
                 raise ValueError(f"reward term {k} ({t.name!r}): params must be a dict, got {t.params!r}")
             if any(name == t.name for name, _, _ in self._bound):
-                raise ValueError(f"reward term {k}: {t.name!r} appears twice; components are keyed by reward name")
+                raise ValueError(
+                    f"reward term {k}: {t.name!r} appears twice; components are keyed by reward name"
+                )
             # Resolve now so that a bad name or param fails at config time, not mid-training.
             self._bound.append((t.name, float(t.weight), get_reward(t.name, **t.params)))
 

@@ -135,7 +135,11 @@ def _score(completions: Sequence[str], solutions: Sequence[Any], thr: float, con
 
 @register("det_iou", check=_threshold_check("det_iou"))
 def det_iou(
-    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any], *, iou_threshold: float = 0.5
+    completions: Sequence[str],
+    solutions: Sequence[Any],
+    info: Mapping[str, Any],
+    *,
+    iou_threshold: float = 0.5,
 ) -> list[float]:
     """Sum of matched IoUs / max(#gt, #predictions after dedup), in [0, 1]; correct negative 1."""
     return _score(completions, solutions, float(iou_threshold), conf_mode=False)
@@ -143,7 +147,11 @@ def det_iou(
 
 @register("det_confidence", check=_threshold_check("det_confidence"))
 def det_confidence(
-    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any], *, iou_threshold: float = 0.5
+    completions: Sequence[str],
+    solutions: Sequence[Any],
+    info: Mapping[str, Any],
+    *,
+    iou_threshold: float = 0.5,
 ) -> list[float]:
     """Mean over predictions of c if matched else 1 - c (c clipped to [0, 1]); correct negative 1."""
     return _score(completions, solutions, float(iou_threshold), conf_mode=True)

@@ -4,9 +4,9 @@
 - ``eval_cls_rl`` (CLS-RL's protocol): the graded answer (first ``<answer>`` span, or the whole text without
   tags) is correct if it equals the label ignoring case, or contains the label, where the label is also tried
   with ``_`` read as a space. More lenient than the ``cls_accuracy`` training reward (equality only).
-- ``eval_visual_rft`` (Visual-RFT's protocol): the answer must sit in ``<answer>`` tags (a missing tag is wrong);
-  answer and label, lowercased with whitespace and ``_`` removed, are compared by containment either way. An
-  empty answer is wrong (containment of "" would credit it; see ``cls_contains``).
+- ``eval_visual_rft`` (Visual-RFT's protocol): the answer must sit in ``<answer>`` tags (a missing tag is
+  wrong); answer and label, lowercased with whitespace and ``_`` removed, are compared by containment either
+  way. An empty answer is wrong (containment of "" would credit it; see ``cls_contains``).
 """
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def eval_cls_rl(completions: Sequence[str], solutions: Sequence[Any], info: Mapp
 
 
 @register("eval_visual_rft")
-def eval_visual_rft(completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]) -> list[float]:
+def eval_visual_rft(
+    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]
+) -> list[float]:
     out = []
     for text, sol in zip(completions, solutions, strict=True):
         label = compact_lower(_label(sol))
@@ -49,7 +51,9 @@ def eval_visual_rft(completions: Sequence[str], solutions: Sequence[Any], info: 
 
 
 @register("eval_grounding_iou50")
-def eval_grounding_iou50(completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]) -> list[float]:
+def eval_grounding_iou50(
+    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]
+) -> list[float]:
     """Grounding accuracy at IoU 0.5 (the usual REC / LISA box metric): the answer's first ``(x1,y1),(x2,y2)``
     pair, corners put in order, overlaps its best-matching ground-truth box with IoU > 0.5."""
     out = []

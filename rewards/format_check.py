@@ -34,5 +34,6 @@ def is_well_formatted(text: str) -> bool:
 
 @register("format", uses_solutions=False)
 def format_reward(completions: Sequence[str], solutions: Any, info: Mapping[str, Any]) -> list[float]:
-    """1.0 if the stripped completion is ``<think>..</think>`` + whitespace + ``<answer>..</answer>``, else 0.0."""
+    """1.0 if the stripped completion is ``<think>..</think>`` + whitespace + ``<answer>..</answer>``,
+    else 0.0."""
     return [1.0 if is_well_formatted(t) else 0.0 for t in completions]

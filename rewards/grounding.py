@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .parsing import Box, SolutionCache, as_boxes, extract_answer, find_point_pair, find_square_box, order_corners
+from .parsing import (
+    Box,
+    SolutionCache,
+    as_boxes,
+    extract_answer,
+    find_point_pair,
+    find_square_box,
+    order_corners,
+)
 from .registry import RewardParamError, is_real, register
 
 
@@ -53,7 +61,9 @@ _gt_boxes = lambda sol: as_boxes(sol, allow_empty=False)  # noqa: E731
 
 
 @register("grounding_giou", value_range=(0.0, 2.0))
-def grounding_giou(completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]) -> list[float]:
+def grounding_giou(
+    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any]
+) -> list[float]:
     """GIoU + 1 in [0, 2] of the first ``(x1,y1),(x2,y2)`` in the answer; 0 if there is none.
 
     Our spec: the predicted corners are put in order before scoring (a box written
@@ -77,12 +87,18 @@ def grounding_giou(completions: Sequence[str], solutions: Sequence[Any], info: M
 def _check_rec(params: Mapping[str, Any]) -> None:
     t = params["threshold"]
     if t is not None and (not is_real(t) or not 0.0 <= float(t) <= 1.0):
-        raise RewardParamError(f"reward 'rec_iou': param 'threshold' must be None or a number in [0, 1], got {t!r}")
+        raise RewardParamError(
+            f"reward 'rec_iou': param 'threshold' must be None or a number in [0, 1], got {t!r}"
+        )
 
 
 @register("rec_iou", check=_check_rec)
 def rec_iou(
-    completions: Sequence[str], solutions: Sequence[Any], info: Mapping[str, Any], *, threshold: float | None = None
+    completions: Sequence[str],
+    solutions: Sequence[Any],
+    info: Mapping[str, Any],
+    *,
+    threshold: float | None = None,
 ) -> list[float]:
     """IoU in [0, 1] of the first ``[x1, y1, x2, y2]`` in the answer with the solution box.
 

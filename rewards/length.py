@@ -27,7 +27,9 @@ DEFAULT_L0 = 512.0
 
 def _check(params: Mapping[str, Any]) -> None:
     if not is_real(params["alpha"]):
-        raise RewardParamError(f"reward 'length': param 'alpha' must be a finite number, got {params['alpha']!r}")
+        raise RewardParamError(
+            f"reward 'length': param 'alpha' must be a finite number, got {params['alpha']!r}"
+        )
     L0 = params["L0"]
     if not is_real(L0) or float(L0) <= 0:
         raise RewardParamError(f"reward 'length': param 'L0' must be a positive number of tokens, got {L0!r}")
@@ -43,15 +45,22 @@ def _sigmoid(z: float) -> float:
 
 @register("length", uses_solutions=False, check=_check)
 def length(
-    completions: Sequence[str], solutions: Any, info: Mapping[str, Any], *, alpha: float = 1.0, L0: float = DEFAULT_L0
+    completions: Sequence[str],
+    solutions: Any,
+    info: Mapping[str, Any],
+    *,
+    alpha: float = 1.0,
+    L0: float = DEFAULT_L0,
 ) -> list[float]:
     """Sigmoid length reward in [0, 1] from ``info["completion_lengths"]`` (tokens)."""
     lengths = info.get(LENGTHS_KEY)
     if lengths is None:
         raise ValueError(
-            f"reward 'length' needs info[{LENGTHS_KEY!r}] (token count per completion); got info keys {sorted(info)}"
+            f"reward 'length' needs info[{LENGTHS_KEY!r}] (token count per completion); "
+            f"got info keys {sorted(info)}"
         )
-    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__") or len(lengths) != len(completions):
+    sized = not isinstance(lengths, (str, bytes)) and hasattr(lengths, "__len__")
+    if not sized or len(lengths) != len(completions):
         n = len(lengths) if hasattr(lengths, "__len__") else type(lengths).__name__
         raise ValueError(
             f"reward 'length': info[{LENGTHS_KEY!r}] must have one length per completion "
@@ -61,6 +70,8 @@ def length(
     out: list[float] = []
     for i, L in enumerate(lengths):
         if not is_real(L) or L < 0:
-            raise ValueError(f"reward 'length': info[{LENGTHS_KEY!r}][{i}] must be a token count >= 0, got {L!r}")
+            raise ValueError(
+                f"reward 'length': info[{LENGTHS_KEY!r}][{i}] must be a token count >= 0, got {L!r}"
+            )
         out.append(_sigmoid(a * (float(L) - l0) / l0))
     return out

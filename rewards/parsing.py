@@ -75,7 +75,9 @@ def _as_seq(value: Any) -> Sequence[Any] | None:
     """A list/tuple as is; another sized iterable (e.g. a numpy array) as a list; else None."""
     if type(value) is list or type(value) is tuple:
         return value
-    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+    if isinstance(value, (str, bytes, Mapping)):  # iterable, but not a sequence of values
+        return None
+    if not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
         return None
     return list(value)
 
@@ -134,7 +136,8 @@ _SEP = r"\s*+,\s*+"
 _SQUARE_BOX = re.compile(r"\[\s*+" + _NUM + _SEP + _NUM + _SEP + _NUM + _SEP + _NUM + r"\s*+\]")
 # `(x1,y1),(x2,y2)` (LISA grounding). An attempt can run into the next `(` group, so each char
 # is scanned at most twice: still linear.
-_POINT_PAIR = re.compile(r"\(\s*+" + _NUM + _SEP + _NUM + r"\s*+\)" + _SEP + r"\(\s*+" + _NUM + _SEP + _NUM + r"\s*+\)")
+_POINT = r"\(\s*+" + _NUM + _SEP + _NUM + r"\s*+\)"
+_POINT_PAIR = re.compile(_POINT + _SEP + _POINT)
 
 
 def _floats(groups: Sequence[str]) -> Box | None:

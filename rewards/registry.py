@@ -17,7 +17,7 @@ import difflib
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,13 +85,18 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _did_you_mean(name: str, options: Iterable[str]) -> str:
+    hint = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
 def get_spec(name: str) -> RewardSpec:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        hint = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-        did = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise UnknownRewardError(f"unknown reward {name!r}{did}; available: {', '.join(available())}") from None
+        did = _did_you_mean(str(name), _REGISTRY)
+        available_names = ", ".join(available())
+        raise UnknownRewardError(f"unknown reward {name!r}{did}; available: {available_names}") from None
 
 
 class BoundReward:
@@ -104,7 +109,9 @@ class BoundReward:
         self.params: dict[str, Any] = {**spec.defaults, **params}
         self.value_range = spec.value_range
 
-    def __call__(self, completions: Sequence[str], solutions: Sequence[Any] | None = None, **info: Any) -> list[float]:
+    def __call__(
+        self, completions: Sequence[str], solutions: Sequence[Any] | None = None, **info: Any
+    ) -> list[float]:
         # Wrong batch *shapes* are programming errors: fail loudly. Wrong *text* never raises.
         if isinstance(completions, (str, bytes)) or not isinstance(completions, Sequence):
             raise TypeError(
@@ -138,9 +145,10 @@ def get_reward(name: str, **params: Any) -> BoundReward:
     for key in params:
         if key not in spec.defaults:
             accepted = ", ".join(spec.defaults) or "none"
-            hint = difflib.get_close_matches(key, list(spec.defaults), n=1)
-            did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise RewardParamError(f"reward {name!r} got unknown param {key!r}{did}; accepted params: {accepted}")
+            did = _did_you_mean(key, spec.defaults)
+            raise RewardParamError(
+                f"reward {name!r} got unknown param {key!r}{did}; accepted params: {accepted}"
+            )
     merged = {**spec.defaults, **params}
     if spec.check is not None:
         spec.check(merged)
@@ -157,4 +165,6 @@ def is_real(x: Any) -> bool:
 
 def require_unit_interval(reward: str, param: str, value: Any) -> None:
     if not is_real(value) or not 0.0 <= float(value) <= 1.0:
-        raise RewardParamError(f"reward {reward!r}: param {param!r} must be a number in [0, 1], got {value!r}")
+        raise RewardParamError(
+            f"reward {reward!r}: param {param!r} must be a number in [0, 1], got {value!r}"
+        )
