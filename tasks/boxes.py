@@ -1,4 +1,5 @@
-"""Boxes in the model's frame: integers in 0-1000 relative to the image, as the detection and grounding prompts ask."""
+"""Boxes in the model's frame: integers in 0-1000 relative to the image, as the detection and grounding
+prompts ask."""
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ def check_frame_box(value: object) -> Box1000:
         raise ValueError(f"box must be [x1, y1, x2, y2] as 4 integers in 0-{FRAME}, got {value!r}")
     x1, y1, x2, y2 = value
     if not (0 <= x1 < x2 <= FRAME and 0 <= y1 < y2 <= FRAME):
-        raise ValueError(f"box must satisfy 0 <= x1 < x2 <= {FRAME} and 0 <= y1 < y2 <= {FRAME}, got {list(value)}")
+        raise ValueError(
+            f"box must satisfy 0 <= x1 < x2 <= {FRAME} and 0 <= y1 < y2 <= {FRAME}, got {list(value)}"
+        )
     return (x1, y1, x2, y2)
 
 

@@ -16,7 +16,12 @@ from PIL import Image, ImageDraw
 
 from vlm.cache import build_once, default_cache_dir
 
-SHAPE_COLOURS = {"red": (215, 40, 40), "green": (40, 190, 60), "blue": (45, 70, 220), "yellow": (230, 210, 40)}
+SHAPE_COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (45, 70, 220),
+    "yellow": (230, 210, 40),
+}
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 BUNDLED_VERSION = 1
 
@@ -28,7 +33,9 @@ def noisy_background(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(background[None, None, :] * 0.6 + noise + 40, 0, 255).astype(np.uint8))
 
 
-def _shapes(per_class: dict[str, int], size: int = 84, seed: int = 0) -> Iterator[tuple[str, str, Image.Image]]:
+def _shapes(
+    per_class: dict[str, int], size: int = 84, seed: int = 0
+) -> Iterator[tuple[str, str, Image.Image]]:
     rng = np.random.default_rng(seed)
     for split, count in per_class.items():
         for label, colour in SHAPE_COLOURS.items():
@@ -60,7 +67,8 @@ def _digits(per_class: dict[str, int], size: int = 56) -> Iterator[tuple[str, st
             taken[digit] += count
             for i in idx:
                 grey = (255 - digits.images[i] * 255 / 16).astype(np.uint8)  # dark ink on white
-                yield split, DIGIT_NAMES[digit], Image.fromarray(grey).convert("RGB").resize((size, size), Image.NEAREST)
+                img = Image.fromarray(grey).convert("RGB").resize((size, size), Image.NEAREST)
+                yield split, DIGIT_NAMES[digit], img
 
 
 BUNDLED: dict[str, tuple[list[str], Callable[[], Iterator[tuple[str, str, Image.Image]]]]] = {
@@ -69,8 +77,9 @@ BUNDLED: dict[str, tuple[list[str], Callable[[], Iterator[tuple[str, str, Image.
 }
 
 
-def bundled_root() -> Path:
-    return default_cache_dir() / "data"
+def bundled_root(root: str | Path | None = None) -> Path:
+    """Where bundled data sets are written: `root` if given, else the cache's data folder."""
+    return Path(root) if root else default_cache_dir() / "data"
 
 
 def ensure_bundled(name: str, root: str | Path | None = None) -> Path:
@@ -89,4 +98,4 @@ def ensure_bundled(name: str, root: str | Path | None = None) -> Path:
         (tmp / "classnames.txt").write_text("\n".join(classnames) + "\n")
         (tmp / "manifest.jsonl").write_text("\n".join(lines) + "\n")
 
-    return build_once((Path(root) if root else bundled_root()) / f"{name}-v{BUNDLED_VERSION}", "manifest.jsonl", write)
+    return build_once(bundled_root(root) / f"{name}-v{BUNDLED_VERSION}", "manifest.jsonl", write)

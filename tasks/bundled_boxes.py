@@ -1,9 +1,9 @@
 """A small box data set made locally (no downloads), for detection and grounding runs on the tiny model.
 
-`shapes_boxes`: one to three coloured shapes on a noisy background per image; a shape's colour is its category.
-Written once (cached) in two layouts the loaders read: COCO's (annotations/instances_{train,val}2017.json over
-train2017/ and val2017/, pixel [x, y, w, h] boxes) and our grounding JSONL ("Where is the red shape?" with the
-box in the 0-1000 frame; tasks/grounding.py).
+`shapes_boxes`: one to three coloured shapes on a noisy background per image; a shape's colour is its
+category. Written once (cached) in two layouts the loaders read: COCO's
+(annotations/instances_{train,val}2017.json over train2017/ and val2017/, pixel [x, y, w, h] boxes) and our
+grounding JSONL ("Where is the red shape?" with the box in the 0-1000 frame; tasks/grounding.py).
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def ensure_bundled_boxes(root: str | Path | None = None) -> Path:
                 img.save(tmp / subset / name)
                 images.append({"id": k + 1, "file_name": name, "width": img.width, "height": img.height})
                 for colour, (x, y, w, h) in objects:
-                    annotations.append({"id": len(annotations) + 1, "image_id": k + 1, "category_id": cat_id[colour],
-                                        "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+                    annotations.append({"id": len(annotations) + 1, "image_id": k + 1,
+                                        "category_id": cat_id[colour], "bbox": [x, y, w, h], "area": w * h,
+                                        "iscrowd": 0})
                     box = pixel_box_to_frame(x, y, x + w, y + h, img.width, img.height)
                     grounding.append({"id": f"{subset}-{k:05d}-{colour}", "image": f"{subset}/{name}",
                                       "question": f"Where is the {colour} shape?", "boxes": [list(box)],
@@ -60,4 +61,4 @@ def ensure_bundled_boxes(root: str | Path | None = None) -> Path:
                 json.dumps({"images": images, "annotations": annotations, "categories": categories}))
         (tmp / "grounding.jsonl").write_text("".join(json.dumps(g) + "\n" for g in grounding))
 
-    return build_once((Path(root) if root else bundled_root()) / f"shapes_boxes-v{BOXES_VERSION}", "grounding.jsonl", write)
+    return build_once(bundled_root(root) / f"shapes_boxes-v{BOXES_VERSION}", "grounding.jsonl", write)

@@ -41,13 +41,15 @@ class CoopLayout:
             return (f"{self.folder}/images/<id>.jpg + {self.folder}/variants.txt + "
                     f"{self.folder}/images_variant_{{train,val,test}}.txt")
         if self.key == "imagenet":
-            return f"{self.folder}/classnames.txt + {self.folder}/images/train/<wnid>/ + {self.folder}/images/val/<wnid>/"
+            return (f"{self.folder}/classnames.txt + {self.folder}/images/train/<wnid>/ + "
+                    f"{self.folder}/images/val/<wnid>/")
         return f"{img} + {self.folder}/{self.split_file}"
 
 
 COOP_DATASETS: dict[str, CoopLayout] = {d.key: d for d in (
     CoopLayout("imagenet", "ImageNet", "imagenet", "images", None),
-    CoopLayout("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+    CoopLayout("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories",
+               "split_zhou_Caltech101.json"),
     CoopLayout("dtd", "DTD", "dtd", "images", "split_zhou_DescribableTextures.json"),
     CoopLayout("eurosat", "EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json"),
     CoopLayout("food101", "Food101", "food-101", "images", "split_zhou_Food101.json"),

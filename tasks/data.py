@@ -14,7 +14,14 @@ from tasks.bundled import ensure_bundled
 from tasks.bundled_boxes import ensure_bundled_boxes
 from tasks.coop import read_coop
 from tasks.detection import k_shot_detection, read_coco_dir
-from tasks.examples import PromptExample, box_corpus, build_examples, build_task_examples, question_text, tokenizer_corpus
+from tasks.examples import (
+    PromptExample,
+    box_corpus,
+    build_examples,
+    build_task_examples,
+    question_text,
+    tokenizer_corpus,
+)
 from tasks.grounding import read_grounding_jsonl, read_reasonseg
 from tasks.manifest import ClassificationDataset, read_dataset
 from tasks.parquet import read_rft_parquet
@@ -38,7 +45,8 @@ class RunData:
 
 @dataclass
 class SampleSet:
-    """A detection, grounding or VQA data set: samples (tasks/detection.py, grounding.py, vqa.py), split and cut."""
+    """A detection, grounding or VQA data set: samples (tasks/detection.py, grounding.py, vqa.py), split and
+    cut."""
 
     name: str
     train: list
@@ -72,12 +80,17 @@ def _cap_questions(train: list, d: DataConfig) -> list:
     return sorted(random.Random(d.seed).sample(train, min(d.k_shot, len(train))), key=lambda s: s.id)
 
 
+def _file(root: Path, default_name: str) -> Path:
+    """`root` itself when it names a file, else the file `default_name` inside that folder."""
+    return root if root.is_file() else root / default_name
+
+
 def _read_samples(d: DataConfig) -> SampleSet:
     if d.format == "vqa_jsonl":
         root = Path(d.root) if d.root else ensure_bundled_vqa()
-        samples = read_vqa_jsonl(root if root.is_file() else root / "vqa.jsonl")
+        samples = read_vqa_jsonl(_file(root, "vqa.jsonl"))
         test_root = Path(d.test_root) if d.test_root else None  # e.g. train on SAT, test on CVBench
-        test = read_vqa_jsonl(test_root if test_root.is_file() else test_root / "vqa.jsonl") if test_root else samples
+        test = read_vqa_jsonl(_file(test_root, "vqa.jsonl")) if test_root else samples
         train = [s for s in samples if s.split == "train"]
         train = _cap_questions(train, d)
         return SampleSet(d.name or (root.stem if d.root else "shapes_vqa"), train,
@@ -88,8 +101,10 @@ def _read_samples(d: DataConfig) -> SampleSet:
         train, test = read_coco_dir(root, "train2017", cats), read_coco_dir(root, "val2017", cats)
         train_samples = k_shot_detection(train, d.k_shot, d.seed) if d.k_shot else train.samples()
         return SampleSet(d.name or (root.name if d.root else "shapes_boxes"), train_samples, test.samples())
-    samples = read_reasonseg(root) if d.format == "reasonseg" else read_grounding_jsonl(
-        root if root.is_file() else root / "grounding.jsonl")
+    if d.format == "reasonseg":
+        samples = read_reasonseg(root)
+    else:
+        samples = read_grounding_jsonl(_file(root, "grounding.jsonl"))
     test_split = "test" if any(s.split == "test" for s in samples) else "val"
     train = [s for s in samples if s.split == "train"]
     train = _cap_questions(train, d)
@@ -102,7 +117,9 @@ def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = No
     whole, read = zip(*[read_entry(e.data) for e in entries])
     names = [ds.name for ds in read]
     if len(set(names)) != len(names):
-        raise ValueError(f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart")
+        raise ValueError(
+            f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart"
+        )
     for ds, e in zip(read, entries):
         want = TASK_FORMATS.get(e.data.format, PROMPT_STYLES)
         if e.task.prompt not in want:
@@ -124,18 +141,26 @@ def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = No
 
 
 def _eval_sample(test: list, d: DataConfig) -> list:
-    if d.eval_limit and d.eval_limit < len(test):  # a seeded sample in file order: files are often sorted by class
+    # a seeded sample kept in file order (not the first eval_limit: files are often sorted by class)
+    if d.eval_limit and d.eval_limit < len(test):
         keep = set(random.Random(f"{d.seed}:eval").sample(range(len(test)), d.eval_limit))
         test = [s for i, s in enumerate(test) if i in keep]
     return test
 
 
-def _examples(processor, dataset: ClassificationDataset | SampleSet, d: DataConfig, t: TaskConfig) -> tuple[list, list]:
+def _examples(
+    processor, dataset: ClassificationDataset | SampleSet, d: DataConfig, t: TaskConfig
+) -> tuple[list, list]:
     if isinstance(dataset, SampleSet):
-        build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, skip_bad_images=d.skip_bad_images)
+        build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                     skip_bad_images=d.skip_bad_images)
+        test = _eval_sample(dataset.test, d)
         train_examples, skipped = build_task_examples(processor, dataset.name, dataset.train, **build)
-        test_examples, skipped_test = build_task_examples(processor, dataset.name, _eval_sample(dataset.test, d), **build)
-        classes = len({getattr(s, "category", None) for s in dataset.train}) if t.prompt == "detection" else "no"
+        test_examples, skipped_test = build_task_examples(processor, dataset.name, test, **build)
+        if t.prompt == "detection":
+            classes = len({getattr(s, "category", None) for s in dataset.train})
+        else:
+            classes = "no"
     else:
         train = dataset.split("train")
         if d.k_shot:
@@ -143,14 +168,15 @@ def _examples(processor, dataset: ClassificationDataset | SampleSet, d: DataConf
         build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
                      skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
         train_examples, skipped = build_examples(processor, dataset, train, **build)
-        test_examples, skipped_test = build_examples(processor, dataset, _eval_sample(dataset.split("test"), d), **build)
+        test = _eval_sample(dataset.split("test"), d)
+        test_examples, skipped_test = build_examples(processor, dataset, test, **build)
         classes = len(dataset.classnames)
     if skipped or skipped_test:
         announce(f"{dataset.name}: skipped {len(skipped) + len(skipped_test)} unreadable images; first: "
                  f"{(skipped + skipped_test)[0]}")
     if not train_examples or not test_examples:
-        raise ValueError(f"data set {dataset.name!r} has {len(train_examples)} train and {len(test_examples)} test "
-                         f"prompts; both splits need images")
+        raise ValueError(f"data set {dataset.name!r} has {len(train_examples)} train and "
+                         f"{len(test_examples)} test prompts; both splits need images")
     for e in train_examples + test_examples:
         e.id = f"{dataset.name}/{e.id}"
     announce(f"data: {dataset.name}, {classes} classes, {len(train_examples)} train / "

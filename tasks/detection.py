@@ -57,7 +57,9 @@ class DetectionDataset:
     categories: list[str]  # the queried categories, in the order asked for
     images: list[AnnotatedImage] = field(default_factory=list)
 
-    def samples(self, negatives: bool = True, images: Iterable[AnnotatedImage] | None = None) -> list[DetectionSample]:
+    def samples(
+        self, negatives: bool = True, images: Iterable[AnnotatedImage] | None = None
+    ) -> list[DetectionSample]:
         """One sample per (image, category); `negatives=False` keeps positives only."""
         return [s for im in (self.images if images is None else images)
                 for s in im.samples(self.categories, self.split, negatives)]
@@ -79,8 +81,11 @@ def _categories(path: Path, data: dict, wanted: Sequence[str] | None) -> tuple[d
     """COCO category id -> name for the queried categories, and their names in the order asked for."""
     by_name: dict[str, int] = {}
     for k, cat in enumerate(data["categories"]):
-        if not (isinstance(cat, dict) and isinstance(cat.get("id"), int) and isinstance(cat.get("name"), str)):
-            raise DatasetError(f"{path}: categories[{k}] should have an integer 'id' and a 'name', got {cat!r}")
+        ok = isinstance(cat, dict) and isinstance(cat.get("id"), int) and isinstance(cat.get("name"), str)
+        if not ok:
+            raise DatasetError(
+                f"{path}: categories[{k}] should have an integer 'id' and a 'name', got {cat!r}"
+            )
         by_name[cat["name"]] = cat["id"]
     names = list(by_name) if wanted is None else list(dict.fromkeys(wanted))
     unknown = [n for n in names if n not in by_name]
@@ -103,8 +108,8 @@ def read_coco(annotations: str | Path, image_root: str | Path, categories: Seque
     for k, im in enumerate(data["images"]):
         ok = isinstance(im, dict) and isinstance(im.get("id"), int) and isinstance(im.get("file_name"), str)
         if not ok or not all(isinstance(im.get(d), int) and im[d] > 0 for d in ("width", "height")):
-            raise DatasetError(f"{annotations}: images[{k}] needs an integer 'id', a 'file_name' and positive "
-                               f"integer 'width'/'height', got {im!r}")
+            raise DatasetError(f"{annotations}: images[{k}] needs an integer 'id', a 'file_name' and "
+                               f"positive integer 'width'/'height', got {im!r}")
         info[im["id"]] = (im["file_name"], im["width"], im["height"])
     boxes: dict[int, dict[str, list[Box1000]]] = {i: {} for i in info}
     crowd: dict[int, set[str]] = {i: set() for i in info}
@@ -122,15 +127,17 @@ def read_coco(annotations: str | Path, image_root: str | Path, categories: Seque
         bbox = ann.get("bbox")
         _, w, h = info[ann["image_id"]]
         try:
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            all_numbers = isinstance(bbox, list) and all(isinstance(v, (int, float)) for v in bbox)
+            if not (all_numbers and len(bbox) == 4):
                 raise ValueError(f"bbox must be [x, y, w, h] (4 numbers), got {bbox!r}")
             box = coco_box_to_frame(bbox, w, h)
         except ValueError as err:
             raise DatasetError(f"{where}: {err}") from None
         boxes[ann["image_id"]].setdefault(cname, []).append(box)
-    images = [AnnotatedImage(str(i), image_root / fname, w, h,
-                             {c: tuple(bs) for c, bs in boxes[i].items() if c not in crowd[i]}, frozenset(crowd[i]))
-              for i, (fname, w, h) in sorted(info.items())]
+    images = []
+    for i, (fname, w, h) in sorted(info.items()):
+        kept = {c: tuple(bs) for c, bs in boxes[i].items() if c not in crowd[i]}
+        images.append(AnnotatedImage(str(i), image_root / fname, w, h, kept, frozenset(crowd[i])))
     if images and not images[0].path.is_file():  # one stat: a wrong image folder fails here, not mid-training
         raise DatasetError(f"image not found: {images[0].path} ('file_name' of image {images[0].id} in "
                            f"{annotations}, under {image_root})")
@@ -141,7 +148,8 @@ def read_coco_dir(root: str | Path, subset: str = "train2017", categories: Seque
                   split: str | None = None) -> DetectionDataset:
     """COCO's own layout: root/annotations/instances_<subset>.json over root/<subset>/."""
     root = Path(root)
-    split = split or ("train" if subset.startswith("train") else "val" if subset.startswith("val") else subset)
+    if not split:
+        split = next((s for s in ("train", "val") if subset.startswith(s)), subset)
     return read_coco(root / "annotations" / f"instances_{subset}.json", root / subset, categories, split,
                      name=f"coco_{subset}")
 
@@ -160,13 +168,17 @@ def k_shot_images(dataset: DetectionDataset, k: int, seed: int) -> list[Annotate
         have = sum(1 for im in chosen.values() if c in im.boxes)
         pool = [im for im in dataset.images_with(c) if im.id not in chosen]
         if have + len(pool) < k:
-            raise DatasetError(f"category {c!r} is in {have + len(pool)} image(s) of {dataset.name}, fewer than k={k}")
+            raise DatasetError(
+                f"category {c!r} is in {have + len(pool)} image(s) of {dataset.name}, fewer than k={k}"
+            )
         # one RNG per category over an id-sorted pool: independent of file order
         for im in random.Random(f"{seed}:{c}").sample(sorted(pool, key=lambda im: im.id), max(0, k - have)):
             chosen[im.id] = im
     return sorted(chosen.values(), key=lambda im: im.id)
 
 
-def k_shot_detection(dataset: DetectionDataset, k: int, seed: int, negatives: bool = True) -> list[DetectionSample]:
+def k_shot_detection(
+    dataset: DetectionDataset, k: int, seed: int, negatives: bool = True
+) -> list[DetectionSample]:
     """The k-shot images' samples: every queried category on each, negatives included unless turned off."""
     return dataset.samples(negatives=negatives, images=k_shot_images(dataset, k, seed))

@@ -36,10 +36,13 @@ def example_rng(seed: int, epoch: int, sample_id: str) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{sample_id}")
 
 
-def _encode(processor, dataset: str, samples: Sequence, min_pixels: int, max_pixels: int, skip_bad_images: bool,
-            question: Callable, solution: Callable) -> tuple[list[PromptExample], list[str]]:
-    """Encode each sample's image with question(sample); returns (examples, skipped messages). Bad images raise
-    unless skipping."""
+Encoded = tuple[list[PromptExample], list[str]]  # (examples, messages naming the images skipped)
+
+
+def _encode(processor, dataset: str, samples: Sequence, min_pixels: int, max_pixels: int,
+            skip_bad_images: bool, question: Callable, solution: Callable) -> Encoded:
+    """Encode each sample's image with question(sample); returns (examples, skipped messages). Bad images
+    raise unless skipping."""
     examples, skipped = [], []
     for s in samples:
         try:
@@ -50,25 +53,28 @@ def _encode(processor, dataset: str, samples: Sequence, min_pixels: int, max_pix
             skipped.append(str(err))
             continue
         text = question(s)
-        examples.append(PromptExample(s.id, dataset, text, encode_prompt(processor, image, text), solution(s)))
+        inputs = encode_prompt(processor, image, text)
+        examples.append(PromptExample(s.id, dataset, text, inputs, solution(s)))
     return examples, skipped
 
 
 def build_examples(processor, dataset: ClassificationDataset, samples: Sequence[Sample], style: str,
                    min_pixels: int, max_pixels: int, seed: int, epoch: int = 0, skip_bad_images: bool = False,
-                   thing: str = "object", attribute: str = "category") -> tuple[list[PromptExample], list[str]]:
+                   thing: str = "object", attribute: str = "category") -> Encoded:
     """Classification prompts (the solution is the class name)."""
     def question(s: Sample) -> str:
-        return classification_prompt(style, dataset.classnames, s.label, dataset.name, example_rng(seed, epoch, s.id),
+        rng = example_rng(seed, epoch, s.id)
+        return classification_prompt(style, dataset.classnames, s.label, dataset.name, rng,
                                      thing=thing, attribute=attribute)
 
-    return _encode(processor, dataset.name, samples, min_pixels, max_pixels, skip_bad_images, question, lambda s: s.label)
+    return _encode(processor, dataset.name, samples, min_pixels, max_pixels, skip_bad_images, question,
+                   lambda s: s.label)
 
 
 def tokenizer_corpus(datasets: Sequence[ClassificationDataset]) -> list[str]:
     """Text a tiny tokenizer is trained on: the tasks' own questions, class names and answer formats."""
-    lines = [THINK_INSTRUCTION, DIRECT_INSTRUCTION, "Please strictly follow the format.", "system user assistant",
-             "You are a helpful assistant.", "<think> </think> <answer> </answer>"]
+    lines = [THINK_INSTRUCTION, DIRECT_INSTRUCTION, "Please strictly follow the format.",
+             "system user assistant", "You are a helpful assistant.", "<think> </think> <answer> </answer>"]
     for ds in sorted(datasets, key=lambda d: d.name):
         lines.append(question_prefix(ds.name))
         lines.append("Please choose one from list [ " + ", ".join(ds.classnames) + "].")
@@ -83,17 +89,18 @@ def format_target(style: str, answer) -> str:
         return answer
     if style == "detection":
         found = ", ".join(f"{{'Position': {list(b)}, 'Confidence': 1.0}}" for b in answer)
-        return f"<think> I look for the objects. </think> <answer>{f'[{found}]' if answer else 'No Objects'}</answer>"
+        listed = f"[{found}]" if answer else "No Objects"
+        return f"<think> I look for the objects. </think> <answer>{listed}</answer>"
     if style == "grounding":
         x1, y1, x2, y2 = answer[0]
         return f"<think> I look for the object. </think> <answer>({x1},{y1}),({x2},{y2})</answer>"
     return f"<think> The image shows {answer}. </think> <answer>{answer}</answer>"
 
 
-def build_task_examples(processor, dataset: str, samples: Sequence, style: str, min_pixels: int, max_pixels: int,
-                        skip_bad_images: bool = False) -> tuple[list[PromptExample], list[str]]:
-    """Detection, grounding or VQA samples (tasks/detection.py, grounding.py, vqa.py) into prompts whose solution
-    is what their rewards read (boxes, or the answer string)."""
+def build_task_examples(processor, dataset: str, samples: Sequence, style: str, min_pixels: int,
+                        max_pixels: int, skip_bad_images: bool = False) -> Encoded:
+    """Detection, grounding or VQA samples (tasks/detection.py, grounding.py, vqa.py) into prompts whose
+    solution is what their rewards read (boxes, or the answer string)."""
     return _encode(processor, dataset, samples, min_pixels, max_pixels, skip_bad_images,
                    lambda s: question_text(s, style), lambda s: s.solution())
 
@@ -114,7 +121,8 @@ def box_corpus(examples_text: Sequence[str]) -> list[str]:
 
 
 def candidates_in(text: str) -> list[str]:
-    """The class names offered in a CLS-RL prompt's list (for a warm start that teaches format, not labels)."""
+    """The class names offered in a CLS-RL prompt's list (for a warm start that teaches format, not
+    labels)."""
     start = text.find("[ ")
     end = text.find("].", start)
     return [c.strip() for c in text[start + 2:end].split(",")] if start >= 0 and end > start else []

@@ -3,9 +3,9 @@
 Two readers:
 
 - `read_grounding_jsonl`: our layout, one JSON object a line, image paths relative to the file:
-  `{"image": "imgs/a.jpg", "question": "...", "boxes": [[x1, y1, x2, y2], ...], "split": "train", "id"?: "..."}`
-  with boxes as integers in the image's 0-1000 frame (`"expression"` may stand for `"question"`, and
-  `"box": [x1, y1, x2, y2]` for a single box).
+  `{"image": "imgs/a.jpg", "question": "...", "boxes": [[x1, y1, x2, y2], ...], "split": "train",
+  "id"?: "..."}` with boxes as integers in the image's 0-1000 frame (`"expression"` may stand for
+  `"question"`, and `"box": [x1, y1, x2, y2]` for a single box).
 - `read_reasonseg`: LISA's ReasonSeg release (train/, val/, test/ folders of `name.jpg` + `name.json`,
   the JSON holding `text` (one or more questions), `is_sentence` and labelme-style `shapes`: polygons
   labelled "target" or "ignore"). The target polygons become a box in the 0-1000 frame.
@@ -15,7 +15,6 @@ Two readers:
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from tasks.boxes import Box1000, as_solution, check_frame_box, pixel_box_to_frame
-from tasks.manifest import IMAGE_SUFFIXES, DatasetError, jsonl_rows, read_json
+from tasks.manifest import IMAGE_SUFFIXES, DatasetError, check_unique_ids, jsonl_rows, read_json
 
 JSONL_KEYS = {"image", "question", "expression", "boxes", "box", "split", "id"}
 REASONSEG_SPLITS = ("train", "val", "test")
@@ -49,8 +48,8 @@ def _jsonl_row(row: object, where: str) -> tuple[str, str, list, str, str | None
     questions = [k for k in ("question", "expression") if k in row]
     box_keys = [k for k in ("boxes", "box") if k in row]
     if extra or "image" not in row or "split" not in row or len(questions) != 1 or len(box_keys) != 1:
-        raise DatasetError(f"{where}: expected keys image, split, one of question/expression, one of boxes/box "
-                           f"(and optional id); got {sorted(row)}")
+        raise DatasetError(f"{where}: expected keys image, split, one of question/expression, one of "
+                           f"boxes/box (and optional id); got {sorted(row)}")
     question = row[questions[0]]
     if not isinstance(question, str) or not question.strip():
         raise DatasetError(f"{where}: {questions[0]!r} must be non-empty text, got {question!r}")
@@ -79,16 +78,16 @@ def read_grounding_jsonl(path: str | Path) -> list[GroundingSample]:
 
 
 def _check_ids(samples: list[GroundingSample], source: Path) -> None:
-    dupes = [i for i, k in Counter(s.id for s in samples).items() if k > 1]
-    if dupes:
-        raise DatasetError(f"{source}: duplicate ids {dupes[:5]}")
+    check_unique_ids([s.id for s in samples], source)
     if not samples:
         raise DatasetError(f"{source}: no grounding samples")
 
 
 def _polygon_extent(points: object, where: str) -> tuple[float, float, float, float]:
-    if not (isinstance(points, list) and points and all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in points)):
+    def is_pair(p: object) -> bool:
+        return isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p)
+
+    if not (isinstance(points, list) and points and all(is_pair(p) for p in points)):
         raise DatasetError(f"{where}: 'points' must be a list of [x, y] pairs, got {points!r}")
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     return min(xs), min(ys), max(xs), max(ys)
@@ -115,7 +114,9 @@ def read_reasonseg_file(ann: Path, split: str, merge_targets: bool = True,
                            f"got {sorted(data) if isinstance(data, dict) else type(data).__name__})")
     texts = [data["text"]] if isinstance(data["text"], str) else data["text"]
     if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t.strip() for t in texts)):
-        raise DatasetError(f"{ann}: 'text' must be a question or a non-empty list of questions, got {data['text']!r}")
+        raise DatasetError(
+            f"{ann}: 'text' must be a question or a non-empty list of questions, got {data['text']!r}"
+        )
     image = _reasonseg_image(ann)
     with Image.open(image) as im:  # the header only: the size maps pixels into the 0-1000 frame
         width, height = im.size
@@ -134,7 +135,9 @@ def read_reasonseg_file(ann: Path, split: str, merge_targets: bool = True,
         try:
             boxes.append(pixel_box_to_frame(x1, y1, x2, y2, width, height))
         except ValueError as err:
-            raise DatasetError(f"{ann}: target polygon has no area inside the {width}x{height} image ({err})") from None
+            raise DatasetError(
+                f"{ann}: target polygon has no area inside the {width}x{height} image ({err})"
+            ) from None
     picked = texts if all_questions else texts[:1]
     return [GroundingSample(f"{split}/{ann.stem}/{k}", image, t.strip(), tuple(boxes), split)
             for k, t in enumerate(picked)]
@@ -142,19 +145,22 @@ def read_reasonseg_file(ann: Path, split: str, merge_targets: bool = True,
 
 def read_reasonseg(root: str | Path, splits: Iterable[str] = REASONSEG_SPLITS, merge_targets: bool = True,
                    all_questions: bool = True) -> list[GroundingSample]:
-    """LISA's ReasonSeg folder (root/train/*.json + images, root/val/..., root/test/...); missing splits skipped."""
+    """LISA's ReasonSeg folder (root/train/*.json + images, root/val/..., root/test/...); missing splits
+    skipped."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"ReasonSeg folder not found: {root}")
     present = [s for s in splits if (root / s).is_dir()]
     if not present:
-        raise DatasetError(f"{root}: expected ReasonSeg's split folders {list(splits)} holding name.jpg + name.json, "
-                           f"found {sorted(p.name for p in root.iterdir())[:10]}")
+        raise DatasetError(f"{root}: expected ReasonSeg's split folders {list(splits)} holding name.jpg + "
+                           f"name.json, found {sorted(p.name for p in root.iterdir())[:10]}")
     samples: list[GroundingSample] = []
     for split in present:
         anns = sorted((root / split).glob("*.json"))
         if not anns:
-            raise DatasetError(f"{root / split}: no .json annotations (ReasonSeg pairs name.jpg with name.json)")
+            raise DatasetError(
+                f"{root / split}: no .json annotations (ReasonSeg pairs name.jpg with name.json)"
+            )
         for ann in anns:
             samples += read_reasonseg_file(ann, split, merge_targets, all_questions)
     _check_ids(samples, root)

@@ -55,6 +55,13 @@ def _check_classes(name: str, classnames: list[str], samples: list[Sample], sour
         raise DatasetError(f"{source}: class(es) with no images in data set {name!r}: {empty}")
 
 
+def check_unique_ids(ids: list[str], source: Path) -> None:
+    """Raise naming (up to five of) the ids that occur more than once."""
+    dupes = [i for i, k in Counter(ids).items() if k > 1]
+    if dupes:
+        raise DatasetError(f"{source}: duplicate ids {dupes[:5]}")
+
+
 def read_json(path: Path, what: str) -> object:
     """A whole JSON file; missing (named as `what`) or invalid JSON is an error naming the file and line."""
     if not path.is_file():
@@ -66,7 +73,8 @@ def read_json(path: Path, what: str) -> object:
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, str, object]]:
-    """(line number, "file:line", parsed JSON) for every non-blank line; a line that is not JSON is an error naming it."""
+    """(line number, "file:line", parsed JSON) for every non-blank line; a line that is not JSON is an error
+    naming it."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -93,7 +101,8 @@ def read_classnames(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def read_manifest(manifest: str | Path, classnames: str | Path | None = None, name: str | None = None) -> ClassificationDataset:
+def read_manifest(manifest: str | Path, classnames: str | Path | None = None,
+                  name: str | None = None) -> ClassificationDataset:
     """JSONL lines `{"image": path, "label": name, "split": "train"|"test"|..., "id"?: str}`.
 
     Image paths are relative to the manifest's folder; class names come from `classnames` (default
@@ -117,10 +126,9 @@ def read_manifest(manifest: str | Path, classnames: str | Path | None = None, na
         if row["label"] not in known:
             raise DatasetError(f"{where}: unknown label {row['label']!r} (not in {classnames_path})")
         samples.append(Sample(id=str(row.get("id", f"{manifest.stem}-{lineno}")),
-                              image=manifest.parent / row["image"], label=row["label"], split=str(row["split"])))
-    ids = [s.id for s in samples]
-    if len(set(ids)) != len(ids):
-        raise DatasetError(f"{manifest}: duplicate ids {[i for i, k in Counter(ids).items() if k > 1][:5]}")
+                              image=manifest.parent / row["image"], label=row["label"],
+                              split=str(row["split"])))
+    check_unique_ids([s.id for s in samples], manifest)
     dataset = ClassificationDataset(name or manifest.parent.name, names, samples)
     _check_classes(dataset.name, names, samples, manifest)
     return dataset
@@ -153,8 +161,10 @@ def read_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "tes
     return dataset
 
 
-def read_coop_split(split_json: str | Path, image_root: str | Path, name: str | None = None) -> ClassificationDataset:
-    """CoOp's `split_zhou_*.json`: {"train"|"val"|"test": [[relative image path, label index, class name], ...]}."""
+def read_coop_split(split_json: str | Path, image_root: str | Path,
+                    name: str | None = None) -> ClassificationDataset:
+    """CoOp's `split_zhou_*.json`:
+    {"train"|"val"|"test": [[relative image path, label index, class name], ...]}."""
     split_json, image_root = Path(split_json), Path(image_root)
     data = read_json(split_json, "CoOp split file")
     if not isinstance(data, dict) or not data:
@@ -164,7 +174,9 @@ def read_coop_split(split_json: str | Path, image_root: str | Path, name: str | 
     for split, rows in data.items():
         for k, row in enumerate(rows):
             if not (isinstance(row, list) and len(row) == 3 and isinstance(row[1], int)):
-                raise DatasetError(f"{split_json}: {split}[{k}] should be [path, label index, class name], got {row!r}")
+                raise DatasetError(
+                    f"{split_json}: {split}[{k}] should be [path, label index, class name], got {row!r}"
+                )
             path, index, cname = row
             cname = display_name(str(cname))
             if by_index.setdefault(index, cname) != cname:

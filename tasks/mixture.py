@@ -1,26 +1,27 @@
-"""Data order for multi-data-set runs: each step's k prompts are split across data sets by weight, and every data set
-walks its own EpochOrder, so the whole state is one (epoch, position) per data set and a resumed run neither repeats
-nor skips data.
+"""Data order for multi-data-set runs: each step's k prompts are split across data sets by weight, and every
+data set walks its own EpochOrder, so the whole state is one (epoch, position) per data set and a resumed run
+neither repeats nor skips data.
 
 How a step's k prompts are split (``MixtureOrder.counts``)
 ---------------------------------------------------------
-Data set i has quota q_i = k * w_i / sum(w), computed exactly (``fractions.Fraction``). It gets floor(q_i) prompts,
-and the r = k - sum(floor(q_i)) remaining seats go to r distinct data sets chosen by systematic sampling on the
-fractional parts f_i = q_i - floor(q_i) (which sum to r): lay the f_i end to end on [0, r) in sorted-name order and
-give a seat to every data set whose segment holds one of the points u, u + 1, ..., u + r - 1. Every segment is
-shorter than 1, so it holds at most one point, and for u uniform on [0, 1) it holds one with probability exactly f_i.
-Hence each step every count is floor(q_i) or ceil(q_i) (never off by 1 or more), the counts sum to k, and the
-expected count is exactly q_i.
+Data set i has quota q_i = k * w_i / sum(w), computed exactly (``fractions.Fraction``). It gets floor(q_i)
+prompts, and the r = k - sum(floor(q_i)) remaining seats go to r distinct data sets chosen by systematic
+sampling on the fractional parts f_i = q_i - floor(q_i) (which sum to r): lay the f_i end to end on [0, r) in
+sorted-name order and give a seat to every data set whose segment holds one of the points u, u + 1, ...,
+u + r - 1. Every segment is shorter than 1, so it holds at most one point, and for u uniform on [0, 1) it
+holds one with probability exactly f_i. Hence each step every count is floor(q_i) or ceil(q_i) (never off by
+1 or more), the counts sum to k, and the expected count is exactly q_i.
 
-u is a seeded quasi-random draw keyed on (seed, step): u_step = frac(u_0 + step * g), with u_0 derived from the seed
-by SHA-256 and g = (sqrt(5) - 1) / 2, both as 64-bit fixed point (g is 0x9E3779B97F4A7C15 / 2**64), so it is integer
-arithmetic and the same on every machine. Over the seed u_step is uniform (exact in expectation, as above); over the
-steps the golden-ratio sequence is about as evenly spread as a sequence can be. A data set gets its extra seat exactly
-when u_step falls in one arc of length f_i, so over any n consecutive steps its total differs from n * q_i by at most
-the sequence's discrepancy: below 3.7 for n <= 1,000 and 4.7 for n <= 10,000, growing like log(n) (independent random
-draws would drift by a standard deviation of up to sqrt(n) / 2: 16 and 50). Holding every total within 1 would need
-the totals in the state, or a replay from step 0; instead counts() is a pure function of (seed, step, k, weights):
-nothing about it needs saving, and it is the same after a resume.
+u is a seeded quasi-random draw keyed on (seed, step): u_step = frac(u_0 + step * g), with u_0 derived from
+the seed by SHA-256 and g = (sqrt(5) - 1) / 2, both as 64-bit fixed point (g is 0x9E3779B97F4A7C15 / 2**64),
+so it is integer arithmetic and the same on every machine. Over the seed u_step is uniform (exact in
+expectation, as above); over the steps the golden-ratio sequence is about as evenly spread as a sequence can
+be. A data set gets its extra seat exactly when u_step falls in one arc of length f_i, so over any n
+consecutive steps its total differs from n * q_i by at most the sequence's discrepancy: below 3.7 for
+n <= 1,000 and 4.7 for n <= 10,000, growing like log(n) (independent random draws would drift by a standard
+deviation of up to sqrt(n) / 2: 16 and 50). Holding every total within 1 would need the totals in the state,
+or a replay from step 0; instead counts() is a pure function of (seed, step, k, weights): nothing about it
+needs saving, and it is the same after a resume.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _hash64(text: str) -> int:
 
 
 def dataset_seed(seed: int, name: str) -> int:
-    """Seed of data set `name`'s EpochOrder: derived from f"{seed}:{name}" so every data set gets its own orders."""
+    """Seed of data set `name`'s EpochOrder: derived from f"{seed}:{name}" so every data set gets its own
+    orders."""
     return _hash64(f"{seed}:{name}")
 
 
@@ -53,9 +55,12 @@ def _names(names) -> str:
 
 
 class MixtureOrder:
-    """Weighted mixture of data sets, each walking its own EpochOrder (every id once per epoch of that data set)."""
+    """Weighted mixture of data sets, each walking its own EpochOrder (every id once per epoch of that data
+    set)."""
 
-    def __init__(self, ids_by_dataset: dict[str, Sequence[str]], weights: dict[str, float], seed: int) -> None:
+    def __init__(
+        self, ids_by_dataset: dict[str, Sequence[str]], weights: dict[str, float], seed: int
+    ) -> None:
         if not ids_by_dataset:
             raise ValueError("MixtureOrder needs at least one data set")
         if set(weights) != set(ids_by_dataset):
@@ -90,8 +95,8 @@ class MixtureOrder:
                     owner[i] = name
         if duplicates:
             shown = "; ".join(f"{i!r} in {_names(ns)}" for i, ns in sorted(duplicates.items())[:5])
-            raise ValueError(f"ids must be unique across data sets (make them e.g. 'dataset/sample'); {len(duplicates)} "
-                             f"shared: {shown}")
+            raise ValueError(f"ids must be unique across data sets (make them e.g. 'dataset/sample'); "
+                             f"{len(duplicates)} shared: {shown}")
         self.orders: dict[str, EpochOrder] = {name: EpochOrder(ids, dataset_seed(seed, name))
                                               for name, ids in ids_by_dataset.items()}
         self._phase = _hash64(f"{seed}:mixture")
@@ -111,7 +116,8 @@ class MixtureOrder:
         return self._quotas[k]
 
     def counts(self, k: int, step: int) -> dict[str, int]:
-        """Prompts per data set at `step` (in ids_by_dataset order); see the module docstring for the scheme."""
+        """Prompts per data set at `step` (in ids_by_dataset order); see the module docstring for the
+        scheme."""
         if k < 0 or step < 0:
             raise ValueError(f"k and step must be >= 0, got k={k}, step={step}")
         rows = self._quota(k)
@@ -129,7 +135,8 @@ class MixtureOrder:
         return {name: out[name] for name in self.orders}
 
     def take(self, k: int, step: int) -> list[tuple[str, str]]:
-        """This step's k prompts as (data set, id), grouped by data set in ids_by_dataset order; advances the orders."""
+        """This step's k prompts as (data set, id), grouped by data set in ids_by_dataset order; advances the
+        orders."""
         return [(name, i) for name, n in self.counts(k, step).items() for i in self.orders[name].take(n)]
 
     def next_batch(self, k: int) -> list[str]:
@@ -149,22 +156,26 @@ class MixtureOrder:
     def load_state_dict(self, state: dict, *, allow_new: bool = False, allow_removed: bool = False) -> None:
         """Restore every data set's (epoch, position); all or nothing.
 
-        A data set of this run that the checkpoint lacks raises unless `allow_new` (it then starts at epoch 0, with a
-        warning); a checkpointed data set that this run lacks raises unless `allow_removed` (it is then dropped).
+        A data set of this run that the checkpoint lacks raises unless `allow_new` (it then starts at epoch 0,
+        with a warning); a checkpointed data set that this run lacks raises unless `allow_removed` (it is then
+        dropped).
         """
         saved = state.get("datasets")
         if not isinstance(saved, dict):
-            raise ValueError("mixture data order state has no 'datasets' mapping (a single-data-set checkpoint?)")
+            raise ValueError(
+                "mixture data order state has no 'datasets' mapping (a single-data-set checkpoint?)"
+            )
         if state.get("seed") != self.seed:
-            raise ValueError(f"mixture data order state has seed {state.get('seed')!r}; this run has seed {self.seed} "
-                             "(different train.seed?)")
-        new, removed = set(self.orders) - set(saved), set(saved) - set(self.orders)
+            raise ValueError(f"mixture data order state has seed {state.get('seed')!r}; this run has seed "
+                             f"{self.seed} (different train.seed?)")
+        new = set(self.orders) - set(saved)
+        removed = set(saved) - set(self.orders)
         if new and not allow_new:
-            raise ValueError(f"data set(s) {_names(new)} not in the checkpoint's data order; pass allow_new=True to start "
-                             "them at epoch 0")
+            raise ValueError(f"data set(s) {_names(new)} not in the checkpoint's data order; pass "
+                             "allow_new=True to start them at epoch 0")
         if removed and not allow_removed:
-            raise ValueError(f"checkpoint has data order for data set(s) {_names(removed)} that this run lacks; pass "
-                             "allow_removed=True to drop them")
+            raise ValueError(f"checkpoint has data order for data set(s) {_names(removed)} that this run "
+                             "lacks; pass allow_removed=True to drop them")
         before = {name: (o.epoch, o.position) for name, o in self.orders.items()}
         try:
             for name, o in self.orders.items():
@@ -174,7 +185,9 @@ class MixtureOrder:
                     except ValueError as e:
                         raise ValueError(f"data set {name!r}: {e}") from e
                     except (KeyError, TypeError, AttributeError) as e:
-                        raise ValueError(f"data set {name!r}: malformed data order state ({type(e).__name__}: {e})") from e
+                        raise ValueError(
+                            f"data set {name!r}: malformed data order state ({type(e).__name__}: {e})"
+                        ) from e
                     if not (o.epoch >= 0 and 0 <= o.position < len(o.ids)):
                         raise ValueError(f"data set {name!r}: bad epoch/position {o.epoch}/{o.position} for "
                                          f"{len(o.ids)} ids")
@@ -186,6 +199,8 @@ class MixtureOrder:
             raise
         self.calls = int(state.get("calls", 0))
         if new:
-            log.warning("data order: data set(s) %s not in the checkpoint; starting them at epoch 0", _names(new))
+            log.warning("data order: data set(s) %s not in the checkpoint; starting them at epoch 0",
+                        _names(new))
         if removed:
-            log.warning("data order: dropping checkpointed data set(s) %s that this run lacks", _names(removed))
+            log.warning("data order: dropping checkpointed data set(s) %s that this run lacks",
+                        _names(removed))

@@ -1,4 +1,5 @@
-"""Epoch-wise shuffled data order whose whole state is (epoch, position): resumable without pickled RNG state."""
+"""Epoch-wise shuffled data order whose whole state is (epoch, position): resumable without pickled RNG
+state."""
 from __future__ import annotations
 
 import random
@@ -37,6 +38,7 @@ class EpochOrder:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("size") != len(self.ids) or state.get("seed") != self.seed:
-            raise ValueError(f"data order state is for {state.get('size')} ids with seed {state.get('seed')}; this run "
-                             f"has {len(self.ids)} ids with seed {self.seed} (different data or train.seed?)")
+            raise ValueError(f"data order state is for {state.get('size')} ids with seed "
+                             f"{state.get('seed')}; this run has {len(self.ids)} ids with seed {self.seed} "
+                             f"(different data or train.seed?)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -98,7 +98,9 @@ def _check_schema(file: Path) -> pa.Schema:
     image_type = schema.field("image").type
     if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
             or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)):
-        raise DatasetError(f"{file}: column 'image' is {image_type}; expected binary or a struct with 'bytes'")
+        raise DatasetError(
+            f"{file}: column 'image' is {image_type}; expected binary or a struct with 'bytes'"
+        )
     return schema
 
 
@@ -126,30 +128,40 @@ def read_rft_rows(path: str | Path | Sequence[str | Path], cache_dir: str | Path
             where = f"{file}: row {index}"
             data = _image_bytes(row["image"])
             if data is None:
-                raise DatasetError(f"{where}: column 'image' holds no image bytes (got {type(row['image']).__name__})")
+                raise DatasetError(
+                    f"{where}: column 'image' holds no image bytes (got {type(row['image']).__name__})"
+                )
             if not isinstance(row["solution"], str) or not answer_of(row["solution"]):
-                raise DatasetError(f"{where}: column 'solution' has no answer (expected '<answer>class</answer>', "
-                                   f"got {row['solution']!r})")
+                raise DatasetError(f"{where}: column 'solution' has no answer "
+                                   f"(expected '<answer>class</answer>', got {row['solution']!r})")
             if not isinstance(row["problem"], str):
                 raise DatasetError(f"{where}: column 'problem' should be text, got {row['problem']!r}")
-            sid = f"{file_split}/{row['id']}" if row.get("id") is not None else f"{file_split}/{file.stem}/{index}"
+            if row.get("id") is not None:
+                sid = f"{file_split}/{row['id']}"
+            else:
+                sid = f"{file_split}/{file.stem}/{index}"
             if sid in seen:
                 raise DatasetError(f"{where}: duplicate sample id {sid!r}")
             seen.add(sid)
-            rows.append(RftRow(sid, _cache_image(data, cache, where), row["problem"], answer_of(row["solution"]),
-                               file_split))
+            image = _cache_image(data, cache, where)
+            rows.append(RftRow(sid, image, row["problem"], answer_of(row["solution"]), file_split))
     return rows
 
 
 def read_rft_parquet(path: str | Path | Sequence[str | Path], cache_dir: str | Path, name: str | None = None,
                      split: str | None = None) -> ClassificationDataset:
-    """A Visual-RFT classification set as a ClassificationDataset; class names = the distinct answers, sorted."""
+    """A Visual-RFT classification set as a ClassificationDataset; class names = the distinct answers,
+    sorted."""
     rows = read_rft_rows(path, cache_dir, split)
     if not rows:
         raise DatasetError(f"{path}: no rows")
     first = Path(path if isinstance(path, (str, Path)) else path[0])
-    default_name = first.name if first.is_dir() else (first.parent.parent.name if first.parent.name == "data"
-                                                      else first.stem)
+    if first.is_dir():
+        default_name = first.name
+    elif first.parent.name == "data":  # the Hub layout: <set>/data/<split>.parquet
+        default_name = first.parent.parent.name
+    else:
+        default_name = first.stem
     names = sorted({r.label for r in rows})
     samples = [Sample(r.id, r.image, r.label, r.split) for r in rows]
     return ClassificationDataset(name or default_name, names, samples)

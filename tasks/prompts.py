@@ -4,7 +4,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-THINK_INSTRUCTION = "Please output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+THINK_INSTRUCTION = (
+    "Please output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+)
 DIRECT_INSTRUCTION = "Please directly output the answer."
 DEFAULT_PREFIX = "What type of object is in the photo?"
 # CLS-RL's question prefixes for the CoOp data sets that do not ask about an "object"
@@ -40,7 +42,9 @@ def candidate_list(classnames: Sequence[str], label: str, rng: random.Random) ->
     return picked
 
 
-def cls_rl_prompt(classnames: Sequence[str], label: str, dataset: str, rng: random.Random, thinking: bool = True) -> str:
+def cls_rl_prompt(
+    classnames: Sequence[str], label: str, dataset: str, rng: random.Random, thinking: bool = True
+) -> str:
     """CLS-RL (thinking) or No-Thinking-CLS-RL (direct answer) question with a candidate list."""
     choices = "Please choose one from list [ " + ", ".join(candidate_list(classnames, label, rng)) + "]."
     tail = THINK_INSTRUCTION if thinking else DIRECT_INSTRUCTION
@@ -55,8 +59,9 @@ def visual_rft_cls_prompt(thing: str, attribute: str) -> str:
 
 
 def detection_prompt(category: str) -> str:
-    return (f"Detect all objects belonging to the category '{category}' in the image, and provide the bounding "
-            "boxes (between 0 and 1000, integer) and confidence (between 0 and 1, with two decimal places). "
+    return (f"Detect all objects belonging to the category '{category}' in the image, and provide the "
+            "bounding boxes (between 0 and 1000, integer) and confidence (between 0 and 1, with two decimal "
+            "places). "
             f"If no object belonging to the category '{category}' in the image, return 'No Objects'.\n"
             f"{THINK_INSTRUCTION} The answer is a list in the format "
             "[{'Position': [x1, y1, x2, y2], 'Confidence': number}, ...].")
@@ -64,7 +69,9 @@ def detection_prompt(category: str) -> str:
 
 def vqa_prompt(question: str, choices: Sequence[str], thinking: bool) -> str:
     listed = " ".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices))
-    return f"{question}\n{listed + chr(10) if listed else ''}{THINK_INSTRUCTION if thinking else DIRECT_INSTRUCTION}"
+    lines = [question, listed] if listed else [question]
+    lines.append(THINK_INSTRUCTION if thinking else DIRECT_INSTRUCTION)
+    return "\n".join(lines)
 
 
 def grounding_prompt(question: str) -> str:

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from tasks.manifest import DatasetError, Sample
 
 
-def k_shot(samples: Sequence[Sample], k: int, seed: int, classnames: Sequence[str] | None = None) -> list[Sample]:
+def k_shot(
+    samples: Sequence[Sample], k: int, seed: int, classnames: Sequence[str] | None = None
+) -> list[Sample]:
     """k samples per class, the same ones for the same seed whatever the input order.
 
     A class with fewer than k samples is an error naming it: silently training on fewer shots would

@@ -1,11 +1,11 @@
 """Visual question answering with one right answer (No-Thinking-CLS-RL's SAT -> CVBench setting).
 
 Our layout, one JSON object a line, image paths relative to the file:
-`{"image": "imgs/a.png", "question": "...", "answer": "(B)", "choices": ["left", "right"]?, "split": "train", "id"?}`.
-With `choices`, the prompt lists them as "(A) left (B) right" and the answer is usually the letter, as CVBench
-writes it; the reward is equality with `answer` (No-Thinking's cls_equality) or, with tags, cls_accuracy.
-SAT and CVBench convert into it with a few lines of pandas; a bundled spatial set (`shapes_vqa`: "which shape is
-further left?" over the shapes_boxes images) makes the setting runnable on CPU.
+`{"image": "imgs/a.png", "question": "...", "answer": "(B)", "choices": ["left", "right"]?, "split": "train",
+"id"?}`. With `choices`, the prompt lists them as "(A) left (B) right" and the answer is usually the letter,
+as CVBench writes it; the reward is equality with `answer` (No-Thinking's cls_equality) or, with tags,
+cls_accuracy. SAT and CVBench convert into it with a few lines of pandas; a bundled spatial set (`shapes_vqa`:
+"which shape is further left?" over the shapes_boxes images) makes the setting runnable on CPU.
 """
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def read_vqa_jsonl(path: str | Path) -> list[VqaSample]:
     samples, seen = [], set()
     for lineno, where, row in jsonl_rows(path):
         if not isinstance(row, dict) or not {"image", "question", "answer"} <= set(row):
-            raise DatasetError(f"{where}: needs 'image', 'question' and 'answer' (and optionally 'choices', 'split', 'id')")
+            raise DatasetError(
+                f"{where}: needs 'image', 'question' and 'answer' (and optionally 'choices', 'split', 'id')"
+            )
         if unknown := set(row) - VQA_KEYS:
             raise DatasetError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(VQA_KEYS)}")
         choices = row.get("choices") or []
@@ -88,9 +90,12 @@ def ensure_bundled_vqa(root: str | Path | None = None) -> Path:
                     if abs(centre[0] - centre[1]) < 4:
                         continue  # too close to call
                     choices = [names[a["category_id"]], names[b["category_id"]]]
-                    rows.append({"id": f"{subset}-{im['id']}-{axis}", "image": f"../{boxes.name}/{subset}/{im['file_name']}",
-                                 "question": f"Which shape is further {word}, the {choices[0]} one or the {choices[1]} one?",
-                                 "choices": choices, "answer": "(A)" if centre[0] < centre[1] else "(B)", "split": split})
+                    question = (f"Which shape is further {word}, "
+                                f"the {choices[0]} one or the {choices[1]} one?")
+                    rows.append({"id": f"{subset}-{im['id']}-{axis}",
+                                 "image": f"../{boxes.name}/{subset}/{im['file_name']}",
+                                 "question": question, "choices": choices,
+                                 "answer": "(A)" if centre[0] < centre[1] else "(B)", "split": split})
         (tmp / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     return build_once(boxes.parent / "shapes_vqa-v2", "vqa.jsonl", write)
