@@ -1,9 +1,9 @@
 """`clsrl eval`: greedy answers on the test split of one or many data sets, spread over engine actors.
 
-Each data set is scored by its task's `correct_reward` or one protocol for all (`eval_cls_rl`, `eval_visual_rft`,
-see rewards/eval_protocols.py). Writes eval.json (per data set: accuracy, counts, every raw answer) and eval.md (the
-table); with base_to_new, each data set is evaluated on its base and its new classes and reported with their
-harmonic mean H, as CoOp-style papers do.
+Each data set is scored by its task's `correct_reward` or one protocol for all (`eval_cls_rl`,
+`eval_visual_rft`, see rewards/eval_protocols.py). Writes eval.json (per data set: accuracy, counts, every
+raw answer) and eval.md (the table); with base_to_new, each data set is evaluated on its base and its new
+classes and reported with their harmonic mean H, as CoOp-style papers do.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import dataclasses
 import json
 import statistics
 import time
-from collections import deque
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
+from ray.util import ActorPool
 from tqdm import tqdm
 
 from actors.eval_worker import EvalWorker
@@ -23,12 +24,14 @@ from cluster.placement import init_ray
 from protocol.config import ExperimentConfig
 from protocol.rollout import RolloutRequest
 from tasks.data import load_run_data
+from telemetry.tables import md_table
 
 PROTOCOLS = {"cls_rl": "eval_cls_rl", "visual_rft": "eval_visual_rft"}
 
 
 def resolve_model(path: str | Path) -> Path:
-    """A Hugging Face model folder from a model folder, a checkpoint (step-N/hf) or a run dir (its newest one)."""
+    """A Hugging Face model folder from a model folder, a checkpoint (step-N/hf) or a run dir (its newest
+    one)."""
     p = Path(path)
     for candidate in (p, p / "hf"):
         if (candidate / "config.json").is_file():
@@ -36,41 +39,44 @@ def resolve_model(path: str | Path) -> Path:
     tags = complete_tags(p / "checkpoints")
     if tags:
         return p / "checkpoints" / tags[-1] / "hf"
-    raise FileNotFoundError(f"{p} is not a model folder (config.json), a checkpoint (hf/config.json) or a run directory "
-                            f"with a finished checkpoint")
+    raise FileNotFoundError(f"{p} is not a model folder (config.json), a checkpoint (hf/config.json) or a "
+                            "run directory with a finished checkpoint")
 
 
 def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def _answer_all(workers: list, requests: list[RolloutRequest], chunk: int, max_new_tokens: int, desc: str) -> list[dict]:
-    """Each idle worker takes the next chunk: fast engines do more, a progress bar counts answers."""
-    queue = deque(requests[i:i + chunk] for i in range(0, len(requests), chunk))
-    idle, pending, rows = list(workers), {}, []
-    with tqdm(total=len(requests), desc=desc, unit="img") as bar:
-        while queue or pending:
-            while idle and queue:
-                worker = idle.pop()
-                pending[worker.answer.remote(queue.popleft(), max_new_tokens)] = worker
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                idle.append(pending.pop(ref))
-                part = ray.get(ref)
+def _answer_all(workers: list, requests: list[RolloutRequest], chunk: int, max_new_tokens: int,
+                desc: str) -> list[dict]:
+    """Each idle worker takes the next chunk (fast engines do more); answers come back in request order."""
+    chunks = [requests[i:i + chunk] for i in range(0, len(requests), chunk)]
+    rows: list[dict] = []
+    pool = ActorPool(workers)
+    try:
+        with tqdm(total=len(requests), desc=desc, unit="img") as bar:
+            # unordered: the bar counts answers as they land, not behind the slowest chunk
+            for part in pool.map_unordered(lambda w, c: w.answer.remote(c, max_new_tokens), chunks):
                 rows += part
                 bar.update(len(part))
-    order = {r.prompt_id: i for i, r in enumerate(requests)}
+    except RayActorError as err:  # Ray's message says neither which stage lost the actor nor how far it got
+        why = "its engine failed to start, or its process was killed: out of memory?"
+        raise RuntimeError(f"{desc}: an eval worker died with {len(rows)} of {len(requests)} answers in "
+                           f"({why}): {err}") from err
+    order = {r.prompt_id: i for i, r in enumerate(requests)}  # ids are unique: prefixed with the data set
     return sorted(rows, key=lambda r: order[r["prompt_id"]])
 
 
 def _with_classes(cfg: ExperimentConfig, classes: str) -> list:
-    return [dataclasses.replace(e, data=dataclasses.replace(e.data, classes=classes)) for e in cfg.dataset_entries()]
+    return [dataclasses.replace(e, data=dataclasses.replace(e.data, classes=classes))
+            for e in cfg.dataset_entries()]
 
 
-def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = None, base_to_new: bool = False,
-             max_new_tokens: int | None = None) -> dict:
+def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = None,
+             base_to_new: bool = False, max_new_tokens: int | None = None) -> dict:
     if protocol is not None and protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} (or none: each task's correct_reward), got {protocol!r}")
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} (or none: each task's "
+                         f"correct_reward), got {protocol!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_new_tokens = max_new_tokens or cfg.rollout.eval_max_new_tokens
@@ -81,10 +87,11 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
     from cluster.job import local_runtime_env
 
     init_ray(cfg.cluster, local_runtime_env())
-    Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine, num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
+    Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine,
+                        num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
     rollout = dataclasses.replace(cfg.rollout, colocate=False)  # nothing trains here: engines keep their GPUs
-    workers = [Worker.remote(first.model_path, rollout, scorers, cfg.model.trust_remote_code, cfg.train.seed + i)
-               for i in range(cfg.cluster.rollout_workers)]
+    workers = [Worker.remote(first.model_path, rollout, scorers, cfg.model.trust_remote_code,
+                             cfg.train.seed + i) for i in range(cfg.cluster.rollout_workers)]
     t0 = time.perf_counter()
     result: dict = {"model": first.model_path, "max_new_tokens": max_new_tokens, "datasets": {}}
     try:
@@ -97,7 +104,8 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
                 answers = [r for r in rows if r["dataset"] == name]
                 key = f"{name}/{half}" if half else name
                 result["datasets"][key] = {
-                    "protocol": scorers[name], "images": len(answers), "correct": int(sum(r["correct"] for r in answers)),
+                    "protocol": scorers[name], "images": len(answers),
+                    "correct": int(sum(r["correct"] for r in answers)),
                     "accuracy": statistics.fmean(r["correct"] for r in answers),
                     "truncated": sum(r["truncated"] for r in answers), "answers": answers}
     finally:
@@ -106,8 +114,9 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
     accs = {k: v["accuracy"] for k, v in result["datasets"].items()}
     result["mean_accuracy"] = statistics.fmean(accs.values())
     if base_to_new:
-        result["base_to_new"] = {name: {"base": accs[f"{name}/base"], "new": accs[f"{name}/new"],
-                                        "H": harmonic_mean(accs[f"{name}/base"], accs[f"{name}/new"])} for name in first.tasks}
+        halves_of = {name: (accs[f"{name}/base"], accs[f"{name}/new"]) for name in first.tasks}
+        result["base_to_new"] = {name: {"base": b, "new": n, "H": harmonic_mean(b, n)}
+                                 for name, (b, n) in halves_of.items()}
     result["seconds"] = time.perf_counter() - t0
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
     (out_dir / "eval.md").write_text(markdown_table(result))
@@ -115,15 +124,17 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
 
 
 def markdown_table(result: dict) -> str:
-    lines = [f"Model: `{result['model']}`, greedy, at most {result['max_new_tokens']} new tokens.", "",
-             "| data set | protocol | images | accuracy (%) | cut at the token limit |", "|---|---|---:|---:|---:|"]
-    for name, r in result["datasets"].items():
-        lines.append(f"| {name} | {r['protocol']} | {r['images']} | {100 * r['accuracy']:.2f} | {r['truncated']} |")
-    lines.append(f"| **mean** | | | **{100 * result['mean_accuracy']:.2f}** | |")
+    """eval.md: accuracy per data set, then base, new and H per data set when base_to_new."""
+    rows = [[name, r["protocol"], r["images"], f"{100 * r['accuracy']:.2f}", r["truncated"]]
+            for name, r in result["datasets"].items()]
+    rows.append(["**mean**", "", "", f"**{100 * result['mean_accuracy']:.2f}**", ""])
+    header = ["data set", "protocol", "images", "accuracy (%)", "cut at the token limit"]
+    parts = [f"Model: `{result['model']}`, greedy, at most {result['max_new_tokens']} new tokens.",
+             md_table(header, rows, "llr")]
     if "base_to_new" in result:
         b2n = result["base_to_new"]
-        lines += ["", "| data set | base (%) | new (%) | H (%) |", "|---|---:|---:|---:|"]
-        lines += [f"| {n} | {100 * v['base']:.2f} | {100 * v['new']:.2f} | {100 * v['H']:.2f} |" for n, v in b2n.items()]
-        base, new = statistics.fmean(v["base"] for v in b2n.values()), statistics.fmean(v["new"] for v in b2n.values())
-        lines.append(f"| **average** | **{100 * base:.2f}** | **{100 * new:.2f}** | **{100 * harmonic_mean(base, new):.2f}** |")
-    return "\n".join(lines) + "\n"
+        base, new = (statistics.fmean(v[half] for v in b2n.values()) for half in ("base", "new"))
+        rows = [[n, *(f"{100 * v[k]:.2f}" for k in ("base", "new", "H"))] for n, v in b2n.items()]
+        rows.append(["**average**", *(f"**{100 * v:.2f}**" for v in (base, new, harmonic_mean(base, new)))])
+        parts.append(md_table(["data set", "base (%)", "new (%)", "H (%)"], rows, "lr"))
+    return "\n\n".join(parts) + "\n"

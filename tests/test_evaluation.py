@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
 from commands.cli import DEFAULT_CONFIG, REPO_ROOT, main
-from commands.evaluation import harmonic_mean, markdown_table, resolve_model, run_eval
+from commands.evaluation import _answer_all, harmonic_mean, markdown_table, resolve_model, run_eval
 from protocol.config import ExperimentConfig
 from protocol.overrides import load_config
+from protocol.rollout import RolloutRequest
 from rewards import get_reward
 
 
@@ -34,6 +37,31 @@ def test_markdown_table_reports_base_new_and_h():
               "base_to_new": {"a": {"base": 1.0, "new": 0.0, "H": 0.0}}}
     table = markdown_table(result)
     assert "| a/base | p | 4 | 100.00 | 0 |" in table and "| a | 100.00 | 0.00 | 0.00 |" in table
+    assert "|---|---|---:|---:|---:|" in table and "\n\n| data set | base (%) | new (%) | H (%) |\n|---|---:|" in table
+
+
+@pytest.mark.slow
+def test_answer_all_keeps_request_order_and_names_a_dead_worker(ray_local):
+    class Engine:  # the slow worker answers its chunks last: the pool hands them back out of order
+        def __init__(self, delay: float) -> None:
+            self.delay = delay
+
+        def answer(self, requests: list, max_new_tokens: int) -> list[dict]:
+            if max_new_tokens == 0:
+                os._exit(1)  # a killed engine process
+            time.sleep(self.delay)
+            return [{"prompt_id": r.prompt_id, "by": self.delay} for r in requests]
+
+    Worker = ray_local.remote(num_cpus=0.1)(Engine)
+    workers = [Worker.remote(0.3), Worker.remote(0.0)]
+    requests = [RolloutRequest(f"d/{i}", None) for i in range(7)]
+    rows = _answer_all(workers, requests, 2, 8, "eval")
+    assert [r["prompt_id"] for r in rows] == [r.prompt_id for r in requests]
+    assert {r["by"] for r in rows} == {0.3, 0.0}  # both workers took chunks
+    with pytest.raises(RuntimeError, match=r"eval: an eval worker died with 0 of 7 answers in \(its engine"):
+        _answer_all(workers, requests, 2, 0, "eval")
+    for w in workers:
+        ray_local.kill(w)
 
 
 @pytest.mark.slow
