@@ -1,10 +1,10 @@
-"""`clsrl transfer`: the CLS-RL "free lunch" matrix. Train on each data set alone (or take finished checkpoints),
-evaluate every trained model on every data set, and draw accuracy change against the zero-shot model as a
-trained-on x tested-on heatmap (transfer.png), with the numbers in transfer.csv and transfer.md.
+"""`clsrl transfer`: the CLS-RL "free lunch" matrix. Train on each data set alone (or take finished
+checkpoints), evaluate every trained model on every data set, and draw accuracy change against the zero-shot
+model as a trained-on x tested-on heatmap (transfer.png), with the numbers in transfer.csv and transfer.md.
 
-Every run starts from the same model: `model.path`, or for the tiny model one build whose vocabulary covers all
-the data sets, after one shared format warm start when `train.warm_start_steps` is set (so "zero-shot" is the
-model every run starts from, and the per-run warm start is off).
+Every run starts from the same model: `model.path`, or for the tiny model one build whose vocabulary covers
+all the data sets, after one shared format warm start when `train.warm_start_steps` is set (so "zero-shot" is
+the model every run starts from, and the per-run warm start is off).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from commands.evaluation import resolve_model, run_eval
 from learner.warm_start import format_warm_start
 from protocol.config import ExperimentConfig
 from tasks.data import load_run_data
+from telemetry.tables import md_table
 
 
 def _with(cfg: ExperimentConfig, **sections) -> ExperimentConfig:
-    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) if isinstance(v, dict) else v
-                                       for k, v in sections.items()})
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) if isinstance(v, dict)
+                                       else v for k, v in sections.items()})
 
 
 def run_transfer(cfg: ExperimentConfig, out_dir: str | Path, checkpoints: dict[str, str] | None = None,
@@ -33,14 +34,15 @@ def run_transfer(cfg: ExperimentConfig, out_dir: str | Path, checkpoints: dict[s
     data = load_run_data(cfg)
     names = list(data.tasks)
     if len(names) < 2:
-        raise ValueError(f"transfer needs a config with a `datasets` list of at least 2 data sets, got {names}")
+        raise ValueError(f"transfer needs a config with a `datasets` list of at least 2 data sets, "
+                         f"got {names}")
     if unknown := set(checkpoints) - set(names):
         raise ValueError(f"checkpoints given for unknown data sets {sorted(unknown)}; the config has {names}")
     start = data.model_path
     if cfg.train.warm_start_steps:
-        start = str(format_warm_start(start, out_dir / "warm_start", data.train_examples,
-                                      {n: t.prompt for n, t in data.tasks.items()}, cfg.train.warm_start_steps,
-                                      cfg.train.warm_start_lr, cfg.train.prompts_per_step, cfg.train.seed,
+        t, prompts = cfg.train, {n: task.prompt for n, task in data.tasks.items()}
+        start = str(format_warm_start(start, out_dir / "warm_start", data.train_examples, prompts,
+                                      t.warm_start_steps, t.warm_start_lr, t.prompts_per_step, t.seed,
                                       cfg.model.trust_remote_code))
     base = _with(cfg, model={"path": start}, train={"warm_start_steps": 0})
     zero_shot = run_eval(base, out_dir / "zero_shot", protocol)
@@ -54,9 +56,9 @@ def run_transfer(cfg: ExperimentConfig, out_dir: str | Path, checkpoints: dict[s
             models[name] = str(resolve_model(run_dir))
         evals[name] = run_eval(_with(base, model={"path": models[name]}), out_dir / "eval" / name, protocol)
     acc0 = {n: zero_shot["datasets"][n]["accuracy"] for n in names}
-    delta = {t: {s: evals[t]["datasets"][s]["accuracy"] - acc0[s] for s in names} for t in names}
-    result = {"datasets": names, "zero_shot": acc0, "models": models,
-              "accuracy": {t: {s: evals[t]["datasets"][s]["accuracy"] for s in names} for t in names}, "delta": delta}
+    accuracy = {t: {s: evals[t]["datasets"][s]["accuracy"] for s in names} for t in names}
+    delta = {t: {s: accuracy[t][s] - acc0[s] for s in names} for t in names}
+    result = {"datasets": names, "zero_shot": acc0, "models": models, "accuracy": accuracy, "delta": delta}
     (out_dir / "transfer.json").write_text(json.dumps(result, indent=1))
     with open(out_dir / "transfer.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -84,7 +86,8 @@ def plot_heatmap(delta: dict, names: list[str], out_png: Path) -> Path:
     ax.set_ylabel("trained on")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=9, color="white" if abs(v) > span / 2 else "black")
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=9,
+                    color="white" if abs(v) > span / 2 else "black")
     fig.colorbar(image, ax=ax, label="accuracy change vs zero-shot (points)")
     ax.set_title("free lunch: accuracy change after RL on one data set", fontsize=10)
     fig.savefig(out_png, format="png", dpi=110)
@@ -92,10 +95,9 @@ def plot_heatmap(delta: dict, names: list[str], out_png: Path) -> Path:
 
 
 def markdown(result: dict) -> str:
-    names = result["datasets"]
-    lines = ["![transfer heatmap](transfer.png)", "", "Accuracy change against the zero-shot model, in points "
-             "(rows: trained on, columns: tested on).", "", "| trained on | " + " | ".join(names) + " |",
-             "|---|" + "---:|" * len(names)]
-    lines += [f"| {t} | " + " | ".join(f"{100 * result['delta'][t][s]:+.2f}" for s in names) + " |" for t in names]
-    lines.append("| *zero-shot accuracy* | " + " | ".join(f"{100 * result['zero_shot'][s]:.2f}" for s in names) + " |")
-    return "\n".join(lines) + "\n"
+    names, delta, acc0 = result["datasets"], result["delta"], result["zero_shot"]
+    rows = [[t, *(f"{100 * delta[t][s]:+.2f}" for s in names)] for t in names]
+    rows.append(["*zero-shot accuracy*", *(f"{100 * acc0[s]:.2f}" for s in names)])
+    return ("![transfer heatmap](transfer.png)\n\nAccuracy change against the zero-shot model, in points "
+            "(rows: trained on, columns: tested on).\n\n"
+            + md_table(["trained on", *names], rows, "lr") + "\n")
