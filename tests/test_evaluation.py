@@ -1,6 +1,7 @@
 """`clsrl eval`: greedy answers over Ray engines, per-data-set protocols, base-to-new with H, eval.json + eval.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -42,15 +43,23 @@ def test_markdown_table_reports_base_new_and_h():
 
 @pytest.mark.slow
 def test_answer_all_keeps_request_order_and_names_a_dead_worker(ray_local):
+    @dataclasses.dataclass
+    class Answer:  # a stand-in for EvalWorker's answers, read by key as eval.json's rows are
+        prompt_id: str
+        by: float
+
+        def __getitem__(self, key: str):
+            return getattr(self, key)
+
     class Engine:  # the slow worker answers its chunks last: the pool hands them back out of order
         def __init__(self, delay: float) -> None:
             self.delay = delay
 
-        def answer(self, requests: list, max_new_tokens: int) -> list[dict]:
+        def answer(self, requests: list, max_new_tokens: int) -> list[Answer]:
             if max_new_tokens == 0:
                 os._exit(1)  # a killed engine process
             time.sleep(self.delay)
-            return [{"prompt_id": r.prompt_id, "by": self.delay} for r in requests]
+            return [Answer(r.prompt_id, self.delay) for r in requests]
 
     Worker = ray_local.remote(num_cpus=0.1)(Engine)
     workers = [Worker.remote(0.3), Worker.remote(0.0)]
