@@ -155,7 +155,9 @@ def kl_penalty(
     return kl
 
 
-def aggregate(per_token: Tensor, mask: Tensor, agg: str = "seq-mean-token-mean", max_len: int | None = None) -> Tensor:
+def aggregate(
+    per_token: Tensor, mask: Tensor, agg: str = "seq-mean-token-mean", max_len: int | None = None
+) -> Tensor:
     """Reduce a per-token loss ``[N, T]`` to a scalar over the masked tokens.
 
     * ``seq-mean-token-mean`` (original GRPO, the papers, TRL "grpo"): mean over
@@ -239,9 +241,9 @@ def policy_loss(
       with a truncated weight): ratio and clip against the proximal policy ``prox_logprobs`` (default
       ``logprobs.detach()``: the learner's own log-probs at the parameters this optimizer step starts from),
       and the surrogate (dual clip included, KL excluded) times the constant
-      ``w = min(exp(prox - old_logp), is_cap)``. With the default proximal the ratio is exactly 1, so the clips
-      never bind and the per-token gradient is ``-w * A * grad(logp)``: a truncated-IS policy gradient that
-      corrects both staleness and engine/learner numerics. ``w == 1`` when mu is the current policy.
+      ``w = min(exp(prox - old_logp), is_cap)``. With the default proximal the ratio is exactly 1, so the
+      clips never bind and the per-token gradient is ``-w * A * grad(logp)``: a truncated-IS policy gradient
+      that corrects both staleness and engine/learner numerics. ``w == 1`` when mu is the current policy.
 
     ``stats`` (python floats, all over masked tokens): ``pg_loss`` (the aggregated
     surrogate without KL), ``clip_frac_low``/``clip_frac_high`` (share of tokens
@@ -251,9 +253,9 @@ def policy_loss(
     ``ratio_mean``/``ratio_min``/``ratio_max`` (1.0 when no token is masked in),
     ``kl`` (token-mean of the per-token KL; whenever ``ref_logprobs`` is given, even
     with beta 0), ``entropy`` (token-mean of ``entropy``; when given) and, with ``"tis"``,
-    ``is_weight_mean``/``is_weight_max`` (of ``exp(prox - old_logp)`` *before* truncation; 1.0 when no token is
-    masked in) and ``is_truncated_frac`` (share of tokens whose weight exceeded ``is_cap``). With ``"tis"`` the
-    ratio and clip stats are against the proximal policy.
+    ``is_weight_mean``/``is_weight_max`` (of ``exp(prox - old_logp)`` *before* truncation; 1.0 when no token
+    is masked in) and ``is_truncated_frac`` (share of tokens whose weight exceeded ``is_cap``). With
+    ``"tis"`` the ratio and clip stats are against the proximal policy.
     """
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}")

@@ -18,15 +18,19 @@ from vlm.logprobs import completion_logprobs
 def grpo_objective(model, batch: SequenceBatch, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    cfg: GRPOConfig, blocked_ids: Sequence[int], ref_logprobs: torch.Tensor | None = None,
                    max_len: int | None = None) -> tuple[torch.Tensor, dict]:
-    """GRPO loss of one micro-batch; `old_logprobs` are the engine's behaviour log-probs, padded to [N, T]."""
-    logprobs, mask, entropy = completion_logprobs(model, batch, cfg.temperature, blocked_ids, with_entropy=True)
+    """GRPO loss of one micro-batch; `old_logprobs` are the engine's behaviour log-probs, padded to
+    [N, T]."""
+    logprobs, mask, entropy = completion_logprobs(model, batch, cfg.temperature, blocked_ids,
+                                                  with_entropy=True)
     loss, stats = policy_loss(
         logprobs, old_logprobs.to(logprobs), advantages.to(logprobs), mask,
         ref_logprobs=None if ref_logprobs is None else ref_logprobs.to(logprobs), beta=cfg.beta,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl=cfg.kl, agg=cfg.loss_agg,
-        entropy=entropy, max_len=max_len, off_policy=cfg.off_policy, is_cap=cfg.is_cap)
-    with torch.no_grad():  # engine-vs-learner drift plus staleness: ~0 when on-policy with the same weights in fp32
-        stats["logprob_gap"] = float(((logprobs - old_logprobs.to(logprobs)).abs() * mask).sum() / mask.sum().clamp(min=1))
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, kl=cfg.kl,
+        agg=cfg.loss_agg, entropy=entropy, max_len=max_len, off_policy=cfg.off_policy, is_cap=cfg.is_cap)
+    # engine-vs-learner drift plus staleness: ~0 when on-policy with the same weights in fp32
+    with torch.no_grad():
+        gap = (logprobs - old_logprobs.to(logprobs)).abs() * mask
+        stats["logprob_gap"] = float(gap.sum() / mask.sum().clamp(min=1))
     return loss, stats
 
 

@@ -19,10 +19,11 @@ from vlm.inputs import build_sequence_batch
 from vlm.processor import load_processor, save_processor
 
 
-def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: list[PromptExample], styles: dict[str, str],
-                      steps: int, lr: float, batch: int, seed: int, trust_remote_code: bool = False) -> Path:
-    """Train `steps` SFT steps from model_path and save model + processor to out_dir (once: reused on resume).
-    `styles` maps each example's data set to its prompt style (the answer format taught)."""
+def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: list[PromptExample],
+                      styles: dict[str, str], steps: int, lr: float, batch: int, seed: int,
+                      trust_remote_code: bool = False) -> Path:
+    """Train `steps` SFT steps from model_path and save model + processor to out_dir (once: reused on
+    resume). `styles` maps each example's data set to its prompt style (the answer format taught)."""
     def build(out: Path) -> None:
         from transformers import AutoModelForImageTextToText
 
@@ -31,12 +32,14 @@ def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: lis
         processor = load_processor(model_path, trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32,
                                                             trust_remote_code=trust_remote_code)
-        tok, eos = processor.tokenizer, model.generation_config.eos_token_id
+        tok = processor.tokenizer
+        eos = model.generation_config.eos_token_id
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         model.train()
         for _ in tqdm(range(steps), desc="warm start (answer format only)", leave=False):
             chunk = rng.sample(examples, min(batch, len(examples)))
-            targets = [format_target(styles[e.dataset], rng.choice(candidates_in(e.text) or [e.solution])) for e in chunk]
+            targets = [format_target(styles[e.dataset], rng.choice(candidates_in(e.text) or [e.solution]))
+                       for e in chunk]
             rows = [tok.encode(t, add_special_tokens=False) + [eos] for t in targets]
             loss = sft_objective(model, build_sequence_batch([e.inputs for e in chunk], rows,
                                                              model.generation_config.pad_token_id,

@@ -59,12 +59,16 @@ class LearnerWorker:
         cuda = torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                    timeout=timedelta(seconds=cfg.collective_timeout_s))
-        self.rank, self.cfg, self.algo = rank, cfg, algo
-        self.model_path, self.trust_remote_code, self.tokenizer = model_path, trust_remote_code, None  # SFT targets
+        self.rank = rank
+        self.cfg = cfg
+        self.algo = algo
+        self.model_path = model_path
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = None  # loaded on the first sft_step, to tokenize its targets
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
         if samples_per_rank % cfg.micro_batch_size:
-            raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple of "
-                             f"learner.micro_batch_size={cfg.micro_batch_size}")
+            raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple "
+                             f"of learner.micro_batch_size={cfg.micro_batch_size}")
         self.grad_accum = samples_per_rank // cfg.micro_batch_size
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32,
                                                             trust_remote_code=trust_remote_code)
@@ -73,11 +77,13 @@ class LearnerWorker:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.blocked = vision_token_ids(model.config)
-        self.pad_id, self.image_id = model.generation_config.pad_token_id, model.config.image_token_id
+        self.pad_id = model.generation_config.pad_token_id
+        self.image_id = model.config.image_token_id
         self.ref = None
         if algo.beta > 0:  # the frozen reference exists only when the KL term does
             self.ref = AutoModelForImageTextToText.from_pretrained(
-                model_path, dtype=torch.bfloat16 if self.bf16 else torch.float32, trust_remote_code=trust_remote_code)
+                model_path, dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                trust_remote_code=trust_remote_code)
             self.ref.requires_grad_(False).eval().to("cuda" if cuda else "cpu")
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
@@ -91,7 +97,8 @@ class LearnerWorker:
             rows += [(g.request.inputs, c, float(a)) for c, a in zip(g.completions, adv)]
         for i in range(0, len(rows), self.cfg.micro_batch_size):
             chunk = rows[i:i + self.cfg.micro_batch_size]
-            batch = build_sequence_batch([r[0] for r in chunk], [r[1].token_ids for r in chunk], self.pad_id, self.image_id)
+            batch = build_sequence_batch([r[0] for r in chunk], [r[1].token_ids for r in chunk],
+                                         self.pad_id, self.image_id)
             yield batch, pad_rows([r[1].logprobs for r in chunk]), torch.tensor([r[2] for r in chunk])
 
     def _to_device(self, batch) -> None:
@@ -112,23 +119,28 @@ class LearnerWorker:
             if self.ref is not None:
                 with torch.no_grad():
                     ref = completion_logprobs(self.ref, batch, self.algo.temperature, self.blocked)[0]
-            loss, stats = grpo_objective(self.engine, batch, old.to(device), adv.to(device), self.algo, self.blocked,
-                                         ref_logprobs=ref, max_len=max_len)
+            loss, stats = grpo_objective(self.engine, batch, old.to(device), adv.to(device), self.algo,
+                                         self.blocked, ref_logprobs=ref, max_len=max_len)
             self.engine.backward(loss)
             self.engine.step()
             count += 1
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        self._check_accumulated(count, "micro-batches")
+        return {**{k: v / count for k, v in sums.items()}, **self._optimizer_stats()}
+
+    def _check_accumulated(self, count: int, what: str) -> None:
+        # a step over fewer or more micro-batches than DeepSpeed accumulates would misplace the boundary
         if count != self.grad_accum:
-            raise RuntimeError(f"learner rank {self.rank} ran {count} micro-batches, expected {self.grad_accum}")
-        out = {k: v / count for k, v in sums.items()}
-        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        out["lr"] = float(self.engine.get_lr()[0])
-        return out
+            raise RuntimeError(f"learner rank {self.rank} ran {count} {what}, expected {self.grad_accum}")
+
+    def _optimizer_stats(self) -> dict:
+        return {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "lr": float(self.engine.get_lr()[0])}
 
     def sft_step(self, rows: list[tuple]) -> dict:
-        """One optimizer step of supervised fine-tuning: `rows` are (PromptInputs, target text) pairs, the target
-        tokenized here and closed with the end-of-turn token, loss the token-mean cross-entropy."""
+        """One optimizer step of supervised fine-tuning: `rows` are (PromptInputs, target text) pairs, the
+        target tokenized here and closed with the end-of-turn token, loss the token-mean cross-entropy."""
         if self.tokenizer is None:
             self.tokenizer = load_processor(self.model_path, self.trust_remote_code).tokenizer
         eos = self.engine.module.generation_config.eos_token_id
@@ -144,10 +156,8 @@ class LearnerWorker:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(float(loss))
-        if len(losses) != self.grad_accum:
-            raise RuntimeError(f"learner rank {self.rank} ran {len(losses)} SFT micro-batches, expected {self.grad_accum}")
-        return {"sft_loss": sum(losses) / len(losses), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                "lr": float(self.engine.get_lr()[0])}
+        self._check_accumulated(len(losses), "SFT micro-batches")
+        return {"sft_loss": sum(losses) / len(losses), **self._optimizer_stats()}
 
     def sync_parameters(self, trainable_only: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters by name, each gathered whole under ZeRO-3 (all ranks must iterate together)."""
@@ -166,14 +176,17 @@ class LearnerWorker:
         """DeepSpeed state for resume, plus (rank 0) a save_pretrained export transformers and vLLM load."""
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
         if export_hf:
-            state = {n: t.cpu() for n, t in self.sync_parameters(trainable_only=False)} if self.cfg.zero_stage == 3 else None
+            state = None
+            if self.cfg.zero_stage == 3:  # every rank gathers; rank 0 writes
+                state = {n: t.cpu() for n, t in self.sync_parameters(trainable_only=False)}
             if self.rank == 0:
                 export = Path(ckpt_dir) / tag / "hf"
                 if state is None:
                     self.engine.module.save_pretrained(export)
                 else:
                     self.engine.module.save_pretrained(export, state_dict=state)
-                save_processor(load_processor(self.model_path, self.trust_remote_code), export)  # loadable on its own
+                # the processor too, so the export loads on its own
+                save_processor(load_processor(self.model_path, self.trust_remote_code), export)
 
     def load_checkpoint(self, ckpt_dir: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)

@@ -21,7 +21,8 @@ def _generation_config(model, cfg: SamplingConfig, n: int, max_new_tokens: int):
                   return_dict_in_generate=True, output_logits=True)
     if cfg.greedy:
         return GenerationConfig(do_sample=False, **kwargs)
-    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **kwargs)
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            **kwargs)
 
 
 def eos_token_ids(model) -> set[int]:
@@ -33,7 +34,8 @@ def eos_token_ids(model) -> set[int]:
 def generate_segment(model, inputs: dict, cfg: SamplingConfig, n: int, max_new_tokens: int,
                      stopping_criteria=None) -> tuple[list[list[int]], torch.Tensor]:
     """One `generate` call on left-padded `inputs`, each row sampled `n` times: (new token ids per row, their
-    behaviour log-probs [rows, steps] on the CPU). Rows that stopped early are padded after their stop token."""
+    behaviour log-probs [rows, steps] on the CPU). Rows that stopped early are padded after their stop
+    token."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     out = model.generate(**inputs, generation_config=_generation_config(model, cfg, n, max_new_tokens),

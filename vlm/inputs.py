@@ -56,7 +56,8 @@ def build_sequence_batch(prompts: Sequence[PromptInputs], completions: Sequence[
     """Row i is prompts[i] followed by completions[i] (a prompt object may repeat, e.g. G times)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    rows = [torch.cat([p.input_ids, torch.as_tensor(list(c), dtype=torch.long)]) for p, c in zip(prompts, completions)]
+    rows = [torch.cat([p.input_ids, torch.as_tensor(list(c), dtype=torch.long)])
+            for p, c in zip(prompts, completions)]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -73,7 +74,8 @@ def build_sequence_batch(prompts: Sequence[PromptInputs], completions: Sequence[
 
 
 def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_token_id: int | None) -> dict:
-    """Generation inputs for several prompts at once (HF generate appends on the right, so pad on the left)."""
+    """Generation inputs for several prompts at once (HF generate appends on the right, so pad on the
+    left)."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -14,17 +14,21 @@ import torch
 from vlm.inputs import SequenceBatch
 
 
-def policy_scores(logits: torch.Tensor, temperature: float = 1.0, blocked_ids: Sequence[int] = ()) -> torch.Tensor:
+def policy_scores(
+    logits: torch.Tensor, temperature: float = 1.0, blocked_ids: Sequence[int] = ()
+) -> torch.Tensor:
     """The sampling policy's logits: tempered, with `blocked_ids` at -inf (never sampled)."""
     scores = logits.float() / temperature
     if blocked_ids:
-        scores = scores.index_fill(-1, torch.as_tensor(list(blocked_ids), device=scores.device), float("-inf"))
+        blocked = torch.as_tensor(list(blocked_ids), device=scores.device)
+        scores = scores.index_fill(-1, blocked, float("-inf"))
     return scores
 
 
 def policy_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
                     blocked_ids: Sequence[int] = ()) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature) with `blocked_ids` removed; shapes [..., V] -> [...]."""
+    """log p(token) under softmax(logits / temperature) with `blocked_ids` removed; shapes [..., V] ->
+    [...]."""
     scores = policy_scores(logits, temperature, blocked_ids)
     # gather - logsumexp avoids materialising a full log_softmax copy of the logits
     picked = scores.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
@@ -44,9 +48,10 @@ def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.
     return picked, targets * mask, mask
 
 
-def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0, blocked_ids: Sequence[int] = (),
-                        with_entropy: bool = False):
-    """Per-token policy log-probs of each row's completion: (logprobs [N, T], mask [N, T][, entropy [N, T]])."""
+def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0,
+                        blocked_ids: Sequence[int] = (), with_entropy: bool = False):
+    """Per-token policy log-probs of each row's completion: (logprobs [N, T], mask [N, T][, entropy
+    [N, T]])."""
     logits, targets, mask = completion_logits(model, batch)
     logprobs = policy_logprobs(logits, targets, temperature, blocked_ids) * mask
     if with_entropy:

@@ -7,17 +7,20 @@ Qwen2-VL-2B-Instruct) takes. Builds are cached by a hash of everything that shap
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from protocol.components import TinyVLMSpec
-from vlm.cache import build_once, default_cache_dir
+from vlm.cache import build_key, build_once, models_dir
 from vlm.processor import Qwen2VLImageOnlyProcessor, save_processor
-from vlm.tokenizer import QWEN2_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, train_qwen_tokenizer
+from vlm.tokenizer import (
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+    padded_vocab_size,
+    train_qwen_tokenizer,
+)
 
 BUILDER_VERSION = 1  # bump when the build changes, so caches rebuild
 
@@ -35,7 +38,8 @@ def build_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str]):
 
     from vlm.processor import torchvision_usable
 
-    if not torchvision_usable():  # the PIL backend is what transformers falls back to anyway, minus the warning
+    # the PIL backend is what transformers falls back to anyway, minus the warning
+    if not torchvision_usable():
         from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
     tok = train_qwen_tokenizer(corpus, vocab_size=spec.vocab_size)
     image_processor = Qwen2VLImageProcessor(
@@ -46,12 +50,14 @@ def build_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str]):
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = spec.hidden_size // spec.num_attention_heads
     text = dict(
-        vocab_size=((len(tok) + 63) // 64) * 64, hidden_size=spec.hidden_size,
+        vocab_size=padded_vocab_size(tok), hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True)
     common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -60,16 +66,17 @@ def build_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str]):
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
 
-        vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size,
-                      num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden_size,
+                      hidden_size=spec.hidden_size, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
     else:
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
         vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden_size,
-                      intermediate_size=2 * spec.vision_hidden_size, num_heads=2, out_hidden_size=spec.hidden_size,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                      fullatt_block_indexes=[spec.vision_depth - 1])
+                      intermediate_size=2 * spec.vision_hidden_size, num_heads=2,
+                      out_hidden_size=spec.hidden_size, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, fullatt_block_indexes=[spec.vision_depth - 1])
     torch.manual_seed(spec.seed)
     model = Model(Config(text_config=text, vision_config=vision, **common))
     model.generation_config.eos_token_id = ids["<|im_end|>"]
@@ -80,13 +87,12 @@ def build_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str]):
 def tiny_vlm_key(spec: TinyVLMSpec, corpus: Sequence[str]) -> str:
     import transformers
 
-    payload = json.dumps([BUILDER_VERSION, transformers.__version__, dataclasses.asdict(spec), list(corpus)])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return build_key(BUILDER_VERSION, transformers.__version__, dataclasses.asdict(spec), list(corpus))
 
 
 def ensure_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str], cache_dir: str | Path | None = None) -> Path:
     """Build the tiny model once and return its directory; concurrent callers wait on a file lock."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir() / "models"
+    root = models_dir(cache_dir)
 
     def write(tmp: Path) -> None:
         model, processor = build_tiny_vlm(spec, corpus)

@@ -38,6 +38,11 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
+def padded_vocab_size(tokenizer) -> int:
+    """The tokenizer's size rounded up to a multiple of 64, as a model's embedding table is sized."""
+    return ((len(tokenizer) + 63) // 64) * 64
+
+
 def train_qwen_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
     """Train a byte-level BPE on `corpus` and wrap it as a transformers Qwen2Tokenizer."""
     from transformers import Qwen2Tokenizer
