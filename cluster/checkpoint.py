@@ -1,13 +1,14 @@
 """Run checkpoints: DeepSpeed state per rank (written by the learners), plus the driver's own state.
 
-    runs/NAME/checkpoints/step-000050/            DeepSpeed shards, `hf/` (save_pretrained export), driver.json
-    runs/NAME/checkpoints/step-000050/driver.json  step, policy version, data order: written last, so its presence
-                                                   marks a checkpoint every rank finished
+    runs/NAME/checkpoints/step-000050/            DeepSpeed shards, `hf/` (save_pretrained export),
+                                                   driver.json
+    runs/NAME/checkpoints/step-000050/driver.json  step, policy version, data order: written last, so its
+                                                   presence marks a checkpoint every rank finished
 
 Retention: `prune_checkpoints` keeps the newest `keep_last` finished checkpoints plus the `keep_best` best by
-score (DriverState.score, e.g. held-out accuracy), and removes the rest with the unfinished leftovers of crashed
-saves. A folder is renamed out of the `step-*` namespace before it is deleted, so a crash mid-delete never
-leaves a half-deleted folder that still looks finished.
+score (DriverState.score, e.g. held-out accuracy), and removes the rest with the unfinished leftovers of
+crashed saves. A folder is renamed out of the `step-*` namespace before it is deleted, so a crash mid-delete
+never leaves a half-deleted folder that still looks finished.
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ class DriverState:
     step: int  # optimizer steps done
     policy_version: int  # the version the engines hold after this step
     data_order: dict = field(default_factory=dict)  # tasks.order.EpochOrder.state_dict()
-    config: dict = field(default_factory=dict)  # the config the checkpoint was made with, for a diff on resume
-    # How good this checkpoint is, higher = better (the driver records held-out eval accuracy when it evaluated at
-    # this step); prune_checkpoints(keep_best=...) ranks by it. None = not evaluated here: never kept as "best".
+    # the config the checkpoint was made with, for a diff on resume
+    config: dict = field(default_factory=dict)
+    # How good this checkpoint is, higher = better (the driver records held-out eval accuracy when it
+    # evaluated at this step); prune_checkpoints(keep_best=...) ranks by it. None = not evaluated here: never
+    # kept as "best".
     score: float | None = None
 
 
@@ -63,12 +66,13 @@ def read_checkpoint(ckpt_root: str | Path, tag: str | None = None) -> tuple[str,
     """(tag, state) of `tag`, or of the newest finished checkpoint; errors say what exists."""
     tags = complete_tags(ckpt_root)
     if not tags:
-        raise FileNotFoundError(f"no finished checkpoint under {ckpt_root} (a checkpoint is finished once its "
-                                f"{DRIVER_STATE} exists); nothing to resume")
+        raise FileNotFoundError(f"no finished checkpoint under {ckpt_root} (a checkpoint is finished once "
+                                f"its {DRIVER_STATE} exists); nothing to resume")
     if tag is None:
         tag = tags[-1]
     elif tag not in tags:
-        raise FileNotFoundError(f"checkpoint {tag!r} not found or unfinished under {ckpt_root}; finished: {', '.join(tags)}")
+        raise FileNotFoundError(f"checkpoint {tag!r} not found or unfinished under {ckpt_root}; "
+                                f"finished: {', '.join(tags)}")
     data = json.loads((Path(ckpt_root) / tag / DRIVER_STATE).read_text())
     return tag, DriverState(**data)
 
@@ -94,16 +98,17 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep_best: int = 0,
                       scores: dict[str, float] | None = None) -> list[str]:
     """Delete the checkpoints retention does not keep; returns the deleted tags, oldest first.
 
-    Kept: the newest `keep_last` finished checkpoints, plus the `keep_best` finished ones with the highest score
-    (`scores` {tag: score}, default each driver.json's `score`; tags without one are never "best"; ties go to
-    the newer), plus any unfinished folder newer than the newest finished checkpoint (a save may be in progress).
-    Deleted: every other finished checkpoint and every unfinished folder older than the newest finished one (a
-    crashed save). keep_last=0 keeps everything (pruning off); otherwise the newest finished one always stays.
-    Call it after write_driver_state, from the one process that writes the markers (the driver); with per-node
-    disks, each node's copy needs its own call.
+    Kept: the newest `keep_last` finished checkpoints, plus the `keep_best` finished ones with the highest
+    score (`scores` {tag: score}, default each driver.json's `score`; tags without one are never "best"; ties
+    go to the newer), plus any unfinished folder newer than the newest finished checkpoint (a save may be in
+    progress). Deleted: every other finished checkpoint and every unfinished folder older than the newest
+    finished one (a crashed save). keep_last=0 keeps everything (pruning off); otherwise the newest finished
+    one always stays. Call it after write_driver_state, from the one process that writes the markers (the
+    driver); with per-node disks, each node's copy needs its own call.
     """
     if keep_last < 0 or keep_best < 0:
-        raise ValueError(f"prune_checkpoints: keep_last and keep_best must be >= 0, got {keep_last}, {keep_best}")
+        raise ValueError(f"prune_checkpoints: keep_last and keep_best must be >= 0, "
+                         f"got {keep_last}, {keep_best}")
     root = Path(ckpt_root)
     finished = complete_tags(root)
     if keep_last == 0 or not finished:
@@ -111,8 +116,11 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep_best: int = 0,
     newest = _step(finished[-1])
     keep = set(finished[-keep_last:])
     if keep_best:
-        scored = checkpoint_scores(root) if scores is None else {t: float(v) for t, v in scores.items()
-                                                                  if t in finished and v is not None and math.isfinite(v)}
+        if scores is None:
+            scored = checkpoint_scores(root)
+        else:
+            scored = {t: float(v) for t, v in scores.items()
+                      if t in finished and v is not None and math.isfinite(v)}
         keep.update(sorted(scored, key=lambda t: (scored[t], _step(t)), reverse=True)[:keep_best])
     doomed = [t for t in finished if t not in keep]
     doomed += [p.name for p in root.iterdir()
@@ -127,6 +135,6 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep_best: int = 0,
     for leftover in root.glob(f"{_TRASH}*"):  # earlier crashes mid-delete
         shutil.rmtree(leftover, ignore_errors=True)
     if doomed:
-        log.info("pruned checkpoints %s under %s (keep_last=%d, keep_best=%d)", ", ".join(doomed), root, keep_last,
-                 keep_best)
+        log.info("pruned checkpoints %s under %s (keep_last=%d, keep_best=%d)", ", ".join(doomed), root,
+                 keep_last, keep_best)
     return doomed

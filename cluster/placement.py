@@ -1,6 +1,8 @@
-"""The resource plan made real: one Ray placement group, a bundle per actor (rollout engines, learner ranks, reward actors).
+"""The resource plan made real: one Ray placement group, a bundle per actor (rollout engines, learner ranks,
+reward actors).
 
-Reserving it all up front means a run gets all its actors or fails early saying what to lower, not half of them pending forever.
+Reserving it all up front means a run gets all its actors or fails early saying what to lower, not half of
+them pending forever.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # ray is imported lazily: its import freezes RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (see init_ray)
+# ray is imported lazily: its import freezes RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (see init_ray)
+if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
     from protocol.config import ClusterConfig
@@ -41,8 +44,9 @@ def _number(cluster: ClusterConfig, key: str) -> float:
 def plan_bundles(cluster: ClusterConfig, colocate: bool = False) -> list[Bundle]:
     """One bundle per actor, in role order, as (role, index, {"CPU": c[, "GPU": g]}). Pure: no Ray needed.
 
-    `colocate` (rollout.colocate): engine i shares learner rank i's bundle, which holds both actors' resources,
-    so with gpus_per_learner = gpus_per_engine = 0.5 the two land on the same GPU (see `actor_shares`)."""
+    `colocate` (rollout.colocate): engine i shares learner rank i's bundle, which holds both actors'
+    resources, so with gpus_per_learner = gpus_per_engine = 0.5 the two land on the same GPU (see
+    `actor_shares`)."""
     bundles: list[Bundle] = []
     for role in ROLES:
         count_key, res_keys = _KEYS[role]
@@ -57,14 +61,16 @@ def plan_bundles(cluster: ClusterConfig, colocate: bool = False) -> list[Bundle]
         bundles += [(role, i, dict(res)) for i in range(count)]
     if colocate:
         engines = {i: res for r, i, res in bundles if r == "rollout"}
-        bundles = [(r, i, {k: res.get(k, 0.0) + engines.get(i, {}).get(k, 0.0) for k in {*res, *engines.get(i, {})}})
+        bundles = [(r, i, {k: res.get(k, 0.0) + engines.get(i, {}).get(k, 0.0)
+                           for k in {*res, *engines.get(i, {})}})
                    if r == "learner" else (r, i, res) for r, i, res in bundles if r != "rollout"]
     return bundles
 
 
 def actor_shares(cluster: ClusterConfig) -> dict[str, dict[str, float]]:
     """Colocated: what each of the two actors in a shared bundle asks for ({role: {resource: amount}})."""
-    return {role: {name: _number(cluster, key) for name, key in _KEYS[role][1].items()} for role in ("rollout", "learner")}
+    return {role: {name: _number(cluster, key) for name, key in _KEYS[role][1].items()}
+            for role in ("rollout", "learner")}
 
 
 def _sum(bundles: list[Bundle]) -> dict[str, float]:
@@ -88,9 +94,11 @@ def _visible_gpus() -> int:
 
 
 def init_ray(cluster: ClusterConfig, runtime_env: dict | None = None, log_to_driver: bool = True) -> str:
-    """Connect this driver to Ray: the configured address, else $RAY_ADDRESS (set by `ray job submit`), else a new local one.
+    """Connect this driver to Ray: the configured address, else $RAY_ADDRESS (set by `ray job submit`), else a
+    new local one.
 
-    `runtime_env` is for a local cluster we start; on a joined one, the code and env come from `ray job submit`.
+    `runtime_env` is for a local cluster we start; on a joined one, the code and env come from
+    `ray job submit`.
     """
     import ray
     from ray._private import ray_constants
@@ -98,11 +106,14 @@ def init_ray(cluster: ClusterConfig, runtime_env: dict | None = None, log_to_dri
     if ray.is_initialized():
         return "existing"
     address = cluster.address or os.environ.get("RAY_ADDRESS")
-    if address:  # the job's runtime_env (working dir, env vars from `ray job submit`) applies; ours would conflict with it
+    # the job's runtime_env (working dir, env vars from `ray job submit`) applies; ours would conflict with it
+    if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         return f"joined {address}"
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only for a local cluster; inherited by GCS/raylet
-    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":  # ray read it at import; it may have been imported before
+    # loopback only for a local cluster; inherited by GCS/raylet
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # ray read it at import; it may have been imported before
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
         ray_constants.ENABLE_RAY_CLUSTER = False
     # logical CPUs: our actors mostly wait on each other, so the plan may ask for more than there are cores
     num_cpus = max(os.cpu_count() or 1, math.ceil(plan_totals(cluster).get("CPU", 0.0)))
@@ -137,7 +148,8 @@ class Placement:
             "num_gpus": res.get("GPU", 0.0),
             # tasks an actor starts are not squeezed into its bundle (they would compete for its resources)
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=self.group, placement_group_bundle_index=i, placement_group_capture_child_tasks=False),
+                placement_group=self.group, placement_group_bundle_index=i,
+                placement_group_capture_child_tasks=False),
         }
 
     def count(self, role: str) -> int:
@@ -147,9 +159,11 @@ class Placement:
 
 
 def _fmt(res: dict[str, float]) -> str:
-    """CPU, GPU and custom resources; per-node markers, memory and placement-group internals are noise here."""
+    """CPU, GPU and custom resources; per-node markers, memory and placement-group internals are noise
+    here."""
     noise = ("node:", "memory", "object_store_memory", "accelerator_type:")
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items()) if not k.startswith(noise) and "_group_" not in k) + "}"
+    shown = (f"{k}: {v:g}" for k, v in sorted(res.items()) if not k.startswith(noise) and "_group_" not in k)
+    return "{" + ", ".join(shown) + "}"
 
 
 def _fits(node: dict[str, float], res: dict[str, float]) -> bool:
@@ -157,7 +171,8 @@ def _fits(node: dict[str, float], res: dict[str, float]) -> bool:
 
 
 def _owns_head() -> bool:
-    """True when this driver started the cluster itself (ray.init without an address): no autoscaler can add nodes."""
+    """True when this driver started the cluster itself (ray.init without an address): no autoscaler can add
+    nodes."""
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)
@@ -171,7 +186,8 @@ def _never_fits(bundles: list[Bundle], strategy: str) -> list[str]:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     totals = _sum(bundles)
     have = {k: sum(n.get(k, 0.0) for n in nodes) for k in totals}
-    reasons = [f"{k}: plan needs {v:g}, cluster has {have[k]:g}" for k, v in totals.items() if v > have[k] + 1e-9]
+    reasons = [f"{k}: plan needs {v:g}, cluster has {have[k]:g}"
+               for k, v in totals.items() if v > have[k] + 1e-9]
     stuck = next(((r, i, res) for r, i, res in bundles if not any(_fits(n, res) for n in nodes)), None)
     if stuck and not reasons:
         reasons.append(f"no node can hold bundle {stuck[0]} {stuck[1]} {_fmt(stuck[2])}")
@@ -188,8 +204,8 @@ def _lower_hint(cluster: ClusterConfig, resources: list[str]) -> str:
         count_key, res_keys = _KEYS[role]
         for name in resources:
             if name in res_keys and getattr(cluster, res_keys[name]) > 0:
-                terms.append(f"cluster.{count_key} x cluster.{res_keys[name]} = {getattr(cluster, count_key)} x "
-                             f"{getattr(cluster, res_keys[name]):g}")
+                terms.append(f"cluster.{count_key} x cluster.{res_keys[name]} = "
+                             f"{getattr(cluster, count_key)} x {getattr(cluster, res_keys[name]):g}")
     return "lower " + "; ".join(terms) if terms else "lower the per-actor resources"
 
 
@@ -200,19 +216,22 @@ def _error(cluster: ClusterConfig, headline: str, reasons: list[str]) -> Placeme
     have, free = ray.cluster_resources(), ray.available_resources()
     short = [k for k, v in totals.items() if v > free.get(k, 0.0) + 1e-9] or list(totals)
     lines = [headline, *(f"  {r}" for r in reasons),
-             f"  plan totals: {_fmt(totals)} ({len(plan_bundles(cluster))} bundles, strategy {cluster.strategy})",
+             f"  plan totals: {_fmt(totals)} ({len(plan_bundles(cluster))} bundles, "
+             f"strategy {cluster.strategy})",
              f"  cluster resources: {_fmt(have)}", f"  available now: {_fmt(free)}",
              f"  to fit, {_lower_hint(cluster, short)} (or add nodes / free resources held by other jobs)"]
     return PlacementError("\n".join(lines))
 
 
 def reserve(cluster: ClusterConfig, name: str | None = None, colocate: bool = False) -> Placement:
-    """Reserve a bundle per actor; returns once all are placed, else raises PlacementError saying what to lower."""
+    """Reserve a bundle per actor; returns once all are placed, else raises PlacementError saying what to
+    lower."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     bundles = plan_bundles(cluster, colocate)
-    if _owns_head():  # a cluster we started cannot grow, so an impossible plan fails now instead of after the timeout
+    # a cluster we started cannot grow, so an impossible plan fails now instead of after the timeout
+    if _owns_head():
         reasons = _never_fits(bundles, cluster.strategy)
         if reasons:
             raise _error(cluster, "placement group can never be scheduled on this local cluster:", reasons)
@@ -222,13 +241,15 @@ def reserve(cluster: ClusterConfig, name: str | None = None, colocate: bool = Fa
     if not ready:
         remove_placement_group(group)  # a pending group would grab resources as they free up
         waited = time.monotonic() - start
-        raise _error(cluster, f"placement group not ready after {waited:.1f}s (cluster.ready_timeout_s="
-                              f"{cluster.ready_timeout_s:g}):", _never_fits(bundles, cluster.strategy))
+        raise _error(cluster, f"placement group not ready after {waited:.1f}s "
+                              f"(cluster.ready_timeout_s={cluster.ready_timeout_s:g}):",
+                     _never_fits(bundles, cluster.strategy))
     return Placement(group, bundles, actor_shares(cluster) if colocate else None)
 
 
 def release(placement: Placement | None) -> None:
-    """Give the reservation back (its actors should be killed first); a no-op for None or an already removed group."""
+    """Give the reservation back (its actors should be killed first); a no-op for None or an already removed
+    group."""
     import ray
     from ray.util.placement_group import remove_placement_group
 

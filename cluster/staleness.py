@@ -1,9 +1,9 @@
 """How far rollout may run ahead of training: admission at the producer, freshness at the consumer.
 
-Admission (AReaL's rule): while the learner holds version v, at most (v + max_staleness + 1) x groups_per_step
-groups may have been started in total (dropped ones give their slot back). So every group is trained on by
-the time the learner reaches version (its own + max_staleness), and `max_staleness: 0` is the synchronous loop:
-the next batch starts only after the weights it must be sampled with have arrived.
+Admission (AReaL's rule): while the learner holds version v, at most (v + max_staleness + 1) x
+groups_per_step groups may have been started in total (dropped ones give their slot back). So every group is
+trained on by the time the learner reaches version (its own + max_staleness), and `max_staleness: 0` is the
+synchronous loop: the next batch starts only after the weights it must be sampled with have arrived.
 Consumption: a group sampled with version v' and consumed at version v is fresh iff v - v' <= max_staleness;
 stale ones (possible when workers finish out of order) are dropped and counted, never silently used.
 """
@@ -20,8 +20,8 @@ class StalenessManager:
 
     def __post_init__(self) -> None:
         if self.groups_per_step < 1 or self.max_staleness < 0:
-            raise ValueError(f"groups_per_step must be >= 1 and max_staleness >= 0, got {self.groups_per_step}, "
-                             f"{self.max_staleness}")
+            raise ValueError(f"groups_per_step must be >= 1 and max_staleness >= 0, "
+                             f"got {self.groups_per_step}, {self.max_staleness}")
 
     def capacity(self, version: int) -> int:
         """How many more groups may start now."""
