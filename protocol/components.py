@@ -3,9 +3,27 @@ reward terms): plain dataclasses whose fields are the YAML keys, importable by e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-OFF_POLICY = ("ppo", "tis")  # algorithm.off_policy choices (learner/grpo.py policy_loss)
-WEIGHT_SYNC_BACKENDS = ("auto", "gloo", "nccl")
+from protocol.overrides import check_fields
+
+# Keys with a fixed set of values: the Literal is the one source of the choices (checked by
+# protocol.overrides.check_fields); the tuples are for code that dispatches on them (learner/, weights/).
+TinyKind = Literal["qwen2_vl", "qwen2_5_vl"]
+AdvantageScale = Literal["group", "batch", "none"]  # none = Dr. GRPO
+KLEstimator = Literal["k1", "k2", "k3"]
+LossAgg = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+OffPolicy = Literal["ppo", "tis"]
+LRSchedule = Literal["constant", "linear", "cosine"]
+Precision = Literal["auto", "fp32", "bf16"]  # auto = bf16 on GPU, fp32 on CPU
+AppendFsync = Literal["always", "everysec", "no"]
+WeightSyncBackend = Literal["auto", "gloo", "nccl"]  # auto = nccl when CUDA is available, else gloo
+
+ADV_SCALES: tuple[str, ...] = get_args(AdvantageScale)
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+AGGREGATIONS: tuple[str, ...] = get_args(LossAgg)
+OFF_POLICY: tuple[str, ...] = get_args(OffPolicy)  # learner/grpo.py policy_loss
+WEIGHT_SYNC_BACKENDS: tuple[str, ...] = get_args(WeightSyncBackend)
 STALE_BEATS = 5  # an engine whose heartbeat has not moved for this many intervals is reported dead
 
 
@@ -22,7 +40,8 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"sampling.n and sampling.max_new_tokens must be >= 1, got {self.n}, {self.max_new_tokens}")
+            raise ValueError(f"sampling.n and sampling.max_new_tokens must be >= 1, "
+                             f"got {self.n}, {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"sampling.temperature must be > 0, got {self.temperature} (use greedy: true)")
 
@@ -31,7 +50,7 @@ class SamplingConfig:
 class TinyVLMSpec:
     """Shape of the tiny model; every field maps onto a YAML key under `model.tiny`."""
 
-    kind: str = "qwen2_vl"  # or "qwen2_5_vl"
+    kind: TinyKind = "qwen2_vl"
     vocab_size: int = 1024
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -45,8 +64,7 @@ class TinyVLMSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(f"model.tiny.kind must be 'qwen2_vl' or 'qwen2_5_vl', got {self.kind!r}")
+        check_fields(self, "model.tiny.")
         head_dim = self.hidden_size // self.num_attention_heads
         if head_dim % 8:  # mRoPE splits head_dim/2 into 3 sections
             raise ValueError(f"hidden_size/num_attention_heads must be a multiple of 8, got {head_dim}")
@@ -56,28 +74,26 @@ class TinyVLMSpec:
 class GRPOConfig:
     """Maps onto the YAML `algorithm` section (defaults: the papers' GRPO)."""
 
-    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    advantage_scale: AdvantageScale = "group"
     advantage_eps: float = 1e-6
     beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
-    kl: str = "k3"
+    kl: KLEstimator = "k3"
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
-    loss_agg: str = "seq-mean-token-mean"
+    loss_agg: LossAgg = "seq-mean-token-mean"
     temperature: float = 1.0  # must equal sampling.temperature: the policy is the tempered distribution
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
-    # Off-policy correction for stale (up to max_staleness versions) or engine-mismatched samples; mu = behaviour
-    # (engine) policy, prox = this step's own log-probs, r = pi / prox. "ppo": clip(pi / mu) as ever.
-    # "tis": -min(exp(prox - mu), is_cap) * min(r A, clip(r) A): truncated IS (Yao et al. 2025), which is decoupled
-    # PPO (Hilton et al. 2021, AReaL) with a truncated weight; one optimizer step per batch makes r == 1, so the
-    # clip is inert and the gradient is -w A grad(logp). See learner.grpo.policy_loss.
-    off_policy: str = "ppo"
+    # Off-policy correction for stale (up to max_staleness versions) or engine-mismatched samples; mu =
+    # behaviour (engine) policy, prox = this step's own log-probs, r = pi / prox. "ppo": clip(pi / mu).
+    # "tis": -min(exp(prox - mu), is_cap) * min(r A, clip(r) A): truncated IS (Yao et al. 2025), which is
+    # decoupled PPO (Hilton et al. 2021, AReaL) with a truncated weight; one optimizer step per batch makes
+    # r == 1, so the clip is inert and the gradient is -w A grad(logp). See learner.grpo.policy_loss.
+    off_policy: OffPolicy = "ppo"
     is_cap: float = 2.0  # truncation C of the "tis" weight (Yao et al. use 2); > 0
 
     def __post_init__(self) -> None:
-        if self.off_policy not in OFF_POLICY:
-            hint = " (decoupled PPO with a truncated weight is 'tis')" if self.off_policy == "decoupled" else ""
-            raise ValueError(f"algorithm.off_policy must be one of {OFF_POLICY}, got {self.off_policy!r}{hint}")
+        check_fields(self, "algorithm.")
         if isinstance(self.is_cap, bool) or not isinstance(self.is_cap, int | float) or not self.is_cap > 0:
             raise ValueError(f"algorithm.is_cap must be a number > 0, got {self.is_cap!r}")
 
@@ -89,23 +105,20 @@ class LearnerConfig:
     zero_stage: int = 2
     micro_batch_size: int = 8  # sequences (prompt + one completion) per forward/backward
     lr: float = 1e-6
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over the run, after warmup)
+    lr_schedule: LRSchedule = "constant"  # linear | cosine: decay to 0 over the run, after warmup
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # YAML: a list of two numbers
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
     freeze_vision: bool = False  # train the language model only; only trainable weights are then synced
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
+    precision: Precision = "auto"
     collective_timeout_s: float = 600.0  # a dead rank fails the step with an error instead of a 30-min hang
 
     def __post_init__(self) -> None:
+        check_fields(self, "learner.")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"learner.zero_stage must be 0-3, got {self.zero_stage}")
-        if self.lr_schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"learner.lr_schedule must be constant|linear|cosine, got {self.lr_schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"learner.precision must be auto|fp32|bf16, got {self.precision!r}")
 
 
 @dataclass
@@ -113,16 +126,17 @@ class RedisConfig:
     """Maps onto the YAML `redis` section."""
 
     url: str | None = None  # an existing server, redis://:password@host:port/db; null = start a private one
-    appendonly: bool = False  # private server: AOF, so a restart on the same run dir keeps stream + pending list
-    # Private server with appendonly: when the AOF is fsynced. "always" (the default) fsyncs before Redis replies,
-    # so an XADD/XREADGROUP/XACK the client saw succeed is on disk even if the machine dies. "everysec" (Redis'
-    # own default) survives a killed redis-server as well (the AOF write() precedes the reply and the page cache
-    # outlives the process; 0 entries lost in our SIGKILL trials with any setting) except when a slow disk makes
-    # Redis postpone that write, and it loses up to ~2 s of acknowledged entries on a power loss or kernel crash,
-    # after which the driver's count of what is in the stream is wrong. "always" costs one fsync per command:
-    # measured +0.5-2.5 ms per put (9-300 KB entries) and ~+5 ms per take(20)+ack, i.e. still hundreds of puts/s,
-    # far above the rate rollout groups are generated at; correctness of the pending list wins. "no": the OS.
-    appendfsync: str = "always"
+    appendonly: bool = False  # private server: AOF; a restart on the same run dir keeps stream + pending list
+    # Private server with appendonly: when the AOF is fsynced. "always" (the default) fsyncs before Redis
+    # replies, so an XADD/XREADGROUP/XACK the client saw succeed is on disk even if the machine dies.
+    # "everysec" (Redis' own default) survives a killed redis-server as well (the AOF write() precedes the
+    # reply and the page cache outlives the process; 0 entries lost in our SIGKILL trials with any setting)
+    # except when a slow disk makes Redis postpone that write, and it loses up to ~2 s of acknowledged entries
+    # on a power loss or kernel crash, after which the driver's count of what is in the stream is wrong.
+    # "always" costs one fsync per command: measured +0.5-2.5 ms per put (9-300 KB entries) and ~+5 ms per
+    # take(20)+ack, i.e. still hundreds of puts/s, far above the rate rollout groups are generated at;
+    # correctness of the pending list wins. "no": the OS decides.
+    appendfsync: AppendFsync = "always"
     stream_maxlen: int = 10000  # approximate cap on stream entries (see stream/buffer.py on trimming)
     stream: str = "clsrl:rollouts"
     group: str = "learners"
@@ -131,12 +145,16 @@ class RedisConfig:
     maxmemory: str | None = None  # private server only, e.g. "8gb": writes fail with OOM instead of swapping
     connect_timeout_s: float = 5.0
     socket_timeout_s: float = 30.0  # per command; take(block_ms=...) must block for less than this
-    retry_attempts: int = 6  # tries per command on connection errors, with exponential backoff
-    retry_backoff_s: float = 0.1  # first wait; doubles each retry
+    # Connection errors and timeouts are retried by redis-py itself (stream.server.make_client): a command
+    # is tried up to retry_attempts times, waiting min(retry_backoff_max_s, retry_backoff_s * 2**k) before
+    # retry k (redis-py's ExponentialBackoff).
+    retry_attempts: int = 6
+    retry_backoff_s: float = 0.1
     retry_backoff_max_s: float = 5.0
     start_timeout_s: float = 30.0  # private server: time to answer PING (loading a large AOF takes a while)
 
     def __post_init__(self) -> None:
+        check_fields(self, "redis.")
         if self.stream_maxlen < 1:
             raise ValueError(f"redis.stream_maxlen must be >= 1, got {self.stream_maxlen}")
         if self.claim_idle_ms < 0:
@@ -148,8 +166,6 @@ class RedisConfig:
                 raise ValueError(f"redis.{name} must be > 0, got {getattr(self, name)}")
         if not self.stream or not self.group:
             raise ValueError("redis.stream and redis.group must be non-empty")
-        if self.appendfsync not in ("always", "everysec", "no"):
-            raise ValueError(f"redis.appendfsync must be always|everysec|no, got {self.appendfsync!r}")
 
 
 @dataclass
@@ -158,18 +174,17 @@ class WeightSyncConfig:
 
     bucket_mb: float = 64  # flat buckets of at most this many MiB; a larger tensor is sent on its own
     timeout_s: float = 60  # every wait (join, start, each bucket, acks) gives up after this long
-    backend: str = "auto"  # auto = nccl when CUDA is available, else gloo
+    backend: WeightSyncBackend = "auto"
     heartbeat_s: float = 1.0  # engines beat this often; silent for 5 beats while awaited = dead
 
     def __post_init__(self) -> None:
+        check_fields(self, "weight_sync.")
         if self.bucket_mb <= 0:
             raise ValueError(f"weight_sync.bucket_mb must be > 0, got {self.bucket_mb}")
         if self.timeout_s <= 0:
             raise ValueError(f"weight_sync.timeout_s must be > 0, got {self.timeout_s}")
         if self.heartbeat_s <= 0:
             raise ValueError(f"weight_sync.heartbeat_s must be > 0, got {self.heartbeat_s}")
-        if self.backend not in WEIGHT_SYNC_BACKENDS:
-            raise ValueError(f"weight_sync.backend must be one of {WEIGHT_SYNC_BACKENDS}, got {self.backend!r}")
 
     @property
     def bucket_bytes(self) -> int:

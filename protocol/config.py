@@ -2,8 +2,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, RewardTerm, SamplingConfig, TinyVLMSpec, WeightSyncConfig
+from protocol.components import (
+    GRPOConfig,
+    LearnerConfig,
+    RedisConfig,
+    RewardTerm,
+    SamplingConfig,
+    TinyVLMSpec,
+    WeightSyncConfig,
+)
+from protocol.overrides import check_fields
+
+# Keys with a fixed set of values: the Literal is the one source of the choices (checked by
+# protocol.overrides.check_fields); the tuples below are derived from them for the code that dispatches.
+# data.format: auto (manifest or ImageFolder) | coop (CoOp's layout, data.coop names the set) | rft_parquet
+# | coco (detection: root/annotations/instances_{train,val}2017.json) | grounding_jsonl | reasonseg
+# | vqa_jsonl (tasks/vqa.py)
+DataFormat = Literal["auto", "coop", "rft_parquet", "coco", "grounding_jsonl", "reasonseg", "vqa_jsonl"]
+ClassSplit = Literal["all", "base", "new"]  # base-to-new runs keep one half of the classes (CoOp: 1st = base)
+# task.prompt (tasks/prompts.py): classification, boxes (Visual-RFT detection, LISA-style grounding), VQA
+ClassifyPrompt = Literal["cls_rl", "no_think", "visual_rft"]
+BoxPrompt = Literal["detection", "grounding"]
+VQAPrompt = Literal["vqa", "vqa_think"]  # one-answer VQA: direct, or think/answer
+PromptStyle = Literal[ClassifyPrompt, BoxPrompt, VQAPrompt]
+Engine = Literal["hf", "vllm"]  # hf = Hugging Face generate (CPU and GPU); vllm = vLLM (GPU)
+Dtype = Literal["auto", "fp32", "bf16"]  # auto = bf16 on GPU, fp32 on CPU
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # of Ray's placement group
+TrainMode = Literal["grpo", "sft"]
+
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+# formats that are not classification -> the task.prompt styles they take
+TASK_FORMATS: dict[str, tuple[str, ...]] = {"coco": ("detection",), "grounding_jsonl": ("grounding",),
+                                            "reasonseg": ("grounding",), "vqa_jsonl": get_args(VQAPrompt)}
 
 
 @dataclass
@@ -13,22 +45,14 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
-DATA_FORMATS = ("auto", "coop", "rft_parquet", "coco", "grounding_jsonl", "reasonseg", "vqa_jsonl")
-# formats that are not classification -> the task.prompt styles they take
-TASK_FORMATS = {"coco": ("detection",), "grounding_jsonl": ("grounding",), "reasonseg": ("grounding",),
-                "vqa_jsonl": ("vqa", "vqa_think")}
-
-
 @dataclass
 class DataConfig:
     bundled: str | None = "shapes"  # a data set made locally (tasks.bundled); ignored when root is set
-    root: str | None = None  # a manifest folder or an ImageFolder tree (root/train/<class>/*.png); see `format`
-    format: str = "auto"  # auto (manifest or ImageFolder) | coop (CoOp's layout, `coop` names the set) | rft_parquet
-    #                       | coco (detection: root/annotations/instances_{train,val}2017.json) | grounding_jsonl | reasonseg
-    #                       | vqa_jsonl (tasks/vqa.py)
+    root: str | None = None  # a manifest folder or an ImageFolder tree (root/train/<class>/*.png); see format
+    format: DataFormat = "auto"
     test_root: str | None = None  # vqa_jsonl: evaluate on another set (e.g. train on SAT, test on CVBench)
     coop: str | None = None  # format coop: which CoOp data set (oxford_flowers, dtd, eurosat, imagenet, ...)
-    categories: list[str] = field(default_factory=list)  # format coco: the categories asked about (empty = all)
+    categories: list[str] = field(default_factory=list)  # format coco: the categories asked (empty = all)
     name: str | None = None  # the data set's name in prompts and metrics (default: folder name)
     k_shot: int | None = None  # k training images per class; null = all
     seed: int = 0
@@ -36,28 +60,30 @@ class DataConfig:
     max_pixels: int = 112 * 112
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping
     eval_limit: int | None = None  # evaluate on a seeded sample of this many test images (null = all)
-    classes: str = "all"  # all | base | new: base-to-new runs keep one half of the classes (CoOp: first half = base)
+    classes: ClassSplit = "all"
 
     def __post_init__(self) -> None:
-        if self.format not in DATA_FORMATS:
-            raise ValueError(f"data.format must be one of {'|'.join(DATA_FORMATS)}, got {self.format!r}")
-        bundled_for = {"coco": "shapes_boxes", "grounding_jsonl": "shapes_boxes", "vqa_jsonl": "shapes_vqa"}.get(self.format)
+        check_fields(self, "data.")
+        bundled_for = {"coco": "shapes_boxes", "grounding_jsonl": "shapes_boxes",
+                       "vqa_jsonl": "shapes_vqa"}.get(self.format)
         if self.format != "auto" and not self.root and not (bundled_for and self.bundled == bundled_for):
             raise ValueError(f"data.format {self.format} reads from data.root, which is not set"
                              + (f" (or use data.bundled: {bundled_for})" if bundled_for else ""))
         if self.format == "coop" and not self.coop:
-            raise ValueError("data.format coop needs data.coop, the CoOp data set's name (e.g. oxford_flowers)")
-        if self.classes not in ("all", "base", "new"):
-            raise ValueError(f"data.classes must be all|base|new, got {self.classes!r}")
+            raise ValueError("data.format coop needs data.coop, the CoOp data set's name "
+                             "(e.g. oxford_flowers)")
 
 
 @dataclass
 class TaskConfig:
-    prompt: str = "no_think"  # cls_rl | no_think | visual_rft
+    prompt: PromptStyle = "no_think"  # which styles fit which data.format: TASK_FORMATS (tasks/data.py)
     thing: str = "object"  # visual_rft prompt: "This is an image containing a(n) {thing}..."
     attribute: str = "category"
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm("cls_equality")])
     correct_reward: str = "cls_equality"  # which reward decides eval accuracy (1 = correct)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "task.")
 
 
 @dataclass
@@ -65,7 +91,7 @@ class DatasetEntry:
     """One data set of a multi-data-set run (an item of the YAML `datasets` list)."""
 
     weight: float = 1.0  # share of each batch, relative to the other entries' weights
-    data: DataConfig = field(default_factory=DataConfig)  # data.name names it in prompts, metrics and checkpoints
+    data: DataConfig = field(default_factory=DataConfig)  # data.name: its name in prompts, metrics, ckpts
     task: TaskConfig = field(default_factory=TaskConfig)  # its prompt style, rewards and eval scoring
 
     def __post_init__(self) -> None:
@@ -75,12 +101,12 @@ class DatasetEntry:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf = Hugging Face generate (CPU and GPU); vllm = vLLM (GPU; actors/vllm_engine.py)
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 | bf16
+    engine: Engine = "hf"  # vllm: actors/vllm_engine.py
+    dtype: Dtype = "auto"
     prompts_per_call: int = 16  # prompts per engine.generate call (each sampled G times)
     eval_max_new_tokens: int = 32  # greedy eval answers are cut here
-    max_staleness: int = 0  # policy versions a trained-on sample may lag; 0 = synchronous (see cluster/staleness.py)
-    # interrupt generation in flight for a weight update and continue it under the new weights (vlm/partial.py);
+    max_staleness: int = 0  # versions a trained-on sample may lag; 0 = synchronous (cluster/staleness.py)
+    # interrupt generation in flight for a weight update, continue it under the new weights (vlm/partial.py);
     # a completion then mixes versions, its staleness counts from the oldest. Needs max_staleness >= 1.
     partial_rollout: bool = False
     # vLLM only
@@ -93,33 +119,32 @@ class RolloutConfig:
     colocate: bool = False
 
     def __post_init__(self) -> None:
-        if self.engine not in ("hf", "vllm"):
-            raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {self.engine!r}")
+        check_fields(self, "rollout.")
         if self.engine == "hf" and self.tensor_parallel_size != 1:
             raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.engine: vllm")
         if self.engine == "vllm" and self.partial_rollout:
-            raise ValueError("rollout.partial_rollout is implemented for the hf engine only; with vllm, keep chunks "
-                             "short (rollout.prompts_per_call) so a weight update waits little")
+            raise ValueError("rollout.partial_rollout is implemented for the hf engine only; with vllm, keep "
+                             "chunks short (rollout.prompts_per_call) so a weight update waits little")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"rollout.dtype must be auto|fp32|bf16, got {self.dtype!r}")
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
         if self.prompts_per_call < 1:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.partial_rollout and self.max_staleness < 1:
-            raise ValueError("rollout.partial_rollout needs rollout.max_staleness >= 1: with 0 (synchronous) no "
-                             "generation is ever in flight when weights arrive, so there is nothing to interrupt")
+            raise ValueError("rollout.partial_rollout needs rollout.max_staleness >= 1: with 0 (synchronous) "
+                             "no generation is ever in flight when weights arrive, so there is nothing to "
+                             "interrupt")
 
 
 @dataclass
 class ClusterConfig:
     """The resource plan: one placement group holds a bundle per actor."""
 
-    address: str | None = None  # a Ray cluster to join; null = $RAY_ADDRESS (ray job submit) or a new local one
+    address: str | None = None  # a Ray cluster to join; null = $RAY_ADDRESS (ray job submit) or a new one
     rollout_workers: int = 2
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0
@@ -128,25 +153,25 @@ class ClusterConfig:
     gpus_per_learner: float = 0.0
     reward_actors: int = 1
     cpus_per_reward_actor: float = 0.5
-    strategy: str = "PACK"  # Ray placement strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    strategy: PlacementStrategy = "PACK"
     ready_timeout_s: float = 300.0  # waiting for the placement group (cluster autoscaling included)
 
     def __post_init__(self) -> None:
+        check_fields(self, "cluster.")
         for name in ("rollout_workers", "learner_ranks", "reward_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cluster.{name} must be >= 1, got {getattr(self, name)}")
-        if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"cluster.strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD, got {self.strategy!r}")
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "grpo"  # grpo | sft: supervised fine-tuning on the answers, the papers' baseline (cluster/sft.py)
+    # sft: supervised fine-tuning on the answers, the papers' baseline (cluster/steps.py)
+    mode: TrainMode = "grpo"
     steps: int = 30
-    prompts_per_step: int = 8  # images per step; each is sampled sampling.n times (GRPO) or trained once (SFT)
+    prompts_per_step: int = 8  # images per step; each sampled sampling.n times (GRPO) or trained once (SFT)
     warm_start_steps: int = 0  # supervised steps teaching the answer format (targets: random candidates)
     warm_start_lr: float = 1e-3
-    eval_every: int = 10  # greedy held-out accuracy at step 0, every N steps and at the end (0 = start/end only)
+    eval_every: int = 10  # greedy held-out accuracy at step 0, every N steps and at the end (0 = start/end)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 0  # checkpoints kept: the newest K (0 = keep all) ...
     keep_best: int = 0  # ... plus the K with the best held-out accuracy at their step
@@ -154,14 +179,16 @@ class TrainConfig:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in ("grpo", "sft"):
-            raise ValueError(f"train.mode must be grpo|sft, got {self.mode!r}")
+        check_fields(self, "train.")
         if self.steps < 1 or self.prompts_per_step < 1:
-            raise ValueError(f"train.steps and train.prompts_per_step must be >= 1, got {self.steps}, {self.prompts_per_step}")
+            raise ValueError(f"train.steps and train.prompts_per_step must be >= 1, "
+                             f"got {self.steps}, {self.prompts_per_step}")
         if min(self.eval_every, self.save_every, self.warm_start_steps, self.keep_last, self.keep_best) < 0:
-            raise ValueError("train.eval_every, save_every, warm_start_steps, keep_last and keep_best must be >= 0")
+            raise ValueError("train.eval_every, save_every, warm_start_steps, keep_last and keep_best "
+                             "must be >= 0")
         if self.keep_best and not self.keep_last:
-            raise ValueError("train.keep_best needs train.keep_last >= 1 (keep_last: 0 keeps every checkpoint)")
+            raise ValueError("train.keep_best needs train.keep_last >= 1 "
+                             "(keep_last: 0 keeps every checkpoint)")
 
 
 @dataclass
@@ -169,7 +196,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    datasets: list[DatasetEntry] = field(default_factory=list)  # several data sets; empty = the one in data + task
+    datasets: list[DatasetEntry] = field(default_factory=list)  # several data sets; empty = data + task
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     algorithm: GRPOConfig = field(default_factory=GRPOConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -180,29 +207,33 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        # The sections check their own choices when built; this walk also catches one changed since.
+        check_fields(self)
         if self.datasets and (self.data != DataConfig() or self.task != TaskConfig()):
-            raise ValueError("give the data either as `data` + `task` (one data set) or as a `datasets` list (each entry "
-                             "with its own data, task and weight), not both")
+            raise ValueError("give the data either as `data` + `task` (one data set) or as a `datasets` list "
+                             "(each entry with its own data, task and weight), not both")
         if self.algorithm.temperature != self.sampling.temperature:
-            raise ValueError(f"algorithm.temperature={self.algorithm.temperature} must equal sampling.temperature="
-                             f"{self.sampling.temperature}: the policy being trained is the tempered one that sampled")
+            raise ValueError(f"algorithm.temperature={self.algorithm.temperature} must equal "
+                             f"sampling.temperature={self.sampling.temperature}: the policy being trained is "
+                             f"the tempered one that sampled")
         ranks, mb = self.cluster.learner_ranks, self.learner.micro_batch_size
         if self.train.prompts_per_step % ranks:
             raise ValueError(f"train.prompts_per_step={self.train.prompts_per_step} must be a multiple of "
                              f"cluster.learner_ranks={ranks} (each rank trains on whole groups)")
         per_rank = self.sequences_per_rank
         if per_rank % mb:
-            how = "prompts_per_step/learner_ranks" + ("*sampling.n" if self.train.mode == "grpo" else " (SFT: one per prompt)")
-            raise ValueError(f"each learner rank gets {how} = {per_rank} sequences per step, not a multiple of "
-                             f"learner.micro_batch_size={mb}")
+            per = "*sampling.n" if self.train.mode == "grpo" else " (SFT: one per prompt)"
+            raise ValueError(f"each learner rank gets prompts_per_step/learner_ranks{per} = {per_rank} "
+                             f"sequences per step, not a multiple of learner.micro_batch_size={mb}")
         r, c = self.rollout, self.cluster
         if r.tensor_parallel_size > 1 and c.gpus_per_engine < r.tensor_parallel_size:
-            raise ValueError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs cluster.gpus_per_engine >= it, "
-                             f"got {c.gpus_per_engine}")
+            raise ValueError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs "
+                             f"cluster.gpus_per_engine >= it, got {c.gpus_per_engine}")
         if r.colocate and (r.max_staleness or c.rollout_workers != c.learner_ranks):
-            raise ValueError("rollout.colocate: engines sleep while the learners train on the same GPUs, so it needs "
-                             "rollout.max_staleness: 0 and one engine per learner rank (cluster.rollout_workers == "
-                             f"cluster.learner_ranks); got max_staleness={r.max_staleness}, {c.rollout_workers} engines, "
+            raise ValueError("rollout.colocate: engines sleep while the learners train on the same GPUs, so "
+                             "it needs rollout.max_staleness: 0 and one engine per learner rank "
+                             "(cluster.rollout_workers == cluster.learner_ranks); got "
+                             f"max_staleness={r.max_staleness}, {c.rollout_workers} engines, "
                              f"{c.learner_ranks} ranks")
 
     def dataset_entries(self) -> list[DatasetEntry]:

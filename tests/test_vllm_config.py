@@ -26,7 +26,8 @@ def test_vllm_engine_options_load_and_map_onto_the_rollout_section():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["rollout.engine=sglang"], "must be 'hf' or 'vllm'"),
+    (["rollout.engine=sglang"], r"'rollout.engine' must be one of 'hf', 'vllm', got 'sglang'"),
+    (["rollout.engine=vlm"], r"'rollout.engine' must be one of .*; did you mean 'vllm'\?"),
     (["rollout.tensor_parallel_size=2"], "needs rollout.engine: vllm"),
     (VLLM + ["rollout.max_staleness=1", "rollout.partial_rollout=true"], "partial_rollout is implemented for the hf engine"),
     (VLLM + ["rollout.tensor_parallel_size=2"], "cluster.gpus_per_engine >= it"),
