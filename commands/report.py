@@ -1,4 +1,5 @@
-"""`clsrl report RUN_DIR`: a markdown report of a run with PNG curves and eval tables, readable without TensorBoard.
+"""`clsrl report RUN_DIR`: a markdown report of a run with PNG curves and eval tables, readable without
+TensorBoard.
 
 Everything comes from the files a run leaves behind (metrics.jsonl, eval/step-*.jsonl, config.yaml,
 staleness.json, driver.log), so it works on a finished run, a crashed one and one still running. A part whose
@@ -19,23 +20,27 @@ from commands.report_data import (
     dataset_names,
     dataset_of,
     eval_scores,
+    group_by,
     load_run,
 )
 from rewards.parsing import extract_answer, words_lower
 from telemetry.plots import Panel, finite, plot_panels, plot_stage_times
+from telemetry.tables import md_table
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
 EXAMPLES = 3  # right and wrong answers shown per data set
 TEXT_CUT = 160  # characters of an answer shown in the examples
-HYPERPARAMETERS = ("train.steps", "train.prompts_per_step", "sampling.n", "sampling.max_new_tokens", "sampling.temperature",
-                   "learner.lr", "learner.zero_stage", "algorithm.beta", "algorithm.clip_low", "algorithm.clip_high",
-                   "algorithm.loss_agg", "algorithm.dynamic_sampling", "rollout.max_staleness", "rollout.partial_rollout",
+HYPERPARAMETERS = ("train.steps", "train.prompts_per_step", "sampling.n", "sampling.max_new_tokens",
+                   "sampling.temperature", "learner.lr", "learner.zero_stage", "algorithm.beta",
+                   "algorithm.clip_low", "algorithm.clip_high", "algorithm.loss_agg",
+                   "algorithm.dynamic_sampling", "rollout.max_staleness", "rollout.partial_rollout",
                    "train.warm_start_steps", "train.seed", "cluster.rollout_workers", "cluster.learner_ranks")
 
 
 def md_cell(text: object, cut: int | None = None) -> str:
-    """Text safe inside a table cell: no HTML (a <think> tag would vanish), no markup, no pipes, no line breaks."""
+    """Text safe inside a table cell: no HTML (a <think> tag would vanish), no markup, no pipes, no line
+    breaks."""
     s = str(text)
     if cut and len(s) > cut:
         s = s[:cut] + "…"
@@ -45,9 +50,8 @@ def md_cell(text: object, cut: int | None = None) -> str:
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    """A report block: the table and its closing newline."""
+    return md_table(header, rows) + "\n"
 
 
 def _acc(v: float | None) -> str:
@@ -68,19 +72,23 @@ def _duration(s: float) -> str:
 
 
 def header_section(run: Run, names: list[str]) -> str:
-    cfg, out = run.config, [f"# Run report: {run.path.resolve().name}\n\n", f"Run directory: `{run.path.resolve()}`\n\n"]
+    cfg, path = run.config, run.path.resolve()
+    out = [f"# Run report: {path.name}\n\n", f"Run directory: `{path}`\n\n"]
     if cfg is None:
         out.append("_No readable config.yaml: the configuration is not shown._\n")
     else:
         model = config_get(cfg, "model.path")
         tiny = config_get(cfg, "model.tiny") or {}
-        out.append(f"- **model**: `{model}`\n" if model else f"- **model**: tiny offline Qwen2-VL (hidden "
-                   f"{tiny.get('hidden_size', '?')}, {tiny.get('num_hidden_layers', '?')} layers, built locally)\n")
+        out.append(f"- **model**: `{model}`\n" if model else "- **model**: tiny offline Qwen2-VL (hidden "
+                   f"{tiny.get('hidden_size', '?')}, {tiny.get('num_hidden_layers', '?')} layers, built "
+                   "locally)\n")
         entries = config_datasets(cfg)
         total = sum(float(e["weight"]) for e in entries) or 1.0
-        out.append("\n" + table(["data set", "weight (share)", "source", "prompt", "rewards (weight)", "eval limit"], [[
+        out.append("\n" + table(["data set", "weight (share)", "source", "prompt", "rewards (weight)",
+                                  "eval limit"], [[
             md_cell(e["name"]), f"{e['weight']:g} ({float(e['weight']) / total:.0%})",
-            md_cell(e["data"].get("root") or f"bundled {e['data'].get('bundled')}"), md_cell(e["task"].get("prompt", "?")),
+            md_cell(e["data"].get("root") or f"bundled {e['data'].get('bundled')}"),
+            md_cell(e["task"].get("prompt", "?")),
             md_cell(", ".join(f"{t.get('name')} ({_num(t.get('weight', 1.0))})" for t in rewards(e))),
             e["data"].get("eval_limit") or "all"] for e in entries]))
         params = [(k, config_get(cfg, k)) for k in HYPERPARAMETERS if config_get(cfg, k) is not None]
@@ -121,8 +129,8 @@ def summary_section(acc: dict[int, dict[str, float]], names: list[str]) -> str:
         label = "overall (mean of data sets)" if key == "overall" and len(names) > 1 else \
             md_cell(names[0] if key == "overall" and names else key)
         rows.append([label, _acc(start), _acc(end), change, f"{best[1]:.3f} (step {best[0]})"])
-    out.append(table(["held-out accuracy", f"GRPO start (step {first})", f"end (step {last})", "change", "best (step)"],
-                     rows))
+    out.append(table(["held-out accuracy", f"GRPO start (step {first})", f"end (step {last})", "change",
+                      "best (step)"], rows))
     return "".join(out)
 
 
@@ -130,11 +138,14 @@ def figures_section(run: Run, names: list[str], out_dir: Path) -> str:
     from telemetry.metrics import plot_histogram
 
     rows, multi = run.rows, len(names) > 1
-    comps = sorted({k for r in rows for k in r if k.startswith("reward/") and k.count("/") == 1} - {"reward/mean", "reward/std"})
-    reward = [Panel("reward, all data sets" if multi else "reward", ["reward/mean"] + comps, band=("reward/mean", "reward/std"),
+    comps = sorted({k for r in rows for k in r if k.startswith("reward/") and k.count("/") == 1}
+                   - {"reward/mean", "reward/std"})
+    reward = [Panel("reward, all data sets" if multi else "reward", ["reward/mean"] + comps,
+                    band=("reward/mean", "reward/std"),
                     labels={k: k.removeprefix("reward/") for k in ["reward/mean"] + comps})]
     for n in names if multi else []:
-        keys = sorted({k for r in rows for k in r if k.startswith(f"reward/{n}/")}, key=lambda k: (not k.endswith("/mean"), k))
+        keys = sorted({k for r in rows for k in r if k.startswith(f"reward/{n}/")},
+                      key=lambda k: (not k.endswith("/mean"), k))
         reward.append(Panel(f"reward, {n}", keys, labels={k: k.removeprefix(f"reward/{n}/") for k in keys}))
     acc_keys = ["eval/accuracy"] + [f"eval/{n}/accuracy" for n in names if multi]
     acc_labels = {"eval/accuracy": "overall (mean of data sets)" if multi else "accuracy"} | \
@@ -144,27 +155,34 @@ def figures_section(run: Run, names: list[str], out_dir: Path) -> str:
     specs = [  # (heading, file, panels, note when skipped)
         ("Reward per component", "reward.png", reward, "no reward/* values"),
         ("Held-out accuracy per data set", "accuracy.png",
-         [Panel("held-out accuracy (greedy)", acc_keys, markers=True, labels=acc_labels)], "no eval/* values"),
+         [Panel("held-out accuracy (greedy)", acc_keys, markers=True, labels=acc_labels)],
+         "no eval/* values"),
         ("Completion length", "length.png", [Panel("completion tokens", ["length/mean", "length/max"]),
-                                             Panel("truncated fraction", ["length/truncated"])], "no length/* values"),
+                                             Panel("truncated fraction", ["length/truncated"])],
+         "no length/* values"),
         ("KL to the reference", "kl.png", [Panel("KL", ["kl"])], "no KL values" + kl_note),
-        ("Clip fraction", "clip.png", [Panel("clipped token fraction", ["clip_frac", "clip_frac_low", "clip_frac_high"])],
+        ("Clip fraction", "clip.png",
+         [Panel("clipped token fraction", ["clip_frac", "clip_frac_low", "clip_frac_high"])],
          "no clip_frac values"),
-        ("Learner statistics", "learner.png", [Panel(k, [k]) for k in ("pg_loss", "entropy", "grad_norm", "logprob_gap")],
-         "no learner values"),
+        ("Learner statistics", "learner.png",
+         [Panel(k, [k]) for k in ("pg_loss", "entropy", "grad_norm", "logprob_gap")], "no learner values"),
     ]
     out = ["## Curves\n"]
     for heading, name, panels, note in specs:
-        png = plot_panels(rows, panels, out_dir / name, ncols=2 if len(panels) in (2, 4) else 3) if rows else None
+        ncols = 2 if len(panels) in (2, 4) else 3
+        png = plot_panels(rows, panels, out_dir / name, ncols=ncols) if rows else None
         note = note if "metrics.jsonl" in note else note + " in metrics.jsonl"
         if png is None:
             (out_dir / name).unlink(missing_ok=True)  # an older report's picture would look current
-        out.append(f"\n### {heading}\n\n" + (f"![{heading}]({name})\n" if png else f"_Skipped: {note}._\n"))
+        out.append(f"\n### {heading}\n\n"
+                   + (f"![{heading}]({name})\n" if png else f"_Skipped: {note}._\n"))
     png = plot_stage_times(rows, out_dir / "timings.png") if rows else None
-    out.append("\n### Stage timings\n\n" + ("Left: the driver's seconds per step by stage (train_wait: waiting for the "
-               "learners, rollout included; sync: weight broadcast; eval: greedy eval). Right: busy seconds inside the "
-               "actors (rollout stages summed over workers, learner stages averaged over ranks).\n\n![Stage timings]"
-               "(timings.png)\n" if png else "_Skipped: no time/* values in metrics.jsonl._\n"))
+    out.append("\n### Stage timings\n\n" + (
+        "Left: the driver's seconds per step by stage (train_wait: waiting for the learners, rollout "
+        "included; sync: weight broadcast; eval: greedy eval). Right: busy seconds inside the actors "
+        "(rollout stages summed over workers, learner stages averaged over ranks).\n\n"
+        "![Stage timings](timings.png)\n"
+        if png else "_Skipped: no time/* values in metrics.jsonl._\n"))
     out.append("\n### Staleness of trained groups\n\n")
     if run.staleness:
         plot_histogram(run.staleness, out_dir / "staleness.png", "staleness of trained groups",
@@ -179,11 +197,12 @@ def _answer(text: str) -> str:
     return words_lower(extract_answer(text))
 
 
-def _by_dataset(answers: list[dict], default: str) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for a in answers:
-        out.setdefault(dataset_of(a, default), []).append(a)
-    return out
+def _solution(answer: dict) -> str:
+    return str(answer.get("solution", "?"))
+
+
+def _accuracy(answers: list[dict]) -> str:
+    return _acc(statistics.fmean(a["correct"] for a in answers))
 
 
 def accuracy_table(run: Run, acc: dict[int, dict[str, float]], names: list[str], default: str) -> str:
@@ -201,28 +220,25 @@ def accuracy_table(run: Run, acc: dict[int, dict[str, float]], names: list[str],
 
 
 def class_table(answers: list[dict], start: list[dict], first: int, last: int) -> str:
-    """Per class (the answers' solution): accuracy at the last eval and the first, and the answer given most."""
-    classes: dict[str, list[dict]] = {}
-    for a in answers:
-        classes.setdefault(str(a.get("solution", "?")), []).append(a)
-    at_start: dict[str, list[float]] = {}
-    for a in start:
-        at_start.setdefault(str(a.get("solution", "?")), []).append(a["correct"])
+    """Per class (the answers' solution): accuracy at the last eval and the first, and the answer given
+    most."""
+    at_start = group_by(start, _solution)
     rows = []
-    for cls, group in sorted(classes.items()):
+    for cls, group in sorted(group_by(answers, _solution).items()):
         common, times = Counter(_answer(str(a.get("text", ""))) for a in group).most_common(1)[0]
         rows.append([md_cell(cls), len(group), f"{sum(a['correct'] for a in group):g}",
-                     _acc(statistics.fmean(a["correct"] for a in group)),
-                     _acc(statistics.fmean(at_start[cls])) if cls in at_start else "–", f"{md_cell(common, 40)} ({times}×)"])
-    return table(["class", "answers", "correct", f"accuracy (step {last})", f"at step {first}", "most frequent answer"], rows)
+                     _accuracy(group), _accuracy(at_start[cls]) if cls in at_start else "–",
+                     f"{md_cell(common, 40)} ({times}×)"])
+    return table(["class", "answers", "correct", f"accuracy (step {last})", f"at step {first}",
+                  "most frequent answer"], rows)
 
 
 def examples_table(answers: list[dict]) -> str:
     right = [a for a in answers if a["correct"] > 0][:EXAMPLES]
     wrong = [a for a in answers if a["correct"] <= 0][:EXAMPLES]
     out = table(["prompt", "solution", "answer (cut)", "score"], [
-        [md_cell(a.get("prompt_id", "?")), md_cell(a.get("solution", "?")), md_cell(a.get("text", ""), TEXT_CUT),
-         f"{a['correct']:g}"] for a in right + wrong])
+        [md_cell(a.get("prompt_id", "?")), md_cell(a.get("solution", "?")),
+         md_cell(a.get("text", ""), TEXT_CUT), f"{a['correct']:g}"] for a in right + wrong])
     if not right or not wrong:
         out += f"\n_No {'right' if not right else 'wrong'} answers at this eval._\n"
     return out
@@ -235,12 +251,13 @@ def eval_section(run: Run, acc: dict[int, dict[str, float]], names: list[str]) -
     default = names[0] if names else "data"
     out.append(accuracy_table(run, acc, names, default))
     if not run.evals:
-        return "".join(out) + "\n_No eval/step-*.jsonl answers: the per-class table and examples are skipped._\n"
+        return "".join(out) + ("\n_No eval/step-*.jsonl answers: the per-class table and examples are "
+                               "skipped._\n")
     first, last = min(run.evals), max(run.evals)
-    final, start = _by_dataset(run.evals[last], default), _by_dataset(run.evals[first], default)
+    final, start = (group_by(run.evals[step], lambda a: dataset_of(a, default)) for step in (last, first))
     out.append(f"\n### Per-class accuracy at the final eval (step {last})\n")
     for ds, answers in final.items():
-        n = len({str(a.get("solution", "?")) for a in answers})
+        n = len(set(map(_solution, answers)))
         out.append(f"\n#### {md_cell(ds)}: {n} class{'es' if n != 1 else ''} in the eval\n\n")
         out.append(class_table(answers, start.get(ds, []), first, last))
     out.append(f"\n### Example answers at the final eval (step {last})\n")
