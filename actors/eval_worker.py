@@ -1,7 +1,7 @@
 """Greedy evaluation: answers for held-out prompts, scored by each data set's correctness protocol.
 
-`greedy_answers` is what a rollout worker runs for the in-training evals; `EvalWorker` is the engine-only actor
-that `clsrl eval` spreads over the cluster (no Redis, no weight group: the weights come from model_path).
+`greedy_answers` is what a rollout worker runs for the in-training evals; `EvalWorker` is the engine-only
+actor that `clsrl eval` spreads over the cluster (no Redis, no weight group: weights come from model_path).
 """
 from __future__ import annotations
 
@@ -9,38 +9,50 @@ import os
 
 import torch
 
-from actors.engine import RolloutEngine
+from actors.engine import RolloutEngine, make_engine
 from protocol.components import SamplingConfig
+from protocol.config import RolloutConfig
+from protocol.results import EvalAnswer
 from protocol.rollout import RolloutRequest
 from rewards import get_reward
 
 
 def greedy_answers(engine: RolloutEngine, correct: dict, requests: list[RolloutRequest], max_new_tokens: int,
-                   prompts_per_call: int) -> list[dict]:
-    """One greedy answer per request: {dataset, prompt_id, text, solution, correct (1/0)}."""
+                   prompts_per_call: int) -> list[EvalAnswer]:
+    """One greedy answer per request, scored 1/0 by its data set's correctness reward."""
     cfg = SamplingConfig(n=1, max_new_tokens=max_new_tokens, greedy=True)
     out = []
     for start in range(0, len(requests), prompts_per_call):
         chunk = requests[start:start + prompts_per_call]
         groups = engine.generate(chunk, cfg, interruptible=False)  # one policy version per answer
-        for r, g in zip(chunk, groups):
-            dataset, completion = r.meta["dataset"], g.completions[0]
-            out.append({"dataset": dataset, "prompt_id": r.prompt_id, "text": completion.text, "solution": r.solution,
-                        "correct": float(correct[dataset]([completion.text], [r.solution])[0]),
-                        "tokens": len(completion.token_ids), "truncated": completion.finish_reason == "length"})
+        for request, group in zip(chunk, groups):
+            dataset = request.meta["dataset"]
+            completion = group.completions[0]
+            score = correct[dataset]([completion.text], [request.solution])[0]
+            out.append(EvalAnswer(
+                dataset=dataset,
+                prompt_id=request.prompt_id,
+                text=completion.text,
+                solution=request.solution,
+                correct=float(score),
+                tokens=len(completion.token_ids),
+                truncated=completion.finish_reason == "length",
+            ))
     return out
 
 
-class EvalWorker:
-    def __init__(self, model_path: str, rollout, correct_reward: dict[str, str], trust_remote_code: bool = False,
-                 seed: int = 0) -> None:
-        """`rollout`: the config's rollout section (which engine, dtype, prompts per call)."""
-        from actors.engine import make_engine
+def correctness_rewards(correct_reward: dict[str, str]) -> dict:
+    """Each data set's eval scoring function, by the reward name its task names."""
+    return {dataset: get_reward(name) for dataset, name in correct_reward.items()}
 
+
+class EvalWorker:
+    def __init__(self, model_path: str, rollout: RolloutConfig, correct_reward: dict[str, str],
+                 trust_remote_code: bool = False, seed: int = 0) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.engine = make_engine(rollout, model_path, trust_remote_code, seed)
-        self.correct = {dataset: get_reward(name) for dataset, name in correct_reward.items()}
+        self.correct = correctness_rewards(correct_reward)
         self.prompts_per_call = rollout.prompts_per_call
 
-    def answer(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[dict]:
+    def answer(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[EvalAnswer]:
         return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call)

@@ -15,8 +15,10 @@ import torch.distributed as dist
 from learner.grpo import group_advantages
 from learner.worker import LearnerWorker
 from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSyncConfig
+from protocol.results import LearnerStep, SFTStep, WeightUpdate
 from stream.buffer import RolloutBuffer
-from weights.sync import WeightSender
+from telemetry.timer import StageTimer
+from weights.sender import WeightSender
 
 
 class LearnerActor:
@@ -41,8 +43,8 @@ class LearnerActor:
               samples_per_rank: int, total_steps: int, redis_url: str, redis_cfg: RedisConfig,
               trust_remote_code: bool = False) -> None:
         self.algo = algo
-        self.worker = LearnerWorker(self.rank, self.world_size, master_addr, master_port, model_path, cfg, algo,
-                                    samples_per_rank, total_steps, trust_remote_code)
+        self.worker = LearnerWorker(self.rank, self.world_size, master_addr, master_port, model_path, cfg,
+                                    algo, samples_per_rank, total_steps, trust_remote_code)
         # a stable consumer name: a restarted rank finds its own unacked entries again
         self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url, consumer=f"learner-{self.rank}")
         self.buffer.ensure_group()
@@ -57,8 +59,8 @@ class LearnerActor:
         while len(got) < n:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                raise TimeoutError(f"learner rank {self.rank}: {len(got)} of {n} rollout groups arrived in the stream "
-                                   f"{self.buffer.stream!r} within {timeout_s:.0f}s")
+                raise TimeoutError(f"learner rank {self.rank}: {len(got)} of {n} rollout groups arrived in "
+                                   f"the stream {self.buffer.stream!r} within {timeout_s:.0f}s")
             fresh, drop, stale = [], [], []
             for eid, g in self.buffer.take(n - len(got), block_ms=min(left_ms, 1000)):
                 if version - g.version_span[0] <= max_staleness:  # from the oldest token (partial rollout)
@@ -76,7 +78,8 @@ class LearnerActor:
             dropped["duplicate"] += len(fresh) - sum(firsts)
             if drop:
                 self.buffer.ack(drop)
-                self.buffer.add_released(len(stale))  # the driver issues replacements for stale slots (duplicates had one)
+                # the driver issues replacements for stale slots (a duplicate's draw was trained already)
+                self.buffer.add_released(len(stale))
         return got, dropped
 
     def _advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -89,36 +92,46 @@ class LearnerActor:
         std = ((sq - total * total / count) / max(count - 1, 1)) ** 0.5
         return group_advantages(rewards, group_size, "none") / (std + self.algo.advantage_eps)
 
-    def train(self, n_groups: int, version: int, max_staleness: int, max_len: int | None, take_timeout_s: float,
-              forget_below: int = 0) -> dict:
+    def train(self, n_groups: int, version: int, max_staleness: int, max_len: int | None,
+              take_timeout_s: float, forget_below: int = 0) -> LearnerStep:
         """Take n_groups fresh groups, run one optimizer step on them, ack them; returns this rank's stats.
 
-        `version` is the policy version this rank holds; `forget_below` prunes the duplicate filter to draws that
-        may still arrive.
+        `version` is the policy version this rank holds; `forget_below` prunes the duplicate filter to draws
+        that may still arrive.
         """
-        t0 = time.perf_counter()
-        if forget_below:
-            self.buffer.forget_claims(forget_below)
-        taken, dropped = self._take(n_groups, version, max_staleness, take_timeout_s)
-        t1 = time.perf_counter()
+        timer = StageTimer()
+        with timer("take"):
+            if forget_below:
+                self.buffer.forget_claims(forget_below)
+            taken, dropped = self._take(n_groups, version, max_staleness, take_timeout_s)
         groups = [g for _, g in taken]
         sizes = {len(g.completions) for g in groups}
         if len(sizes) != 1 or any(g.rewards is None for g in groups):
-            raise ValueError(f"learner rank {self.rank}: groups must be scored and equally sized, got sizes {sizes}")
-        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
-        adv = self._advantages(rewards, sizes.pop()).float().view(len(groups), -1)
-        stats = self.worker.train_step([(g, a.tolist()) for g, a in zip(groups, adv)], max_len)
-        self.buffer.ack([eid for eid, _ in taken])  # only after the optimizer step: a crash before it loses nothing
-        equal = sum(len(set(g.rewards)) == 1 for g in groups) / len(groups)  # no learning signal in these groups
-        return {**stats, "time/take": t1 - t0, "time/train_step": time.perf_counter() - t1, "groups/equal_rewards": equal,
-                "draws": [g.request.meta.get("draw") for g in groups], "prompt_ids": [g.request.prompt_id for g in groups],
-                "staleness": [version - g.version_span[0] for g in groups], "dropped/stale": len(dropped["stale_draws"]),
-                "dropped/duplicate": dropped["duplicate"], "stale_draws": dropped["stale_draws"], **self.buffer.metrics()}
+            raise ValueError(f"learner rank {self.rank}: groups must be scored and equally sized, got "
+                             f"sizes {sizes}")
+        with timer("train_step"):
+            rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
+            adv = self._advantages(rewards, sizes.pop()).float().view(len(groups), -1)
+            stats = self.worker.train_step([(g, a.tolist()) for g, a in zip(groups, adv)], max_len)
+            self.buffer.ack([eid for eid, _ in taken])  # only after the optimizer step: a crash loses nothing
+        return LearnerStep(
+            stats=stats,
+            draws=[g.request.meta.get("draw") for g in groups],
+            prompt_ids=[g.request.prompt_id for g in groups],
+            staleness=[version - g.version_span[0] for g in groups],
+            stale_draws=dropped["stale_draws"],
+            duplicates=dropped["duplicate"],
+            equal_rewards=sum(len(set(g.rewards)) == 1 for g in groups) / len(groups),
+            take_seconds=timer.seconds["take"],
+            step_seconds=timer.seconds["train_step"],
+            buffer=self.buffer.metrics(),
+        )
 
-    def sft_train(self, rows: list[tuple]) -> dict:
+    def sft_train(self, rows: list[tuple]) -> SFTStep:
         """One supervised step on (PromptInputs, target text) pairs (train.mode: sft)."""
-        t0 = time.perf_counter()
-        return {**self.worker.sft_step(rows), "time/train_step": time.perf_counter() - t0}
+        start = time.perf_counter()
+        stats = self.worker.sft_step(rows)
+        return SFTStep(stats=stats, step_seconds=time.perf_counter() - start)
 
     # ---- weight broadcast (rank 0 hosts the group; every rank walks the parameters for ZeRO-3 gathers) ----
 
@@ -132,21 +145,25 @@ class LearnerActor:
     def connect_weight_group(self) -> None:
         self.sender.connect()
 
-    def broadcast(self, version: int) -> dict:
+    def broadcast(self, version: int) -> WeightUpdate | None:
+        """Rank 0 sends and reports the transfer; the other ranks only take part in ZeRO-3's gathers."""
         params = self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision)
-        if self.rank == 0:
-            return self.sender.broadcast(params, version)
-        for _ in params:  # ZeRO-3: gather in lockstep with rank 0; otherwise a no-op walk
-            pass
-        return {}
+        if self.rank != 0:
+            for _ in params:  # ZeRO-3: gather in lockstep with rank 0; otherwise a no-op walk
+                pass
+            return None
+        stats = self.sender.broadcast(params, version)
+        return WeightUpdate(version=stats["version"], bytes=stats["bytes"], tensors=stats["tensors"],
+                            seconds=stats["seconds"], mb_per_s=stats["mb_per_s"])
 
-    def share_weights(self) -> dict:
-        """Colocated mode: this rank's weights as IPC handles for the engine on its GPU (every rank at once: ZeRO-3
-        gathers in lockstep). The tensors stay alive until release_shared()."""
+    def share_weights(self) -> tuple[list, int]:
+        """Colocated mode: this rank's weights as IPC handles for the engine on its GPU, and their bytes
+        (every rank at once: ZeRO-3 gathers in lockstep). The tensors stay alive until release_shared()."""
         from weights.ipc import share
 
-        handles, self.shared = share(self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision))
-        return {"handles": handles, "bytes": sum(t.numel() * t.element_size() for t in self.shared)}
+        params = self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision)
+        handles, self.shared = share(params)
+        return handles, sum(t.numel() * t.element_size() for t in self.shared)
 
     def release_shared(self) -> None:
         self.shared = []

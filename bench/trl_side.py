@@ -146,7 +146,7 @@ def greedy_accuracy(model_dir: Path, cfg: ExperimentConfig, test_examples: list[
     correct = {name: get_reward(t.correct_reward) for name, t in {e.dataset: cfg.task for e in test_examples}.items()}
     requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset}) for e in test_examples]
     rows = greedy_answers(engine, correct, requests, cfg.rollout.eval_max_new_tokens, cfg.rollout.prompts_per_call)
-    return statistics.fmean(r["correct"] for r in rows)
+    return statistics.fmean(r.correct for r in rows)
 
 
 def run(spec: dict) -> dict:

@@ -1,13 +1,12 @@
 """Everything a run holds: the private Redis, Ray, the data, the placement group and the actors in it.
 
-`Job` is a context manager: it starts what the config asks for, resumes from a checkpoint if told to, forms the
-weight-sync group and sends the learners' weights to every engine, and tears it all down on exit (errors
+`Job` is a context manager: it starts what the config asks for, resumes from a checkpoint if told to, forms
+the weight-sync group and sends the learners' weights to every engine, and tears it all down on exit (errors
 included). The loop itself is in cluster/driver.py and talks to the job through a handful of methods.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -18,13 +17,23 @@ import yaml
 from actors.learner_actor import LearnerActor
 from actors.reward_actor import RewardActor
 from actors.rollout_worker import RolloutWorker
-from cluster.checkpoint import DriverState, complete_tags, prune_checkpoints, read_checkpoint, tag_for, write_driver_state
+from cluster.checkpoint import (
+    DriverState,
+    complete_tags,
+    prune_checkpoints,
+    read_checkpoint,
+    tag_for,
+    write_driver_state,
+)
+from cluster.draws import DrawLedger
 from cluster.placement import init_ray, release, reserve
 from cluster.scheduler import RolloutScheduler
 from cluster.staleness import StalenessManager
+from cluster.weight_push import broadcast_weights, form_weight_group, share_colocated
 from learner.warm_start import format_warm_start
 from protocol.config import ExperimentConfig
 from protocol.overrides import to_dict
+from protocol.results import EvalAnswer, LearnerStep, SFTStep, WeightUpdate
 from protocol.rollout import RolloutRequest
 from stream.buffer import RolloutBuffer
 from stream.server import connect
@@ -37,13 +46,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def local_runtime_env() -> dict:
-    """What actors of a cluster we start ourselves need: the repo importable, the shared cache, quiet threads."""
+    """What actors of a cluster we start need: the repo importable, the shared cache, few threads."""
     from vlm.cache import default_cache_dir
 
     cache = default_cache_dir()
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))
     return {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "CLSRL_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
                          "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions"))}}
+                         "TORCH_EXTENSIONS_DIR": extensions}}
 
 
 def _death(ref) -> ray.exceptions.RayActorError | None:
@@ -64,9 +74,12 @@ def _split(items: list, parts: int) -> list[list]:
 
 class Job:
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> None:
-        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir).resolve(), resume  # actors may run elsewhere
+        self.cfg = cfg
+        self.run_dir = Path(run_dir).resolve()  # absolute: actors may run in another working directory
+        self.resume = resume
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.redis_server = self.placement = None
+        self.redis_server = None
+        self.placement = None
         self.ray_desc = "existing"
         self.rollout_workers: list = []
         self.learners: list = []
@@ -92,24 +105,27 @@ class Job:
         self.state = DriverState(step=0, policy_version=0, config=to_dict(cfg))
         resume_tag = None
         if self.resume:
-            resume_tag, self.state = read_checkpoint(self.ckpt_root, None if self.resume is True else self.resume)
+            wanted = None if self.resume is True else self.resume
+            resume_tag, self.state = read_checkpoint(self.ckpt_root, wanted)
             self._warn_config_changes(self.state.config)
         self._load_data()
         by_dataset: dict[str, list[str]] = {name: [] for name in self.tasks}
         for e in self.train_examples:
             by_dataset[e.dataset].append(e.id)
         self.order = MixtureOrder(by_dataset, self.weights, cfg.train.seed)
-        if resume_tag:  # a data set added or removed since the checkpoint starts fresh / is dropped, with a warning
+        if resume_tag:  # a data set added since the checkpoint starts fresh, a removed one is dropped
             self.order.load_state_dict(self.state.data_order["order"], allow_new=True, allow_removed=True)
         self.redis_url, self.redis_server = connect(cfg.redis, self.run_dir)
         self.buffer = RolloutBuffer.from_config(cfg.redis, self.redis_url, consumer="driver")
-        left = self.buffer.reset()  # whatever an earlier attempt left is regenerated: its draws are in the checkpoint
+        left = self.buffer.reset()  # an earlier attempt's groups: its draws are in the checkpoint
         if left:
-            announce(f"discarded {left} rollout groups left in stream {cfg.redis.stream!r} by an earlier attempt")
+            announce(f"discarded {left} rollout groups left in stream {cfg.redis.stream!r} by an earlier "
+                     f"attempt")
         self._released = 0
         self.ray_desc = init_ray(cfg.cluster, local_runtime_env())
         announce(f"ray: {self.ray_desc}")
-        self.placement = reserve(cfg.cluster, name=f"clsrl-{self.run_dir.name}-{os.getpid()}", colocate=cfg.rollout.colocate)
+        group_name = f"clsrl-{self.run_dir.name}-{os.getpid()}"
+        self.placement = reserve(cfg.cluster, name=group_name, colocate=cfg.rollout.colocate)
         self._start_actors()
         if resume_tag:
             ray.get([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners])
@@ -122,7 +138,8 @@ class Job:
 
     def _warn_config_changes(self, saved: dict) -> None:
         now = json.loads(json.dumps(to_dict(self.cfg)))  # tuples -> lists, as the saved JSON has them
-        changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}" for s, sec in now.items() if isinstance(sec, dict)
+        changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}"
+                   for s, sec in now.items() if isinstance(sec, dict)
                    for k, v in sec.items() if saved.get(s, {}).get(k) != v]
         if changed:
             announce("resuming with config changes:\n  " + "\n  ".join(changed))
@@ -130,50 +147,77 @@ class Job:
     def _load_data(self) -> None:
         cfg = self.cfg
         data = load_run_data(cfg)
-        self.tasks, self.weights = data.tasks, data.weights
-        self.train_examples, self.test_examples = data.train_examples, data.test_examples
+        self.tasks = data.tasks
+        self.weights = data.weights
+        self.train_examples = data.train_examples
+        self.test_examples = data.test_examples
         self.examples = {e.id: e for e in self.train_examples + self.test_examples}
         self.model_path = data.model_path
         if cfg.train.warm_start_steps:
+            prompts = {name: t.prompt for name, t in self.tasks.items()}
             self.model_path = str(format_warm_start(
-                data.model_path, self.run_dir / "warm_start", self.train_examples,
-                {name: t.prompt for name, t in self.tasks.items()}, cfg.train.warm_start_steps, cfg.train.warm_start_lr,
-                cfg.train.prompts_per_step, cfg.train.seed, cfg.model.trust_remote_code))
+                data.model_path, self.run_dir / "warm_start", self.train_examples, prompts,
+                cfg.train.warm_start_steps, cfg.train.warm_start_lr, cfg.train.prompts_per_step,
+                cfg.train.seed, cfg.model.trust_remote_code))
 
     def _start_actors(self) -> None:
-        cfg, p = self.cfg, self.placement
+        cfg = self.cfg
+        p = self.placement
         Reward = ray.remote(max_restarts=-1, max_task_retries=-1)(RewardActor)
-        self.reward_actors = [Reward.options(**p.options("reward", i)).remote({n: t.rewards for n, t in self.tasks.items()})
+        rewards = {name: t.rewards for name, t in self.tasks.items()}
+        self.reward_actors = [Reward.options(**p.options("reward", i)).remote(terms_by_dataset=rewards)
                               for i in range(cfg.cluster.reward_actors)]
-        Rollout = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)  # we re-issue, the learners dedupe
-        correct = {n: t.correct_reward for n, t in self.tasks.items()}
-        concurrency = 2 if cfg.rollout.partial_rollout else 1  # partial: receive_weights runs while rollout() samples
-        self.rollout_workers = [Rollout.options(max_concurrency=concurrency, **p.options("rollout", i)).remote(
-            i, self.model_path, cfg.sampling, cfg.rollout, self.redis_url, cfg.redis, self.reward_actors, correct,
-            cfg.model.trust_remote_code, cfg.algorithm.dynamic_sampling, cfg.train.seed)
-            for i in range(cfg.cluster.rollout_workers)]
+        # no task retries: the scheduler re-issues a dead worker's prompts, the learners drop duplicates
+        Rollout = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)
+        concurrency = 2 if cfg.rollout.partial_rollout else 1  # partial: receive_weights beside rollout()
+        self.rollout_workers = [
+            Rollout.options(max_concurrency=concurrency, **p.options("rollout", i)).remote(
+                rank=i,
+                model_path=self.model_path,
+                sampling=cfg.sampling,
+                rollout=cfg.rollout,
+                redis_url=self.redis_url,
+                redis_cfg=cfg.redis,
+                reward_actors=self.reward_actors,
+                correct_reward={name: t.correct_reward for name, t in self.tasks.items()},
+                trust_remote_code=cfg.model.trust_remote_code,
+                drop_equal_groups=cfg.algorithm.dynamic_sampling,
+                seed=cfg.train.seed,
+            )
+            for i in range(cfg.cluster.rollout_workers)
+        ]
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks
-        self.learners = [Learner.options(**p.options("learner", r)).remote(r, n) for r in range(n)]
+        self.learners = [Learner.options(**p.options("learner", r)).remote(rank=r, world_size=n)
+                         for r in range(n)]
         addr, port = ray.get(self.learners[0].address.remote())
-        starting = {a.setup.remote(addr, port, self.model_path, cfg.learner, cfg.algorithm, cfg.sequences_per_rank,
-                                   cfg.train.steps, self.redis_url, cfg.redis, cfg.model.trust_remote_code): f"learner rank {r}"
-                    for r, a in enumerate(self.learners)}
+        starting = {
+            a.setup.remote(
+                master_addr=addr,
+                master_port=port,
+                model_path=self.model_path,
+                cfg=cfg.learner,
+                algo=cfg.algorithm,
+                samples_per_rank=cfg.sequences_per_rank,
+                total_steps=cfg.train.steps,
+                redis_url=self.redis_url,
+                redis_cfg=cfg.redis,
+                trust_remote_code=cfg.model.trust_remote_code,
+            ): f"learner rank {r}"
+            for r, a in enumerate(self.learners)
+        }
         starting.update({w.info.remote(): f"rollout worker {i}" for i, w in enumerate(self.rollout_workers)})
         starting.update({a.ping.remote(): f"reward actor {i}" for i, a in enumerate(self.reward_actors)})
-        ready, late = ray.wait(list(starting), num_returns=len(starting), timeout=cfg.cluster.ready_timeout_s)
+        timeout = cfg.cluster.ready_timeout_s
+        ready, late = ray.wait(list(starting), num_returns=len(starting), timeout=timeout)
         ray.get(ready)  # an actor that failed to start raises here with its own traceback
         if late:
-            raise TimeoutError(f"not started within cluster.ready_timeout_s={cfg.cluster.ready_timeout_s:.0f}s: "
-                               f"{', '.join(starting[r] for r in late)} (see the Ray logs under /tmp/ray/session_latest/logs)")
+            raise TimeoutError(f"not started within cluster.ready_timeout_s={timeout:.0f}s: "
+                               f"{', '.join(starting[r] for r in late)} (see the Ray logs under "
+                               f"/tmp/ray/session_latest/logs)")
 
     def form_weight_group(self) -> None:
-        per = self.cfg.rollout.tensor_parallel_size  # every tensor-parallel worker of an engine is a rank of its own
-        n = per * len(self.rollout_workers)
-        host, port = ray.get(self.learners[0].open_weight_group.remote(n, self.cfg.weight_sync))
-        ray.get([self.learners[0].connect_weight_group.remote()] + [
-            w.join_weight_group.remote(host, port, 1 + i * per, n, self.cfg.weight_sync)
-            for i, w in enumerate(self.rollout_workers)])
+        form_weight_group(self.cfg, self.learners, self.rollout_workers)
 
     # ---- the calls the loop makes ----
 
@@ -181,45 +225,68 @@ class Job:
         e = self.examples[prompt_id]
         return RolloutRequest(prompt_id, e.inputs, e.solution, meta={"draw": draw, "dataset": e.dataset})
 
-    def scheduler(self) -> RolloutScheduler:
-        cfg, saved = self.cfg, self.state.data_order
+    def ledger(self) -> DrawLedger:
+        """The draw bookkeeping, continued from the checkpoint when resuming."""
+        cfg = self.cfg
+        saved = self.state.data_order
         staleness = StalenessManager(cfg.train.prompts_per_step, cfg.rollout.max_staleness,
                                      started=self.state.step * cfg.train.prompts_per_step)
         reissue = [(d, pid) for d, pid in saved.get("reissue", []) if pid in self.examples]
-        if len(reissue) < len(saved.get("reissue", [])):
-            announce(f"{len(saved['reissue']) - len(reissue)} checkpointed prompts belong to data sets this run lacks: dropped")
-        return RolloutScheduler(self.rollout_workers, self.order, self.request, staleness, cfg.rollout.prompts_per_call,
-                                cfg.train.seed, next_draw=saved.get("next_draw", 0), reissue=reissue)
+        dropped = len(saved.get("reissue", [])) - len(reissue)
+        if dropped:
+            announce(f"{dropped} checkpointed prompts belong to data sets this run lacks: dropped")
+        return DrawLedger(self.order, staleness, cfg.rollout.prompts_per_call, len(self.rollout_workers),
+                          next_draw=saved.get("next_draw", 0), reissue=reissue)
+
+    def scheduler(self, ledger: DrawLedger) -> RolloutScheduler:
+        return RolloutScheduler(self.rollout_workers, ledger, self.request, self.cfg.train.seed)
 
     def sleep_engines(self) -> None:
-        """Colocated: engines release their GPU memory (vLLM: weights and KV cache) until the next broadcast."""
+        """Colocated: engines release their GPU memory (vLLM: weights, KV cache) until the next broadcast."""
         ray.get([w.sleep.remote() for w in self.rollout_workers])
 
     def start_train(self, version: int, forget_below: int) -> list:
-        per_rank = self.cfg.train.prompts_per_step // len(self.learners)
-        return [a.train.remote(per_rank, version, self.cfg.rollout.max_staleness, self.cfg.sampling.max_new_tokens,
-                               self.cfg.weight_sync.timeout_s * 10, forget_below) for a in self.learners]
+        cfg = self.cfg
+        return [a.train.remote(n_groups=cfg.train.prompts_per_step // len(self.learners), version=version,
+                               max_staleness=cfg.rollout.max_staleness, max_len=cfg.sampling.max_new_tokens,
+                               take_timeout_s=cfg.weight_sync.timeout_s * 10, forget_below=forget_below)
+                for a in self.learners]
 
-    def finish_train(self, refs: list) -> list[dict]:
+    def finish_train(self, refs: list) -> list[LearnerStep] | list[SFTStep]:
         try:
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
-            # A dead rank's survivors fail too (their collective lost a peer) and may be the error ray.get raises:
-            # look at every rank to tell "a rank died" from a plain error.
+            # A dead rank's survivors fail too (their collective lost a peer) and may be the error ray.get
+            # raises: look at every rank to tell "a rank died" from a plain error.
             deaths = {r: death for r, ref in enumerate(refs) if (death := _death(ref)) is not None}
             if not deaths:
                 raise
             why = next(iter(deaths.values()))
             tags = complete_tags(self.ckpt_root)
-            then = (f"its last finished checkpoint is {self.ckpt_root / tags[-1]}: continue with --resume" if tags else
-                    f"no checkpoint was finished yet under {self.ckpt_root} (train.save_every): start the run again")
-            raise RuntimeError(f"learner rank {', '.join(map(str, deaths))} died during the optimizer step "
-                               f"({type(why).__name__}: {str(why).splitlines()[0][:300]}). The run stops; {then}") from None
+            if tags:
+                then = f"its last finished checkpoint is {self.ckpt_root / tags[-1]}: continue with --resume"
+            else:
+                then = (f"no checkpoint was finished yet under {self.ckpt_root} (train.save_every): start "
+                        f"the run again")
+            ranks = ", ".join(map(str, deaths))
+            reason = f"{type(why).__name__}: {str(why).splitlines()[0][:300]}"
+            raise RuntimeError(f"learner rank {ranks} died during the optimizer step ({reason}). The run "
+                               f"stops; {then}") from None
 
-    def sft_step(self, prompt_ids: list[str]) -> list[dict]:
+    def sft_step(self, prompt_ids: list[str]) -> list[SFTStep]:
         """train.mode sft: one supervised step on these prompts' answers, in the task's answer format."""
-        rows = [(e.inputs, format_target(self.tasks[e.dataset].prompt, e.solution)) for e in map(self.examples.get, prompt_ids)]
-        return self.finish_train([a.sft_train.remote(part) for a, part in zip(self.learners, _split(rows, len(self.learners)))])
+        examples = [self.examples[pid] for pid in prompt_ids]
+        rows = [(e.inputs, format_target(self.tasks[e.dataset].prompt, e.solution)) for e in examples]
+        shares = _split(rows, len(self.learners))
+        return self.finish_train([a.sft_train.remote(rows=part) for a, part in zip(self.learners, shares)])
+
+    def backlog(self) -> dict[str, float]:
+        """The stream as the driver sees it after a step: groups waiting, and taken but not acked."""
+        gauges = self.buffer.metrics()
+        return {k: gauges[k] for k in ("buffer/depth", "buffer/pending") if k in gauges}
+
+    def epochs_row(self) -> dict[str, float]:
+        return {f"data/{name}/epoch": e for name, e in self.order.epochs().items()}
 
     def newly_released(self) -> int:
         """Groups the learners dropped as stale since the last call (their slots go to replacements)."""
@@ -227,82 +294,33 @@ class Job:
         delta, self._released = total - self._released, total
         return delta
 
-    def broadcast(self, version: int, rejoin: bool = False, attempts: int = 3) -> dict:
-        """Send the learners' weights to every engine; on a failure, restart the engines that do not answer,
-        re-form the group and try again."""
+    def broadcast(self, version: int, rejoin: bool = False, attempts: int = 3) -> WeightUpdate:
+        """The learners' weights into every engine (cluster/weight_push.py); engines then hold `version`."""
         if self.cfg.rollout.colocate:
-            return self._share_colocated(version)
-        for attempt in range(1, attempts + 1):
-            try:
-                if rejoin:
-                    self._await_engines()
-                    self.form_weight_group()
-                sending = [a.broadcast.remote(version) for a in self.learners]
-                receiving = [w.receive_weights.remote() for w in self.rollout_workers]
-                stats = ray.get(sending)[0]  # first: rank 0's error names the engine that failed, within the timeout
-                ray.get(receiving)
-                self.state.policy_version = version
-                return stats
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
-                if attempt == attempts:
-                    raise
-                announce(f"weight broadcast of version {version} failed (attempt {attempt}/{attempts}): "
-                         f"{str(err).splitlines()[-1][:500]}\nrestarting the engines that do not answer and re-forming "
-                         f"the group", "clsrl.job", logging.WARNING)
-                rejoin = True
-        raise AssertionError("unreachable")
-
-    def _share_colocated(self, version: int) -> dict:
-        """Colocated: learner rank i hands engine i (same GPU) IPC handles to its tensors; the engine wakes, maps
-        and loads them. No retries: a colocated engine that dies takes its GPU's learner rank with it."""
-        t0 = time.perf_counter()
-        shared = ray.get([a.share_weights.remote() for a in self.learners])
-        try:
-            loaded = ray.get([w.load_ipc.remote(s["handles"], version) for w, s in zip(self.rollout_workers, shared)])
-        finally:
-            ray.get([a.release_shared.remote() for a in self.learners])
+            update = share_colocated(self.learners, self.rollout_workers, version)
+        else:
+            update = broadcast_weights(self.cfg, self.learners, self.rollout_workers, version, rejoin,
+                                       attempts)
         self.state.policy_version = version
-        seconds = time.perf_counter() - t0
-        return {"version": version, "tensors": loaded[0]["tensors"], "engines": len(loaded), "bytes": shared[0]["bytes"],
-                "seconds": seconds, "mb_per_s": shared[0]["bytes"] / 2**20 / max(seconds, 1e-9)}
+        return update
 
-    def _await_engines(self) -> None:
-        """Every rollout worker answers (Ray restarts dead ones); a stuck one is killed so Ray restarts it."""
-        timeout = self.cfg.weight_sync.timeout_s
-        probes = {w.info.remote(): i for i, w in enumerate(self.rollout_workers)}
-        _, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout)
-        for ref in stuck:
-            announce(f"rollout worker {probes[ref]} did not answer within weight_sync.timeout_s: killing it so Ray "
-                     f"restarts it", "clsrl.job", logging.WARNING)
-            ray.kill(self.rollout_workers[probes[ref]], no_restart=False)
-        # While Ray restarts an actor, calls to it fail at once (ActorUnavailableError): ask again until it is back.
-        deadline = time.monotonic() + self.cfg.cluster.ready_timeout_s
-        for i, w in enumerate(self.rollout_workers):
-            while True:
-                try:
-                    ray.get(w.info.remote(), timeout=max(deadline - time.monotonic(), 0.001))
-                    break
-                except ray.exceptions.ActorUnavailableError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"rollout worker {i} was not restarted within cluster.ready_timeout_s="
-                                           f"{self.cfg.cluster.ready_timeout_s:.0f}s") from None
-                    time.sleep(0.2)
-
-    def evaluate(self) -> list[dict]:
+    def evaluate(self) -> list[EvalAnswer]:
         reqs = [self.request(e.id) for e in self.test_examples]
         chunks = _split(reqs, len(self.rollout_workers))
         results = ray.get([w.evaluate.remote(c, self.cfg.rollout.eval_max_new_tokens)
                            for w, c in zip(self.rollout_workers, chunks) if c])
         return [r for part in results for r in part]
 
-    def save(self, step: int, scheduler: RolloutScheduler, score: float | None = None) -> Path:
+    def save(self, step: int, ledger: DrawLedger, score: float | None = None) -> Path:
         """Checkpoint learners + driver state (score: held-out accuracy at this step, for train.keep_best)."""
         tag = tag_for(step)
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         ray.get([a.save.remote(str(self.ckpt_root), tag, {"step": step}) for a in self.learners])
-        self.state.step, self.state.data_order, self.state.score = step, scheduler.state_dict(), score
+        self.state.step = step
+        self.state.data_order = ledger.state_dict()
+        self.state.score = score
         path = write_driver_state(self.ckpt_root, tag, self.state)
-        announce(f"checkpoint {path.parent} ({time.perf_counter() - t0:.1f}s)")
+        announce(f"checkpoint {path.parent} ({time.perf_counter() - start:.1f}s)")
         prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, self.cfg.train.keep_best)
         return path.parent
 
@@ -314,7 +332,9 @@ class Job:
             ray.wait([h.close.remote() for h in handles], num_returns=len(handles), timeout=30)
         for h in handles + self.reward_actors:
             ray.kill(h)
-        self.learners, self.rollout_workers, self.reward_actors = [], [], []
+        self.learners = []
+        self.rollout_workers = []
+        self.reward_actors = []
         release(self.placement)
         self.placement = None
         if getattr(self, "buffer", None) is not None:

@@ -57,7 +57,7 @@ def _answer_all(workers: list, requests: list[RolloutRequest], chunk: int, max_n
         with tqdm(total=len(requests), desc=desc, unit="img") as bar:
             # unordered: the bar counts answers as they land, not behind the slowest chunk
             for part in pool.map_unordered(lambda w, c: w.answer.remote(c, max_new_tokens), chunks):
-                rows += part
+                rows += [dataclasses.asdict(answer) for answer in part]  # eval.json keeps them as objects
                 bar.update(len(part))
     except RayActorError as err:  # Ray's message says neither which stage lost the actor nor how far it got
         why = "its engine failed to start, or its process was killed: out of memory?"

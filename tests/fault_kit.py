@@ -147,15 +147,15 @@ class Recorder:
         self._after_broadcast = after_broadcast
         scheduler, finish, broadcast = Job.scheduler, Job.finish_train, Job.broadcast
 
-        def wrapped_scheduler(job: Job) -> RolloutScheduler:
-            sched = scheduler(job)
+        def wrapped_scheduler(job: Job, ledger) -> RolloutScheduler:
+            sched = scheduler(job, ledger)
             self.runs.append(Run(job.state.step, job))
             self.schedulers.append(sched)
             self.pids.append({"rollout": [i["pid"] for i in ray.get([w.info.remote() for w in job.rollout_workers])],
                               "learner": ray.get([a.pid.remote() for a in job.learners])})
             return sched
 
-        def wrapped_finish(job: Job, refs: list) -> list[dict]:
+        def wrapped_finish(job: Job, refs: list) -> list:
             learned = finish(job, refs)
             self.runs[-1].steps.append(learned if keep_steps else [])  # [] : a memory test measures the driver
             return learned
@@ -203,8 +203,8 @@ class Recorder:
                 if upto is not None and k in upto and run.step(i) > upto[k]:
                     continue
                 for r in ranks:
-                    done += list(zip(r["draws"], r["prompt_ids"]))
-                    stale += r["stale_draws"]
+                    done += list(zip(r.draws, r.prompt_ids))
+                    stale += r.stale_draws
         return done, stale
 
 
@@ -215,13 +215,14 @@ def check_each_draw_once(done: list[tuple[int, str]], stale: list[int], sched: R
     counts = Counter([d for d, _ in done] + stale)
     twice = sorted(d for d, n in counts.items() if n > 1)
     assert not twice, f"draws trained on or dropped more than once: {twice}"
-    left = set(sched.outstanding) | {d for d, _ in sched.reissue}
+    ledger = sched.ledger
+    left = set(ledger.outstanding) | {d for d, _ in ledger.reissue}
     assert not left & set(counts), f"draws both done and outstanding: {sorted(left & set(counts))}"
-    missing = set(range(sched.next_draw)) - set(counts) - left
+    missing = set(range(ledger.next_draw)) - set(counts) - left
     assert not missing, f"draws issued but neither trained on, dropped nor outstanding: {sorted(missing)}"
-    assert set(counts) <= set(range(sched.next_draw))
+    assert set(counts) <= set(range(ledger.next_draw))
     (name,) = {e.dataset for e in job.train_examples}  # one data set: its mixture order is its own epoch order
-    order = EpochOrder([e.id for e in job.train_examples], dataset_seed(seed, name)).take(sched.next_draw)
+    order = EpochOrder([e.id for e in job.train_examples], dataset_seed(seed, name)).take(ledger.next_draw)
     wrong = [(d, pid, order[d]) for d, pid in done if order[d] != pid]
     assert not wrong, f"(draw, trained prompt, the data order's prompt) differ: {wrong[:5]}"
 

@@ -160,7 +160,7 @@ def test_learner_rank_killed_stops_with_a_resume_hint_and_resume_trains_each_dra
     done, stale = rec.trained(upto={0: saved.step})
     check_each_draw_once(done, stale, rec.schedulers[-1], rec.job, cfg.train.seed)
     assert len(done) == cfg.train.steps * cfg.train.prompts_per_step
-    after = {d for ranks in resumed.steps for r in ranks for d in r["draws"] + r["stale_draws"]}
+    after = {d for ranks in resumed.steps for r in ranks for d in r.draws + r.stale_draws}
     reissued = {d for d, _ in saved.data_order["reissue"]}
     assert reissued and reissued <= after  # the checkpoint's in-flight draws were issued again and done once
 

@@ -77,10 +77,10 @@ def test_engines_match_learners_and_a_killed_engine_is_named(ray_local, tmp_path
             return all(ray.get(w.checksums.remote()) == learner for w in job.rollout_workers)
 
         assert same_weights()  # after the initial broadcast
-        sched = job.scheduler()
-        sched.fill(0)
+        ledger = job.ledger()
+        job.scheduler(ledger).fill(0)
         learned = job.finish_train(job.start_train(0, 0))
-        sched.settle([d for r in learned for d in r["draws"]])
+        ledger.settle([d for r in learned for d in r.draws])
         job.broadcast(1)
         assert same_weights()  # bit for bit after a trained step
         victim = ray.get(job.rollout_workers[1].info.remote())

@@ -15,7 +15,7 @@ from actors.hf_engine import HFEngine
 from protocol.components import SamplingConfig, WeightSyncConfig
 from protocol.rollout import PromptInputs, RolloutRequest
 from vlm.logprobs import policy_logprobs
-from weights.sync import WeightSender
+from weights.sender import WeightSender
 
 QUESTIONS = ["circle square", "which shape is it?", "the quick brown fox", "answer with one word"]
 VISION = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
@@ -165,8 +165,8 @@ def test_rollout_worker_hosting_vllm_publishes_scored_groups_to_redis(ray_local,
         for i, r in enumerate(requests):
             r.solution, r.meta = "circle", {"dataset": "text", "draw": i}
         summary = ray.get(worker.rollout.remote(requests, 7))
-        assert sorted(summary["published"]) == [0, 1, 2, 3] and summary["policy_version"] == 0
-        assert len(summary["datasets"]["text"]["rewards"]) == 16
+        assert sorted(summary.published) == [0, 1, 2, 3] and summary.policy_version == 0
+        assert len(summary.datasets["text"].rewards) == 16
         groups = [g for _, g in buffer.take(8, block_ms=2000)]
         assert sorted(g.request.prompt_id for g in groups) == ["p0", "p1", "p2", "p3"]
         for g in groups:
@@ -174,7 +174,7 @@ def test_rollout_worker_hosting_vllm_publishes_scored_groups_to_redis(ray_local,
             assert all(len(c.logprobs) == len(c.token_ids) > 0 for c in g.completions)
             assert g.request.inputs.pixel_values is None  # a text prompt travels without image fields
         answers = ray.get(worker.evaluate.remote(requests[:2], 6))
-        assert [a["prompt_id"] for a in answers] == ["p0", "p1"] and all(a["correct"] in (0.0, 1.0) for a in answers)
+        assert [a.prompt_id for a in answers] == ["p0", "p1"] and all(a.correct in (0.0, 1.0) for a in answers)
     finally:
         buffer.close()
         ray.get(worker.close.remote())
