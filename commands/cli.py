@@ -27,7 +27,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     start = "GRPO start (step 0" + (", after the format warm start)" if cfg.train.warm_start_steps else ")")
     print(f"\n| policy | held-out accuracy |\n|---|---|\n| {start} | {result['grpo_start']:.3f} |"
           f"\n| after {result['steps']} GRPO steps | {result['final']:.3f} |")
-    print(f"\nrun directory: {run_dir} ({result['seconds']:.0f} s): metrics.jsonl, curves.png, tensorboard/, checkpoints/")
+    print(f"\nrun directory: {run_dir} ({result['seconds']:.0f} s): metrics.jsonl, curves.png, tensorboard/, "
+          "checkpoints/")
     return 0
 
 
@@ -75,34 +76,61 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser taking its positionals (config, overrides) anywhere among its options:
+    `clsrl train CFG --run-dir X key=value` as well as `clsrl train CFG key=value --run-dir X`."""
+
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._mixing:  # parse_known_intermixed_args makes its two passes through this method
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clsrl", description="GRPO fine-tuning of vision-language models "
                                      "with rule-based rewards, on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (("train", "run an experiment: rollout workers, reward actors, DeepSpeed learners, Redis"),
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
+    for name, helptext in (("train", "run an experiment: rollout workers, reward actors, DeepSpeed learners, "
+                                     "Redis"),
                            ("demo", "`train` on the embedded default (tiny model, bundled data, local Ray)")):
         cmd = sub.add_parser(name, help=helptext)
-        cmd.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help=f"YAML config (default {DEFAULT_CONFIG.name})")
+        cmd.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                         help=f"YAML config (default {DEFAULT_CONFIG.name})")
         cmd.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 data.root=DIR")
         cmd.add_argument("--run-dir", default=None, help="where metrics, checkpoints and Redis data go")
         cmd.add_argument("--resume", nargs="?", const=True, default=None, metavar="TAG",
-                         help="continue the run in --run-dir from its newest checkpoint (or TAG, e.g. step-000050)")
+                         help="continue the run in --run-dir from its newest checkpoint "
+                              "(or TAG, e.g. step-000050)")
         cmd.set_defaults(func=_cmd_train)
-    ev = sub.add_parser("eval", help="greedy accuracy on the test split of the config's data sets, over Ray engines")
-    ev.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML config naming the model and data sets")
-    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=DIR rollout.eval_max_new_tokens=1024")
-    ev.add_argument("--model", default=None, help="a model folder, a checkpoint (step-N) or a run dir (its newest one)")
+    ev = sub.add_parser("eval", help="greedy accuracy on the test split of the config's data sets, "
+                                     "over Ray engines")
+    ev.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                    help="YAML config naming the model and data sets")
+    ev.add_argument("overrides", nargs="*",
+                    help="dotted overrides, e.g. data.root=DIR rollout.eval_max_new_tokens=1024")
+    ev.add_argument("--model", default=None,
+                    help="a model folder, a checkpoint (step-N) or a run dir (its newest one)")
     ev.add_argument("--protocol", choices=["cls_rl", "visual_rft"], default=None,
-                    help="score every data set with this paper's protocol (default: each task's correct_reward)")
-    ev.add_argument("--base-to-new", action="store_true", help="evaluate base and new classes apart; report H")
+                    help="score every data set with this paper's protocol "
+                         "(default: each task's correct_reward)")
+    ev.add_argument("--base-to-new", action="store_true",
+                    help="evaluate base and new classes apart; report H")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: rollout.eval_max_new_tokens")
-    ev.add_argument("--out", default=None, help="folder for eval.json and eval.md (default runs/eval-CONFIG-TIME)")
+    ev.add_argument("--out", default=None,
+                    help="folder for eval.json and eval.md (default runs/eval-CONFIG-TIME)")
     ev.set_defaults(func=_cmd_eval)
     tr = sub.add_parser("transfer", help="train on each data set, test on all: the free-lunch heatmap")
     tr.add_argument("config", help="YAML config with a `datasets` list (at least 2)")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, applied to every run")
     tr.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                    help="use a finished run/checkpoint for data set NAME instead of training it (repeatable)")
+                    help="use a finished run/checkpoint for data set NAME instead of training it "
+                         "(repeatable)")
     tr.add_argument("--protocol", choices=["cls_rl", "visual_rft"], default=None, help="as for `clsrl eval`")
     tr.add_argument("--out", default=None, help="output folder (default runs/transfer-CONFIG-TIME)")
     tr.set_defaults(func=_cmd_transfer)
@@ -110,18 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("name")
     data.add_argument("--root", default=None)
     data.set_defaults(func=_cmd_data)
-    report = sub.add_parser("report", help="write RUN_DIR/report/report.md: curves (PNG) and eval tables of a run")
+    report = sub.add_parser("report", help="write RUN_DIR/report/report.md: curves (PNG) and eval tables "
+                                           "of a run")
     report.add_argument("run_dir", metavar="RUN_DIR")
-    report.add_argument("--out", default=None, metavar="DIR", help="where report.md and its PNGs go (default RUN_DIR/report)")
+    report.add_argument("--out", default=None, metavar="DIR",
+                        help="where report.md and its PNGs go (default RUN_DIR/report)")
     report.set_defaults(func=_cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "demo", "eval") and args.config and "=" in args.config:  # only overrides were given
+    if args.command in ("train", "demo", "eval") and args.config and "=" in args.config:  # no config given
         args.overrides.insert(0, args.config)
         args.config = str(DEFAULT_CONFIG)
+    if isinstance(getattr(args, "resume", None), str) and "=" in args.resume:  # `--resume key=value`: no TAG
+        args.overrides.append(args.resume)
+        args.resume = True
     from protocol.overrides import ConfigError
     from tasks.manifest import DatasetError
 
