@@ -32,6 +32,8 @@ os.environ.setdefault("CLSRL_CACHE", str(ROOT / ".cache" / "clsrl"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from telemetry.tables import md_table  # noqa: E402
+
 # Overrides on configs/cpu_demo.yaml: sized so generation and training each take over a second per step here.
 BASE = [
     "cluster.rollout_workers=1", "cluster.learner_ranks=1",
@@ -113,18 +115,18 @@ def run_mode(staleness: int, overrides: list[str], run_dir: Path, warm_start: Pa
 
 def table(results: list[dict]) -> str:
     sync = next((r for r in results if r["mode"] == "sync"), results[0])
-    head = ("| mode | max_staleness | samples/s | steps/hour | vs sync | s/step (median) | generate s/step | train s/step "
-            "| sync s/step | acc start -> end | staleness histogram | load (1 min avg) |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    header = ["mode", "max_staleness", "samples/s", "steps/hour", "vs sync", "s/step (median)", "generate s/step",
+              "train s/step", "sync s/step", "acc start -> end", "staleness histogram", "load (1 min avg)"]
+    rows = []
     for r in results:
         t = r["step_s"]
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(r["staleness"].items()))
-        lines.append(f"| {r['mode']} | {r['max_staleness']} | {r['samples_per_s']:.1f} | {r['steps_per_hour']:.0f} "
-                     f"| {r['samples_per_s'] / sync['samples_per_s']:.2f}x | {t['step']:.2f} ({r['median_step_s']:.2f}) "
-                     f"| {_fmt(t['generate'])} "
-                     f"| {_fmt(t['train_step'])} | {_fmt(t['sync'])} | {r['grpo_start_accuracy']:.3f} -> "
-                     f"{r['final_accuracy']:.3f} | {hist} | {r['loadavg_1m']['mean']:.1f} |")
-    return "\n".join(lines)
+        rows.append([r["mode"], r["max_staleness"], f"{r['samples_per_s']:.1f}", f"{r['steps_per_hour']:.0f}",
+                     f"{r['samples_per_s'] / sync['samples_per_s']:.2f}x",
+                     f"{t['step']:.2f} ({r['median_step_s']:.2f})", _fmt(t["generate"]), _fmt(t["train_step"]),
+                     _fmt(t["sync"]), f"{r['grpo_start_accuracy']:.3f} -> {r['final_accuracy']:.3f}", hist,
+                     f"{r['loadavg_1m']['mean']:.1f}"])
+    return md_table(header, rows, "lrrrrrrrrllr")
 
 
 def _fmt(v: float | None) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rewards import available, get_reward  # noqa: E402
+from telemetry.tables import md_table  # noqa: E402
 
 LABELS = [
     "Boeing 737-800",
@@ -221,13 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}, {platform.machine()}, {pinned}\n"
     )
     rows = bench(args.quick)
-    print("| reward | completions/s | µs/completion | mean chars | worst adversarial (ms) | worst case |")
-    print("|---|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(
-            f"| {r['reward']} | {r['rate']:,.0f} | {r['us']:.2f} | {r['mean_len']:.0f} | "
-            f"{r['worst_ms']:.2f} | {r['worst_case']} |"
-        )
+    print(md_table(
+        ["reward", "completions/s", "µs/completion", "mean chars", "worst adversarial (ms)", "worst case"],
+        [[r["reward"], f"{r['rate']:,.0f}", f"{r['us']:.2f}", f"{r['mean_len']:.0f}", f"{r['worst_ms']:.2f}",
+          r["worst_case"]] for r in rows],
+        "lrrrrl",
+    ))
     return 0
 
 

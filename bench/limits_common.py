@@ -24,6 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at `import ray`: loopback-only local cluster
 
+from telemetry import tables  # noqa: E402
+
 DEFAULT_OUT = ROOT / "runs" / "bench-limits"
 
 
@@ -60,10 +62,8 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]], right_from: int = 1) -> str:
-    align = ["---" if i < right_from else "---:" for i in range(len(headers))]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+    """The limits tables: label columns, then numbers (right-aligned) from column `right_from` on."""
+    return tables.md_table(headers, rows, "l" * right_from + "r")
 
 
 def write_report(out_dir: Path, name: str, report: dict) -> Path:

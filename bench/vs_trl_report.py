@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from telemetry.tables import md_table
+
 # issue 7: clsrl samples/s over TRL's, by (model, system)
 TARGETS = {("tiny", "clsrl-sync"): 0.8, ("small", "clsrl-sync"): 1.0, ("small", "clsrl-async"): 1.3}
 
@@ -12,9 +14,10 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 
 def table(report: dict) -> str:
-    head = ("| model | params | system | torch threads | samples/s | steps/s | vs TRL | target | s/step (median) "
-            "| generate s/step | train s/step | startup s | reward first -> last step | accuracy start -> end | load (1 min) |")
-    lines = [head, "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|---|---:|"]
+    header = ["model", "params", "system", "torch threads", "samples/s", "steps/s", "vs TRL", "target",
+              "s/step (median)", "generate s/step", "train s/step", "startup s", "reward first -> last step",
+              "accuracy start -> end", "load (1 min)"]
+    rows = []
     for name, m in report["models"].items():
         for system, r in m["systems"].items():
             ratio = m["ratio_vs_trl"].get(system, 1.0)
@@ -23,13 +26,13 @@ def table(report: dict) -> str:
             rewards = [v for _, v in r["reward"]]
             curve = f"{rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else "-"
             threads = report["threads"][system]
-            lines.append(
-                f"| {name} | {m['params_m']:.1f}M | {system} | {threads if system == 'trl' else f'{threads}/actor'} "
-                f"| {r['samples_per_s']:.1f} | {r['steps_per_s']:.3f} "
-                f"| {ratio:.2f}x | {target} | {r['measured_seconds'] / r['measured_steps']:.2f} ({r['median_step_s']:.2f}) "
-                f"| {_fmt(r['generate_s_per_step'])} | {_fmt(r['train_s_per_step'])} | {r['startup_s']:.1f} | {curve} "
-                f"| {r['grpo_start_accuracy']:.3f} -> {r['final_accuracy']:.3f} | {r['loadavg_1m']['mean']:.1f} |")
-    return "\n".join(lines)
+            rows.append([
+                name, f"{m['params_m']:.1f}M", system, threads if system == "trl" else f"{threads}/actor",
+                f"{r['samples_per_s']:.1f}", f"{r['steps_per_s']:.3f}", f"{ratio:.2f}x", target,
+                f"{r['measured_seconds'] / r['measured_steps']:.2f} ({r['median_step_s']:.2f})",
+                _fmt(r["generate_s_per_step"]), _fmt(r["train_s_per_step"]), f"{r['startup_s']:.1f}", curve,
+                f"{r['grpo_start_accuracy']:.3f} -> {r['final_accuracy']:.3f}", f"{r['loadavg_1m']['mean']:.1f}"])
+    return md_table(header, rows, "lrllrrrlrrrrllr")
 
 
 def plot(report: dict, out_png: Path) -> Path:

@@ -5,7 +5,8 @@
 `make bench` saves each benchmark's output as RUN_DIR/NAME.log and its wall time as RUN_DIR/NAME.time. Each
 block of BENCHMARKS.md between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is replaced by the markdown
 tables NAME printed (its lines starting with "|"), in order; `<!-- bench:run -->` gets the machine, the date
-and each benchmark's wall time. A block whose benchmark left no log is an error naming it (nothing is written).
+and each benchmark's wall time. A block whose benchmark left no log is an error naming it (nothing is
+written).
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import platform
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench/ alone is on the path
+from telemetry.tables import md_table  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- bench:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)", re.S)
 
@@ -34,15 +38,19 @@ def tables(log: str) -> str:
 
 
 def run_summary(run_dir: Path) -> str:
-    times = {p.stem: float(p.read_text().split()[0]) for p in sorted(run_dir.glob("*.time")) if p.read_text().strip()}
-    rows = "\n".join(f"| `{name}` | {seconds / 60:.1f} |" for name, seconds in times.items())
-    when = datetime.datetime.fromtimestamp(max(p.stat().st_mtime for p in run_dir.glob("*.log"))).strftime("%Y-%m-%d")
-    return (f"Run of {when} on {platform.machine()} Linux, {os.cpu_count()} cores, {platform.python_version()}; "
-            f"wall time {sum(times.values()) / 60:.1f} min in all:\n\n| benchmark | minutes |\n|---|---:|\n{rows}\n")
+    times = {p.stem: float(p.read_text().split()[0]) for p in sorted(run_dir.glob("*.time"))
+             if p.read_text().strip()}
+    rows = [[f"`{name}`", f"{seconds / 60:.1f}"] for name, seconds in times.items()]
+    newest = max(p.stat().st_mtime for p in run_dir.glob("*.log"))
+    when = datetime.datetime.fromtimestamp(newest).strftime("%Y-%m-%d")
+    return (f"Run of {when} on {platform.machine()} Linux, {os.cpu_count()} cores, "
+            f"{platform.python_version()}; wall time {sum(times.values()) / 60:.1f} min in all:\n\n"
+            + md_table(["benchmark", "minutes"], rows, "lr") + "\n")
 
 
 def fill(text: str, run_dir: Path) -> str:
-    missing = [m["name"] for m in BLOCK.finditer(text) if m["name"] != "run" and not (run_dir / f"{m['name']}.log").is_file()]
+    missing = [m["name"] for m in BLOCK.finditer(text)
+               if m["name"] != "run" and not (run_dir / f"{m['name']}.log").is_file()]
     if missing:
         raise SystemExit(f"no output in {run_dir} for: {', '.join(missing)} (run `make bench` first)")
 

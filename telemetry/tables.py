@@ -7,9 +7,9 @@ _RULE = {"l": "---", "r": "---:"}
 
 
 def md_table(header: Sequence[object], rows: Iterable[Sequence[object]], align: str = "l") -> str:
-    """`| a | b |` lines, no trailing newline; cells go in as str(cell), so escaping is the caller's (a `|` in a
-    cell splits it). `align`: one letter per column, l(eft) or r(ight); its last letter holds for the columns
-    it does not reach ("lr": first column left, the rest right, as for a label and its numbers)."""
+    """`| a | b |` lines, no trailing newline. Cells go in as str(cell): escaping is the caller's (a `|` in
+    a cell splits it). `align`: one letter per column, l(eft) or r(ight); its last letter holds for the
+    columns it does not reach ("lr": first column left, the rest right, as for a label and its numbers)."""
     if not align or set(align) - set(_RULE):
         raise ValueError(f"align takes the letters l and r, got {align!r}")
     rule = "|" + "|".join(_RULE[align[min(i, len(align) - 1)]] for i in range(len(header))) + "|"
