@@ -1,8 +1,8 @@
 """Rollout with Hugging Face `generate`: the engine on CPUs, and a fallback on GPUs without vLLM.
 
-Generation and weight updates may come from two threads (a threaded Ray actor): `gate` makes an update wait
-for the generate call in flight, which with `partial_rollout` is interrupted and continued under the new weights
-(vlm/partial.py) and otherwise finishes first.
+Generation and weight updates may come from two threads (a threaded Ray actor): `gate` makes an update
+wait for the generate call in flight, which with `partial_rollout` is interrupted and continued under the
+new weights (vlm/partial.py) and otherwise finishes first.
 """
 from __future__ import annotations
 
@@ -11,25 +11,27 @@ from pathlib import Path
 
 import torch
 
-from protocol.components import SamplingConfig
+from protocol.components import SamplingConfig, WeightSyncConfig
 from protocol.rollout import RolloutGroup, RolloutRequest
 from vlm.generation import sample_completions
 from vlm.partial import WeightGate, sample_in_segments
-from weights.sync import WeightReceiver, WeightSyncConfig
+from weights.receiver import WeightReceiver
 
 
 def load_policy(model_path: str | Path, dtype: torch.dtype, trust_remote_code: bool):
-    """(model, tokenizer[, processor]) for a vision-language checkpoint, or a text-only one (vLLM's CPU test model)."""
+    """(model, tokenizer[, processor]) for a vision-language checkpoint, or a text-only one (vLLM's CPU test
+    model)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    remote = dict(trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(model_path, **remote)
     if getattr(config, "vision_config", None) is None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        return model, AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code), None
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **remote)
+        return model, AutoTokenizer.from_pretrained(model_path, **remote), None
     from vlm.processor import load_processor
 
     processor = load_processor(model_path, trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype, **remote)
     return model, processor.tokenizer, processor
 
 
@@ -48,15 +50,18 @@ class HFEngine:
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
                  interruptible: bool = True) -> list[RolloutGroup]:
-        """Groups stamped with the version their first token was sampled with (the oldest, when partial rollout
-        continued some completions under newer weights: each completion's `versions` says which token had which)."""
+        """Groups stamped with the version their first token was sampled with (the oldest, when partial
+        rollout continued some completions under newer weights: each completion's `versions` says which
+        token had which)."""
         if not requests:
             return []
         if self.asleep:
             raise RuntimeError("generate() while the engine sleeps (colocated mode): load_ipc() wakes it")
-        prompts, tok = [r.inputs for r in requests], self.tokenizer
+        prompts = [r.inputs for r in requests]
+        tok = self.tokenizer
         if self.partial_rollout and interruptible:
-            groups = sample_in_segments(self.model, tok, prompts, sampling, self.gate, lambda: self.policy_version, seed)
+            groups = sample_in_segments(self.model, tok, prompts, sampling, self.gate,
+                                        lambda: self.policy_version, seed)
         else:
             with self.gate.segment():
                 version = self.policy_version
@@ -69,9 +74,9 @@ class HFEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Copy received tensors into the model by name; returns how many were loaded.
 
-        A name or shape that does not fit is an error naming it, before anything is copied: a partial update
-        would leave the engine sampling from a policy the learner never had. Waits for the generate call in
-        flight to end (or, with partial rollout, to be interrupted).
+        A name or shape that does not fit is an error naming it, before anything is copied: a partial
+        update would leave the engine sampling from a policy the learner never had. Waits for the generate
+        call in flight to end (or, with partial rollout, to be interrupted).
         """
         params = dict(self.model.named_parameters())
         named_tensors = list(named_tensors)
@@ -89,8 +94,8 @@ class HFEngine:
 
     # ---- the weight group (the same calls as the vLLM engine's) ----
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: WeightSyncConfig,
-                          name: str) -> list[str]:
+    def join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int,
+                          cfg: WeightSyncConfig, name: str) -> list[str]:
         """Leave any previous group and join the one at host:port as `first_rank` (blocks until it forms)."""
         self.leave_weight_group()
         self.receiver = WeightReceiver(host, port, first_rank, num_ranks, cfg, name=name)
@@ -109,7 +114,7 @@ class HFEngine:
             self.receiver.close()
             self.receiver = None
 
-    # ---- colocated mode (rollout.colocate): the learner rank on this device trains while the engine sleeps ----
+    # ---- colocated mode (rollout.colocate): the engine sleeps while its device's learner rank trains ----
 
     def sleep(self) -> None:
         """Free the GPU for the learner: weights go to host memory (on CPU there is nothing to free)."""

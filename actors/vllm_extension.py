@@ -12,13 +12,15 @@ from actors import vllm_adapter as adapter
 class WeightSyncExtension:
     _clsrl_receiver = None
 
-    def clsrl_join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: dict, name: str) -> str:
-        from weights.sync import WeightReceiver, WeightSyncConfig
+    def clsrl_join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: dict,
+                                name: str) -> str:
+        from protocol.components import WeightSyncConfig
+        from weights.receiver import WeightReceiver
 
         self.clsrl_leave_weight_group()
         tp_rank = adapter.worker_rank(self)
-        self._clsrl_receiver = WeightReceiver(host, port, first_rank + tp_rank, num_ranks, WeightSyncConfig(**cfg),
-                                              name=f"{name} tp{tp_rank}")
+        self._clsrl_receiver = WeightReceiver(host, port, first_rank + tp_rank, num_ranks,
+                                              WeightSyncConfig(**cfg), name=f"{name} tp{tp_rank}")
         return self._clsrl_receiver.name
 
     def clsrl_receive_weights(self) -> tuple[int, int]:

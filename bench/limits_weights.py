@@ -4,7 +4,7 @@
     python bench/limits_weights.py --quick
 
 K + 1 processes (rank 0 = the learner's sender, ranks 1..K = engines) hold two groups side by side: clsrl's
-stateless weight-sync group (weights/sync.py: per-dtype buckets, JSON headers through the store, acks)
+stateless weight-sync group (weights/sender.py: per-dtype buckets, JSON headers through the store, acks)
 and a default `torch.distributed` gloo group. Each round times both on the same processes, in alternating
 order: clsrl's `broadcast` of every named parameter of a real model (its own `mb_per_s`: from the first bucket
 to the last engine's ack, excluding the wait for engines to enter `receive`), and `dist.broadcast` of one flat
@@ -66,7 +66,8 @@ def rank_main(rank: int, k: int, ports: tuple[int, int], variants: list[tuple[st
     import torch.distributed as dist
 
     from protocol.components import WeightSyncConfig
-    from weights.sync import WeightReceiver, WeightSender
+    from weights.receiver import WeightReceiver
+    from weights.sender import WeightSender
 
     torch.set_num_threads(1)
     cfg = WeightSyncConfig(backend="gloo", timeout_s=120)

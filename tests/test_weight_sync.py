@@ -1,4 +1,4 @@
-"""Learner -> engine weight broadcast (weights.sync): protocol tests in one process (threads)."""
+"""Learner -> engine weight broadcast (weights.sender, weights.receiver): protocol tests in one process (threads)."""
 from __future__ import annotations
 
 import threading
@@ -10,7 +10,8 @@ import torch.distributed as dist
 from protocol.components import WeightSyncConfig
 from tests.weight_sync_data import FAST, HOST, bits, make_weights, sent
 from weights.group import Packer, WeightSyncError, check_header, resolve_backend
-from weights.sync import WeightReceiver, WeightSender
+from weights.receiver import WeightReceiver
+from weights.sender import WeightSender
 
 
 def run_threads(cfg, num_engines, send, version=1):

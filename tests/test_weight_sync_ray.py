@@ -14,7 +14,8 @@ import torch.distributed as dist
 from protocol.components import WeightSyncConfig
 from tests.weight_sync_data import FAST, HOST, MARGIN_S, bits, make_weights, sent
 from weights.group import WeightSyncError
-from weights.sync import WeightReceiver, WeightSender
+from weights.receiver import WeightReceiver
+from weights.sender import WeightSender
 
 # ---- separate processes: Ray actors ----
 

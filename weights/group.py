@@ -35,6 +35,7 @@ import torch.distributed as dist
 from protocol.components import WEIGHT_SYNC_BACKENDS as BACKENDS
 from protocol.components import WeightSyncConfig
 
+MAX_INFLIGHT = 2  # buckets on the wire at once per side (memory: this many + one open bucket per dtype)
 POLL_S = 0.01  # how often store keys are polled while waiting
 HEALTH_EVERY_S = 0.2  # how often heartbeats and failure reports are read while waiting
 
@@ -83,7 +84,8 @@ def new_backend(host: str, port: int, rank: int, world: int, backend: str, timeo
 
 
 def abort_backend(pg) -> None:
-    """Best effort: cancel pending collectives (NCCL: frees kernels waiting on a dead peer; gloo: no effect)."""
+    """Best effort: cancel pending collectives (NCCL: frees kernels waiting on a dead peer; gloo: no
+    effect)."""
     if pg is None:
         return
     try:
@@ -115,23 +117,27 @@ class Bucket:
     __slots__ = ("dtype", "buf", "used", "entries", "borrowed")
 
     def __init__(self, dtype: torch.dtype, buf: torch.Tensor, borrowed: bool = False) -> None:
-        self.dtype, self.buf, self.borrowed = dtype, buf, borrowed
-        self.used, self.entries = 0, []
+        self.dtype = dtype
+        self.buf = buf
+        self.borrowed = borrowed  # True: `buf` is the caller's own memory (a tensor larger than a bucket)
+        self.used = 0  # elements of `dtype` filled so far
+        self.entries = []
 
     @property
     def nbytes(self) -> int:
         return self.used * self.dtype.itemsize
 
     def header(self, version: int, index: int) -> dict:
-        return {"v": version, "i": index, "dtype": str(self.dtype).removeprefix("torch."), "nbytes": self.nbytes,
-                "t": self.entries}
+        return {"v": version, "i": index, "dtype": str(self.dtype).removeprefix("torch."),
+                "nbytes": self.nbytes, "t": self.entries}
 
 
 class Packer:
     """Copies tensors into per-dtype buckets; hands back the buckets that are ready to send."""
 
     def __init__(self, capacity: int, device: torch.device) -> None:
-        self.capacity, self.device = capacity, device
+        self.capacity = capacity
+        self.device = device
         self.open: dict[torch.dtype, Bucket] = {}
         self.free: list[torch.Tensor] = []
 
@@ -140,7 +146,8 @@ class Packer:
         entry = [name, list(t.shape), 0, t.numel(), order]
         if t.numel() * t.element_size() > self.capacity:  # its own bucket, sent from the caller's memory
             b = Bucket(t.dtype, t.to(self.device).contiguous().reshape(-1).view(torch.uint8), borrowed=True)
-            b.used, b.entries = t.numel(), [entry]
+            b.used = t.numel()
+            b.entries = [entry]
             return [b]
         ready = []
         b = self.open.get(t.dtype)
@@ -148,7 +155,10 @@ class Packer:
             ready.append(self.open.pop(t.dtype))
             b = None
         if b is None:
-            buf = self.free.pop() if self.free else torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+            if self.free:
+                buf = self.free.pop()
+            else:
+                buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
             b = self.open[t.dtype] = Bucket(t.dtype, buf)
         entry[2] = b.used
         b.buf.view(t.dtype)[b.used:b.used + t.numel()].view(t.shape).copy_(t)
@@ -174,24 +184,29 @@ def check_header(hdr: dict, index: int, version: int) -> tuple[torch.dtype, list
     dtype = getattr(torch, str(hdr.get("dtype")), None)
     if not isinstance(dtype, torch.dtype):
         raise WeightSyncError(f"bucket {index}: unknown dtype {hdr.get('dtype')!r}")
-    nbytes, end = hdr["nbytes"], 0
+    nbytes = hdr["nbytes"]
+    end = 0  # where the next entry must start, in elements
     if nbytes % dtype.itemsize:
         raise WeightSyncError(f"bucket {index}: {nbytes} bytes is not a whole number of {dtype}")
     for name, shape, offset, numel, _order in hdr["t"]:
         if offset != end or math.prod(shape) != numel:
-            raise WeightSyncError(f"bucket {index}: bad layout for {name!r} (offset {offset}, shape {shape}, "
-                                  f"numel {numel}, expected offset {end})")
+            raise WeightSyncError(f"bucket {index}: bad layout for {name!r} (offset {offset}, "
+                                  f"shape {shape}, numel {numel}, expected offset {end})")
         end += numel
     if end * dtype.itemsize != nbytes:
-        raise WeightSyncError(f"bucket {index}: entries cover {end * dtype.itemsize} bytes, header says {nbytes}")
+        raise WeightSyncError(
+            f"bucket {index}: entries cover {end * dtype.itemsize} bytes, header says {nbytes}"
+        )
     return dtype, hdr["t"]
 
 
 # ---- store helpers ----
 
 def open_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
-    """Rank 0 hosts (port 0 = pick a free one, see `.port`); others connect, retrying until the timeout."""
-    return dist.TCPStore(host, port, None, is_master, timedelta(seconds=timeout_s), wait_for_workers=False)
+    """Rank 0 hosts (port 0 = pick a free one, see `.port`); others connect, retrying until the
+    timeout."""
+    return dist.TCPStore(host, port, None, is_master, timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 def dumps(obj) -> bytes:
@@ -208,16 +223,26 @@ def get_key(store: dist.Store, key: str, timeout_s: float) -> bytes:
     return store.get(key)
 
 
-def pending(store: dist.Store, keys: dict[int, str]) -> list[int]:
-    """The ranks whose key is not set yet."""
-    return [r for r, k in keys.items() if not store.check([k])]
+class Awaiting:
+    """Ranks whose store key is not set yet, re-read on each call: a `wait_for` predicate (True when none
+    is missing) whose `missing` names the stragglers once it gives up."""
+
+    def __init__(self, store: dist.Store, keys: dict[int, str]) -> None:
+        self.store = store
+        self.keys = keys  # rank -> the key it sets
+        self.missing = list(keys)
+
+    def __call__(self) -> bool:
+        self.missing = [r for r in self.missing if not self.store.check([self.keys[r]])]
+        return not self.missing
 
 
 class Watch:
     """Rank 0's view of engine health: registered names, heartbeats, failure reports; builds the errors."""
 
     def __init__(self, store: dist.Store, cfg: WeightSyncConfig) -> None:
-        self.store, self.cfg = store, cfg
+        self.store = store
+        self.cfg = cfg
         self.names: dict[int, str] = {}  # rank -> name registered at join
         self.seen: dict[int, tuple[bytes, float]] = {}  # rank -> (last heartbeat value, when it changed)
 
@@ -228,13 +253,16 @@ class Watch:
         return time.monotonic() - self.seen[rank][1] if rank in self.seen else 0.0
 
     def findings(self, ranks: list[int], seq: int | None) -> tuple[dict[int, str], list[int]]:
-        """(engines that reported a failure of broadcast `seq`, engines among `ranks` whose heartbeat stopped)."""
+        """(engines that reported a failure of broadcast `seq`, engines among `ranks` whose heartbeat
+        stopped)."""
         failed = {}
         if seq is not None and int(self.store.add(f"nfail/{seq}", 0)) > 0:
             failed = {r: self.store.get(f"fail/{seq}/{r}").decode() for r in self.names
                       if self.store.check([f"fail/{seq}/{r}"])}
-        known, now = list(self.names), time.monotonic()
-        for r, val in zip(known, self.store.multi_get([f"hb/{r}" for r in known]) if known else []):
+        known = list(self.names)
+        now = time.monotonic()
+        beats = self.store.multi_get([f"hb/{r}" for r in known]) if known else []
+        for r, val in zip(known, beats):
             if r not in self.seen or self.seen[r][0] != val:
                 self.seen[r] = (val, now)
         return failed, [r for r in ranks if self.silent_for(r) > self.cfg.stale_s]
@@ -253,11 +281,13 @@ class Watch:
         if failed or dead:
             raise self.error(during, failed, dead)
 
-    def diagnose(self, seq: int | None, suspects: list[int], during: str, exc: BaseException) -> WeightSyncError:
+    def diagnose(
+        self, seq: int | None, suspects: list[int], during: str, exc: BaseException
+    ) -> WeightSyncError:
         """After a collective failed: watch heartbeats for a few beats to learn which engine died.
 
-        A dead engine is named as soon as it is seen; failures that engines report are only named if nobody
-        died in that window (a survivor's own error is usually a consequence of the death)."""
+        A dead engine is named as soon as it is seen; failures that engines report are only named if
+        nobody died in that window (a survivor's own error is usually a consequence of the death)."""
         found: list = [{}, []]
 
         def someone_dead() -> bool:
@@ -267,17 +297,20 @@ class Watch:
         wait_for(someone_dead, time.monotonic() + self.cfg.stale_s + 2 * self.cfg.heartbeat_s, max_sleep=0.1)
         if found[0] or found[1]:
             return WeightSyncError(f"{self.error(during, *found)} [backend error: {exc}]")
-        return WeightSyncError(f"weight sync {during} failed: {type(exc).__name__}: {exc}; no engine reported a "
-                               f"failure or stopped its heartbeat; unconfirmed: {self.who(suspects)}")
+        return WeightSyncError(f"weight sync {during} failed: {type(exc).__name__}: {exc}; no engine "
+                               f"reported a failure or stopped its heartbeat; "
+                               f"unconfirmed: {self.who(suspects)}")
 
 
 class Heartbeat:
-    """An engine-side thread bumping hb/{rank} on its own store connection until stopped or the store goes."""
+    """An engine-side thread bumping hb/{rank} on its own store connection until stopped or the store
+    goes."""
 
     def __init__(self, host: str, port: int, rank: int, interval_s: float, timeout_s: float) -> None:
         self._stop = threading.Event()
         self._args = (host, port, f"hb/{rank}", interval_s, timeout_s)
-        self._thread = threading.Thread(target=self._run, name=f"weight-sync-heartbeat-{rank}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"weight-sync-heartbeat-{rank}",
+                                        daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

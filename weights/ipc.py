@@ -1,5 +1,5 @@
-"""Colocated weight sync: the learner shares its tensors as `torch.multiprocessing` handles and the engine on the
-same GPU maps them, with no copy through a process group (CUDA IPC on GPU; on CPU, shared memory).
+"""Colocated weight sync: the learner shares its tensors as `torch.multiprocessing` handles and the engine on
+the same GPU maps them, with no copy through a process group (CUDA IPC on GPU; on CPU, shared memory).
 
     handles, keep = share(named)         # learner: keep `keep` alive until every engine has loaded
     named = rebuild(handles, device)     # engine worker: tensors viewing the learner's memory
@@ -17,7 +17,8 @@ _CUDA_DEVICE_ARG = 6  # position of the device index in a CUDA tensor's rebuild 
 
 
 def share(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[Handle], list[torch.Tensor]]:
-    """(handles, tensors to keep alive): a handle is only valid while its tensor lives in the sharing process."""
+    """(handles, tensors to keep alive): a handle is only valid while its tensor lives in the sharing
+    process."""
     handles, keep = [], []
     for name, tensor in named:
         tensor = tensor.detach().contiguous()
