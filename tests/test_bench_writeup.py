@@ -31,7 +31,8 @@ def test_fill_replaces_each_block_with_its_benchmarks_tables_and_the_run_summary
     (tmp_path / "limits_buffer.time").write_text("95.0\n")
     out = fill(DOC, tmp_path)
     assert "| old | table |" not in out and "old run line" not in out
-    assert "<!-- bench:limits_buffer -->\n| op | ratio |\n|---|---:|\n| put | 0.90 |\n<!-- /bench:limits_buffer -->" in out
+    assert ("<!-- bench:limits_buffer -->\n| op | ratio |\n|---|---:|\n| put | 0.90 |\n"
+            "<!-- /bench:limits_buffer -->") in out
     assert "| `limits_buffer` | 1.6 |" in out and "wall time 1.6 min in all" in out
     assert out.count("Prose stays.") == 1 and out.endswith("More prose.\n")
 

@@ -1,4 +1,5 @@
-"""`clsrl eval`: greedy answers over Ray engines, per-data-set protocols, base-to-new with H, eval.json + eval.md."""
+"""`clsrl eval`: greedy answers over Ray engines, per-data-set protocols, base-to-new with H, eval.json +
+eval.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,8 @@ def test_resolve_model_accepts_model_checkpoint_and_run_dirs(tmp_path):
     hf.mkdir(parents=True)
     (hf / "config.json").write_text("{}")
     (hf.parent / "driver.json").write_text("{}")  # a finished checkpoint
-    assert resolve_model(hf) == hf and resolve_model(hf.parent) == hf and resolve_model(tmp_path / "run") == hf
+    assert resolve_model(hf) == hf and resolve_model(hf.parent) == hf
+    assert resolve_model(tmp_path / "run") == hf
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         resolve_model(tmp_path)
 
@@ -38,7 +40,8 @@ def test_markdown_table_reports_base_new_and_h():
               "base_to_new": {"a": {"base": 1.0, "new": 0.0, "H": 0.0}}}
     table = markdown_table(result)
     assert "| a/base | p | 4 | 100.00 | 0 |" in table and "| a | 100.00 | 0.00 | 0.00 |" in table
-    assert "|---|---|---:|---:|---:|" in table and "\n\n| data set | base (%) | new (%) | H (%) |\n|---|---:|" in table
+    assert "|---|---|---:|---:|---:|" in table
+    assert "\n\n| data set | base (%) | new (%) | H (%) |\n|---|---:|" in table
 
 
 @pytest.mark.slow
@@ -75,7 +78,8 @@ def test_answer_all_keeps_request_order_and_names_a_dead_worker(ray_local):
 
 @pytest.mark.slow
 def test_eval_two_datasets_base_to_new_over_ray(ray_local, tmp_path):
-    cfg = load_config(ExperimentConfig, REPO_ROOT / "configs" / "cpu_multi.yaml", ["rollout.prompts_per_call=8"])
+    cfg = load_config(ExperimentConfig, REPO_ROOT / "configs" / "cpu_multi.yaml",
+                      ["rollout.prompts_per_call=8"])
     result = run_eval(cfg, tmp_path, protocol="visual_rft", base_to_new=True, max_new_tokens=6)
     assert set(result["datasets"]) == {"shapes/base", "shapes/new", "digits/base", "digits/new"}
     digits_new = result["datasets"]["digits/new"]

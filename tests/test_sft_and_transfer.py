@@ -46,8 +46,10 @@ def test_sft_learns_the_answers_in_each_tasks_format(ray_local, tmp_path):
     assert len(losses) == 30 and losses[-1] < 0.5 * losses[0]
     assert result["final"] > result["grpo_start"]
     final = [json.loads(line) for line in (tmp_path / "eval" / "step-000030.jsonl").read_text().splitlines()]
-    wrapped = {d: [a["text"].startswith("<think>") for a in final if a["dataset"] == d] for d in ("shapes", "digits")}
-    assert all(wrapped["digits"]) and not any(wrapped["shapes"])  # each task's answer format: think-wrapped or bare
+    wrapped = {d: [a["text"].startswith("<think>") for a in final if a["dataset"] == d]
+               for d in ("shapes", "digits")}
+    # each task's answer format: think-wrapped or bare
+    assert all(wrapped["digits"]) and not any(wrapped["shapes"])
     from vlm.processor import load_processor
 
     load_processor(tmp_path / "checkpoints" / "step-000030" / "hf")  # the export carries its processor
@@ -63,9 +65,12 @@ def test_transfer_matrix_trains_on_each_and_tests_on_all(ray_local, tmp_path):
         for s in names:
             assert result["delta"][t][s] == pytest.approx(result["accuracy"][t][s] - result["zero_shot"][s])
     rows = list(csv.reader(open(tmp_path / "transfer.csv")))
-    assert rows[0] == ["trained on \\ tested on", *names] and [r[0] for r in rows[1:]] == [*names, "zero-shot accuracy"]
+    assert rows[0] == ["trained on \\ tested on", *names]
+    assert [r[0] for r in rows[1:]] == [*names, "zero-shot accuracy"]
     assert (tmp_path / "transfer.png").stat().st_size > 5000
-    assert (tmp_path / "runs" / "shapes" / "metrics.jsonl").is_file() and (tmp_path / "runs" / "digits").is_dir()
+    assert "| trained on | shapes | digits |\n|---|---:|---:|\n" in (tmp_path / "transfer.md").read_text()
+    assert (tmp_path / "runs" / "shapes" / "metrics.jsonl").is_file()
+    assert (tmp_path / "runs" / "digits").is_dir()
     # a finished run can stand in for training: same numbers, no new run
     again = run_transfer(cfg, tmp_path / "reuse", checkpoints={n: str(tmp_path / "runs" / n) for n in names})
     assert again["accuracy"] == result["accuracy"] and not (tmp_path / "reuse" / "runs").exists()
