@@ -22,7 +22,8 @@ class VLLMUnavailable(ImportError):
 
 def _version(text: str) -> tuple[int, int]:
     parts = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in text.split(".")[:2]]
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+    major, minor = (parts + [0, 0])[:2]
+    return major, minor
 
 
 def import_vllm():
@@ -30,8 +31,8 @@ def import_vllm():
     try:
         import vllm
     except ImportError as err:
-        raise VLLMUnavailable(f"rollout.engine is 'vllm' but vLLM does not import here ({err}); install it with "
-                              f"`pip install 'clsrl[gpu]'` (GPU) or use rollout.engine: hf") from err
+        raise VLLMUnavailable(f"rollout.engine is 'vllm' but vLLM does not import here ({err}); install it "
+                              f"with `pip install 'clsrl[gpu]'` (GPU) or use rollout.engine: hf") from err
     low, high = SUPPORTED
     if not low <= _version(vllm.__version__) < high:
         raise VLLMUnavailable(f"vLLM {vllm.__version__} is outside the supported range "
@@ -46,7 +47,7 @@ class LLMOptions:
     model: str
     tensor_parallel_size: int = 1
     dtype: str = "auto"  # vLLM's names: auto | float32 | bfloat16
-    gpu_memory_utilization: float = 0.85  # on CPU vLLM reads this as the share of host memory for the KV cache
+    gpu_memory_utilization: float = 0.85  # on CPU: the share of host memory for the KV cache
     max_model_len: int | None = None
     seed: int = 0
     enforce_eager: bool = False
@@ -59,11 +60,13 @@ def create_llm(opts: LLMOptions):
     """An `LLM` with our worker extension mixed into every worker and logprobs of the sampling policy.
 
     `processed_logprobs`: log-probs after temperature and the blocked tokens, i.e. of the distribution the
-    token was drawn from, which is what the learner recomputes (vlm/logprobs.py) when top_p = 1 and top_k = 0.
+    token was drawn from, which is what the learner recomputes (vlm/logprobs.py) when top_p = 1 and
+    top_k = 0.
     """
     vllm = import_vllm()
-    if opts.ipc_weights:  # handles are (function, args) pairs, which vLLM's msgpack RPC carries only as pickle; the
-        # channel is this actor's own local sockets to its engine-core process, never the network or Redis
+    if opts.ipc_weights:
+        # handles are (function, args) pairs, which vLLM's msgpack RPC carries only as pickle; the channel
+        # is this actor's own local sockets to its engine-core process, never the network or Redis
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return vllm.LLM(
         model=opts.model, tensor_parallel_size=opts.tensor_parallel_size, dtype=opts.dtype,
@@ -109,7 +112,8 @@ def generate(llm, prompts: list[dict], params: list) -> list[tuple[list[int] | N
             ids = list(c.token_ids)
             lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids)]
             if len(lps) != len(ids):
-                raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens (request {out.request_id})")
+                raise RuntimeError(f"vLLM returned {len(lps)} log-probs for {len(ids)} tokens "
+                                   f"(request {out.request_id})")
             samples.append(Sample(ids, lps, "length" if c.finish_reason == "length" else "stop"))
         prompt_ids = getattr(out, "prompt_token_ids", None)
         results.append((list(prompt_ids) if prompt_ids is not None else None, samples))
@@ -147,21 +151,23 @@ def worker_rank(worker) -> int:
 
 
 def worker_device(worker) -> torch.device:
-    return torch.device(worker.device) if hasattr(worker, "device") else next(worker_model(worker).parameters()).device
+    if hasattr(worker, "device"):
+        return torch.device(worker.device)
+    return next(worker_model(worker).parameters()).device
 
 
 def load_weights(worker, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Reload Hugging Face-named tensors in place: the model's own loader shards, fuses qkv/gate-up and casts,
-    then vLLM re-runs its post-load processing (the CPU build repacks linear weights) and drops the encoder and
-    multimodal caches computed with the old weights."""
+    """Reload Hugging Face-named tensors in place: the model's own loader shards, fuses qkv/gate-up and
+    casts, then vLLM re-runs its post-load processing (the CPU build repacks linear weights) and drops the
+    encoder and multimodal caches computed with the old weights."""
     worker.reload_weights(weights_iterator=named, is_checkpoint_format=True)
     _repack_tied_cpu_layers(worker_model(worker))
 
 
 def _repack_tied_cpu_layers(model: torch.nn.Module) -> None:
-    """vLLM's in-place reload re-processes a tied weight for one of its owners only. On CPU each owner keeps a
-    prepacked copy for its matmul (`cpu_linear`), so a tied lm_head would go on with the old weights: repack
-    every owner of a shared weight. (On GPU nothing is prepacked and this finds nothing to do.)"""
+    """vLLM's in-place reload re-processes a tied weight for one of its owners only. On CPU each owner keeps
+    a prepacked copy for its matmul (`cpu_linear`), so a tied lm_head would go on with the old weights:
+    repack every owner of a shared weight. (On GPU nothing is prepacked and this finds nothing to do.)"""
     owners: dict[int, list[torch.nn.Module]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)

@@ -1,10 +1,11 @@
 """Rollout with vLLM, behind the same interface as the HF engine (actors/engine.py).
 
 Prompts arrive encoded (`PromptInputs`: token ids with the image's run of `<|image_pad|>` and its patches).
-vLLM wants one placeholder per image plus the image, and expands the placeholder itself: the run is collapsed
-and the image recovered from the patches (vlm/pixels.py), so vLLM sees the pixels the learner trains on; the
-number of image tokens it ran is checked against ours. Weights arrive inside vLLM's workers (the worker
-extension joins the learners' weight group), or colocated through IPC handles while the engine is awake.
+vLLM wants one placeholder per image plus the image, and expands the placeholder itself: the run is
+collapsed and the image recovered from the patches (vlm/pixels.py), so vLLM sees the pixels the learner
+trains on; the number of image tokens it ran is checked against ours. Weights arrive inside vLLM's workers
+(the worker extension joins the learners' weight group), or colocated through IPC handles while the engine
+is awake.
 All vLLM calls go through actors/vllm_adapter.py.
 """
 from __future__ import annotations
@@ -23,18 +24,23 @@ def collapse_image_runs(ids: list[int], image_token_id: int | None) -> list[int]
     """Each run of image tokens becomes one (vLLM expands it again from the image)."""
     if image_token_id is None:
         return list(ids)
+    # keep a token unless it is an image token right after another one
     return [t for i, t in enumerate(ids) if t != image_token_id or i == 0 or ids[i - 1] != image_token_id]
 
 
-def check_image_tokens(prompt_id: str, ours: list[int], ran: list[int] | None, image_token_id: int | None) -> None:
-    """vLLM must expand the image into as many tokens as the learner's prompt has, or the two train and sample
-    different sequences. (`ran` None, or one image token: this vLLM reports the prompt before expansion.)"""
+def check_image_tokens(prompt_id: str, ours: list[int], ran: list[int] | None,
+                       image_token_id: int | None) -> None:
+    """vLLM must expand the image into as many tokens as the learner's prompt has, or the two train and
+    sample different sequences. (`ran` None, or one image token: this vLLM reports the prompt before
+    expansion.)"""
     if ran is None or image_token_id is None:
         return
-    n_ours, n_ran = ours.count(image_token_id), ran.count(image_token_id)
+    n_ours = ours.count(image_token_id)
+    n_ran = ran.count(image_token_id)
     if n_ran > 1 and n_ran != n_ours:
-        raise ValueError(f"prompt {prompt_id}: vLLM expanded the image into {n_ran} tokens, the learner's prompt has "
-                         f"{n_ours}; the checkpoint's preprocessor min_pixels/max_pixels must match data.min_pixels/max_pixels")
+        raise ValueError(f"prompt {prompt_id}: vLLM expanded the image into {n_ran} tokens, the learner's "
+                         f"prompt has {n_ours}; the checkpoint's preprocessor min_pixels/max_pixels must "
+                         f"match data.min_pixels/max_pixels")
 
 
 class VLLMEngine:
@@ -78,8 +84,9 @@ class VLLMEngine:
         if not requests:
             return []
         n = 1 if sampling.greedy else sampling.n
-        params = [adapter.sampling_params(n, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
-                                          sampling.greedy, None if seed is None else (seed + i) % 2**63, self.blocked)
+        params = [adapter.sampling_params(n, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+                                          sampling.top_k, sampling.greedy,
+                                          None if seed is None else (seed + i) % 2**63, self.blocked)
                   for i in range(len(requests))]
         prompts = [self._prompt(r.inputs) for r in requests]
         with self.lock:
@@ -90,19 +97,22 @@ class VLLMEngine:
         groups = []
         for r, (ran, samples) in zip(requests, results):
             check_image_tokens(r.prompt_id, r.inputs.input_ids.tolist(), ran, self.image_token_id)
-            groups.append(RolloutGroup(r, [
-                Completion(s.token_ids, s.logprobs, self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
-                           s.finish_reason, versions=[version] * len(s.token_ids)) for s in samples], version))
+            completions = [Completion(s.token_ids, s.logprobs,
+                                      self.tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                                      s.finish_reason, versions=[version] * len(s.token_ids))
+                           for s in samples]
+            groups.append(RolloutGroup(r, completions, version))
         return groups
 
     # ---- weights ----
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int, cfg: WeightSyncConfig,
-                          name: str) -> list[str]:
+    def join_weight_group(self, host: str, port: int, first_rank: int, num_ranks: int,
+                          cfg: WeightSyncConfig, name: str) -> list[str]:
         """Every worker joins as ranks first_rank .. first_rank + tensor_parallel_size - 1."""
+        args = (host, port, first_rank, num_ranks, vars(cfg).copy(), name)
         with self.lock:
-            return adapter.collective_rpc(self.llm, "clsrl_join_weight_group",
-                                          (host, port, first_rank, num_ranks, vars(cfg).copy(), name), timeout=cfg.timeout_s * 3)
+            return adapter.collective_rpc(self.llm, "clsrl_join_weight_group", args,
+                                          timeout=cfg.timeout_s * 3)
 
     def receive_weights(self, timeout_s: float) -> dict:
         """Blocks until every worker holds the new version; then old prefix-cache entries are dropped."""
@@ -129,7 +139,8 @@ class VLLMEngine:
         return loaded
 
     def sleep(self) -> None:
-        """Colocated: free the GPU for the learners (weights and KV cache dropped until the next load_ipc)."""
+        """Colocated: free the GPU for the learners (weights and KV cache dropped until the next
+        load_ipc)."""
         with self.lock:
             if not self.asleep:
                 adapter.sleep(self.llm)
@@ -144,10 +155,11 @@ class VLLMEngine:
             adapter.collective_rpc(self.llm, "clsrl_leave_weight_group")
 
 
-def engine_options(model_path: str | Path, rollout, dtype: str, seed: int, colocate: bool) -> adapter.LLMOptions:
+def engine_options(model_path: str | Path, rollout, dtype: str, seed: int,
+                   colocate: bool) -> adapter.LLMOptions:
     """From the `rollout` config section to vLLM's options."""
     return adapter.LLMOptions(
         model=str(model_path), tensor_parallel_size=rollout.tensor_parallel_size,
         dtype={"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[dtype],
-        gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len, seed=seed,
-        enforce_eager=rollout.enforce_eager, enable_sleep_mode=colocate, ipc_weights=colocate)
+        gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len,
+        seed=seed, enforce_eager=rollout.enforce_eager, enable_sleep_mode=colocate, ipc_weights=colocate)
