@@ -22,12 +22,14 @@ import torch
 from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
 
 FORMAT = "clsrl.RolloutGroup"
-FORMAT_VERSION = 2  # bump on any incompatible change; decoders refuse other versions by name (2: token ids as int32 bytes)
+# bump on any incompatible change; decoders refuse other versions by name (2: token ids as int32 bytes)
+FORMAT_VERSION = 2
 MAX_NESTING = 64  # solution/meta deeper than this is a bug upstream, and bounds our recursion
 
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
-    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
+    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+                 "bool")
 }
 _TENSOR_FIELDS = ("input_ids", "pixel_values", "image_grid_thw")
 _OPTIONAL_TENSORS = ("pixel_values", "image_grid_thw")  # absent for a text-only prompt
@@ -48,7 +50,8 @@ def _pack_tensor(t: Any, where: str) -> dict:
         raise CodecError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
     name = str(t.dtype).removeprefix("torch.")
     if name not in _DTYPES or t.layout != torch.strided:
-        raise CodecError(f"{where}: unsupported tensor {t.dtype} ({t.layout}); supported dtypes: {', '.join(_DTYPES)}")
+        raise CodecError(f"{where}: unsupported tensor {t.dtype} ({t.layout}); "
+                         f"supported dtypes: {', '.join(_DTYPES)}")
     flat = t.detach().cpu().contiguous().reshape(-1)
     # a memoryview: msgpack copies the bytes once into its output (tobytes() would copy them twice)
     return {"dtype": name, "shape": list(t.shape), "data": memoryview(flat.view(torch.uint8).numpy())}
@@ -89,12 +92,13 @@ def _pack_logprobs(values: Any, where: str) -> tuple[bytes, str]:
 
 
 def _pack_ids(values: Any, where: str) -> bytes:
-    """Token ids as little-endian int32 bytes: a msgpack list of ints costs ~10x more to pack, check and read."""
+    """Token ids as little-endian int32 bytes: a msgpack list of ints costs ~10x more to pack, check, read."""
     arr = np.asarray(values)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise CodecError(f"{where}.token_ids must be a flat list of ints")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 2**31):
-        raise CodecError(f"{where}.token_ids: ids must be in [0, 2**31), got {int(arr.min())}..{int(arr.max())}")
+        raise CodecError(f"{where}.token_ids: ids must be in [0, 2**31), "
+                         f"got {int(arr.min())}..{int(arr.max())}")
     return arr.astype("<i4").tobytes()
 
 
@@ -112,12 +116,15 @@ def _pack_versions(versions: Any, n_tokens: int, where: str) -> list[list[int]]:
 
 
 def _unpack_versions(runs: Any, n_tokens: int, where: str) -> list[int]:
-    if not isinstance(runs, list) or not all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
-                                             for r in runs):
+    def is_run(r: Any) -> bool:
+        return isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+
+    if not isinstance(runs, list) or not all(is_run(r) for r in runs):
         raise CodecError(f"{where}.versions: expected [[first token, version], ...], got {runs!r:.200}")
     starts = [r[0] for r in runs] + [n_tokens]
     if runs and (starts[0] != 0 or any(a >= b for a, b in zip(starts, starts[1:]))):
-        raise CodecError(f"{where}.versions: run starts {starts[:-1]} do not cover {n_tokens} tokens in order")
+        raise CodecError(f"{where}.versions: run starts {starts[:-1]} do not cover {n_tokens} tokens "
+                         f"in order")
     return [v for (start, v), end in zip(runs, starts[1:]) for _ in range(end - start)]
 
 
@@ -174,7 +181,8 @@ def _get(d: dict, key: str, types: type | tuple[type, ...], where: str) -> Any:
         raise CodecError(f"{where}: missing field '{key}'")
     value = d[key]
     if not isinstance(value, types) or (types is int and isinstance(value, bool)):
-        raise CodecError(f"{where}.{key}: expected {getattr(types, '__name__', types)}, got {type(value).__name__}")
+        raise CodecError(f"{where}.{key}: expected {getattr(types, '__name__', types)}, "
+                         f"got {type(value).__name__}")
     return value
 
 
@@ -191,7 +199,8 @@ def _unpack_tensor(d: Any, where: str) -> torch.Tensor:
     dtype = _DTYPES[name]
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(data) != expected:
-        raise CodecError(f"{where}: {len(data)} bytes for a {name} tensor of shape {shape} ({expected} expected)")
+        raise CodecError(f"{where}: {len(data)} bytes for a {name} tensor of shape {shape} "
+                         f"({expected} expected)")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     if dtype is torch.bool and max(data) > 1:  # other byte values are not valid bools
@@ -225,16 +234,17 @@ def decode_group(data: bytes) -> RolloutGroup:
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=True, unicode_errors="surrogatepass")
     except Exception as err:  # msgpack raises several types (ExtraData, FormatError, ValueError, ...)
-        raise CodecError(f"not a msgpack rollout group ({len(data)} bytes): {type(err).__name__}: {err}") from None
+        raise CodecError(f"not a msgpack rollout group ({len(data)} bytes): "
+                         f"{type(err).__name__}: {err}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CodecError(f"not a {FORMAT} payload ({len(data)} bytes, decoded to {type(doc).__name__})")
     if doc.get("version") != FORMAT_VERSION:
-        raise CodecError(f"{FORMAT} format version {doc.get('version')!r}; this build reads version {FORMAT_VERSION} "
-                         f"(do producer and learner run the same clsrl?)")
+        raise CodecError(f"{FORMAT} format version {doc.get('version')!r}; this build reads version "
+                         f"{FORMAT_VERSION} (do producer and learner run the same clsrl?)")
     req = _get(doc, "request", dict, "group")
     inputs = _get(req, "inputs", dict, "request")
-    tensors = {f: _unpack_tensor(_get(inputs, f, dict, "request.inputs"), f"request.inputs.{f}") for f in _TENSOR_FIELDS
-               if f in inputs or f not in _OPTIONAL_TENSORS}
+    tensors = {f: _unpack_tensor(_get(inputs, f, dict, "request.inputs"), f"request.inputs.{f}")
+               for f in _TENSOR_FIELDS if f in inputs or f not in _OPTIONAL_TENSORS}
     completions = _get(doc, "completions", list, "group")
     rewards = doc.get("rewards")
     if rewards is not None and not isinstance(rewards, list):

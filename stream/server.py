@@ -6,10 +6,11 @@ on exit. It cannot outlive us: the context manager and an atexit hook stop it on
 the kernel sends it SIGTERM when the process that started it dies (even by SIGKILL). It runs in its own
 session so a Ctrl-C aimed at the driver does not kill it before the driver's own cleanup has run.
 
-`PrivateRedis.restart()` brings a crashed (or stopped) server back on the same port, password and data dir, so
-clients keep their URL and simply reconnect (the rollout buffer retries with backoff). With `appendonly: true`
-the stream, the consumer group and its pending list come back from the AOF; without it they are gone, and the
-buffer says so (NOGROUP -> "was the server restarted without appendonly?", see tests/test_buffer.py).
+`PrivateRedis.restart()` brings a crashed (or stopped) server back on the same port, password and data dir,
+so clients keep their URL and simply reconnect (`make_client` clients retry with backoff). With
+`appendonly: true` the stream, the consumer group and its pending list come back from the AOF; without it they
+are gone, and the buffer says so (NOGROUP -> "was the server restarted without appendonly?", see
+tests/test_buffer.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from protocol.components import RedisConfig
 
@@ -47,14 +50,40 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def make_client(url: str, cfg: RedisConfig | None = None) -> redis.Redis:
-    """A binary-safe client with our timeouts; redis-py's own retries are off, callers retry (see rollout_buffer)."""
-    cfg = cfg or RedisConfig()
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
+def _retryable(err: Exception) -> bool:
+    # AuthenticationError and AuthorizationError subclass ConnectionError; retrying a bad password won't help
+    return not isinstance(err, redis.AuthenticationError | redis.exceptions.AuthorizationError)
 
-    return redis.Redis.from_url(url, socket_connect_timeout=cfg.connect_timeout_s, socket_timeout=cfg.socket_timeout_s,
-                                retry=Retry(NoBackoff(), 0), decode_responses=False)
+
+class LoggedRetry(Retry):
+    """redis-py's Retry (it retries, its backoff decides the waits), plus a warning per retry: a server that
+    went away should show in the log, not only as a stall."""
+
+    def __init__(self, backoff: ExponentialBackoff, retries: int, where: str, logger: logging.Logger) -> None:
+        super().__init__(backoff, retries, is_retryable=_retryable)  # on ConnectionError and TimeoutError
+        self.where, self.logger = where, logger
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def failed(err: Exception, failures: int) -> None:
+            if failures <= self._retries and _retryable(err):  # a retry follows (redis-py calls this first)
+                self.logger.warning("Redis at %s: call failed (%s), retry %d/%d in %.2f s", self.where, err,
+                                    failures, self._retries, self._backoff.compute(failures))
+            return fail(err, failures) if with_failure_count else fail(err)
+
+        return super().call_with_retry(do, failed, is_retryable, with_failure_count=True)
+
+
+def make_client(url: str, cfg: RedisConfig | None = None, logger: logging.Logger = log) -> redis.Redis:
+    """A binary-safe client with our timeouts that retries connection errors and timeouts itself.
+
+    A command is tried up to redis.retry_attempts times, with redis-py's exponential backoff; each retry is
+    logged on `logger`. What still fails reaches the caller (the rollout buffer names the server in it).
+    """
+    cfg = cfg or RedisConfig()
+    backoff = ExponentialBackoff(cap=cfg.retry_backoff_max_s, base=cfg.retry_backoff_s)
+    retry = LoggedRetry(backoff, cfg.retry_attempts - 1, redact_url(url), logger)
+    return redis.Redis.from_url(url, socket_connect_timeout=cfg.connect_timeout_s,
+                                socket_timeout=cfg.socket_timeout_s, retry=retry, decode_responses=False)
 
 
 def check_server_version(client: redis.Redis, where: str) -> str:
@@ -117,13 +146,15 @@ def _tail(path: Path, lines: int = 20) -> str:
 class PrivateRedis:
     """`with PrivateRedis(cfg, run_dir) as srv: srv.url, srv.client()`; `srv.restart()` after a crash.
 
-    Caveat of the Linux parent-death signal: it fires when the *thread* that started the server exits, so start
-    (and restart) it from a thread that lives as long as the run (the main thread), or pass `die_with_parent=False`.
+    Caveat of the Linux parent-death signal: it fires when the *thread* that started the server exits, so
+    start (and restart) it from a thread that lives as long as the run (the main thread), or pass
+    `die_with_parent=False`.
     """
 
-    def __init__(self, cfg: RedisConfig | None, run_dir: str | os.PathLike, die_with_parent: bool = True) -> None:
+    def __init__(self, cfg: RedisConfig | None, run_dir: str | os.PathLike,
+                 die_with_parent: bool = True) -> None:
         self.cfg = cfg or RedisConfig()
-        self.dir = Path(run_dir).resolve() / "redis"  # redis-server chdirs to `dir`: relative paths would break
+        self.dir = Path(run_dir).resolve() / "redis"  # redis-server chdirs to `dir`: relative paths break
         self.die_with_parent = die_with_parent
         self.binary = find_redis_server()
         self.proc: subprocess.Popen | None = None
@@ -196,11 +227,11 @@ class PrivateRedis:
     def restart(self, kill: bool = True) -> PrivateRedis:
         """Stop the server and start it again on the same port, password and data dir: clients keep their URL.
 
-        kill=True sends SIGKILL (a crash: only what the AOF holds comes back, see `appendfsync`); kill=False shuts
-        it down cleanly (the AOF is flushed and fsynced). A server that already died (crashed, OOM-killed) is just
-        started again. Without appendonly the data is gone: this logs it, and the buffer reports NOGROUP.
-        The port is held by nobody while the server is down; if another process takes it, this raises (clients
-        cannot follow a new port) after retrying for `start_timeout_s`.
+        kill=True sends SIGKILL (a crash: only what the AOF holds comes back, see `appendfsync`); kill=False
+        shuts it down cleanly (the AOF is flushed and fsynced). A server that already died (crashed,
+        OOM-killed) is just started again. Without appendonly the data is gone: this logs it, and the buffer
+        reports NOGROUP. The port is held by nobody while the server is down; if another process takes it,
+        this raises (clients cannot follow a new port) after retrying for `start_timeout_s`.
         """
         port = self.port
         if port is None:
@@ -214,25 +245,25 @@ class PrivateRedis:
                 break
             if "in use" not in failure or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server ({self.binary}) did not restart on 127.0.0.1:{port} (clients hold "
-                                   f"that URL, so it cannot move): {failure}")
+                raise RuntimeError(f"redis-server ({self.binary}) did not restart on 127.0.0.1:{port} "
+                                   f"(clients hold that URL, so it cannot move): {failure}")
             time.sleep(0.1)
         self.restarts += 1
         how = "after it died" if died else ("after SIGKILL" if kill else "after a clean shutdown")
         if self.cfg.appendonly:
-            log.warning("private Redis restarted %s on 127.0.0.1:%d; stream and pending list reloaded from the AOF "
-                        "(appendfsync %s)", how, port, self.cfg.appendfsync)
+            log.warning("private Redis restarted %s on 127.0.0.1:%d; stream and pending list reloaded from "
+                        "the AOF (appendfsync %s)", how, port, self.cfg.appendfsync)
         else:
-            log.warning("private Redis restarted %s on 127.0.0.1:%d without appendonly: the rollout stream, its "
-                        "consumer group and pending list are gone", how, port)
+            log.warning("private Redis restarted %s on 127.0.0.1:%d without appendonly: the rollout stream, "
+                        "its consumer group and pending list are gone", how, port)
         return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.cfg.start_timeout_s
-        # A short socket timeout: if our server failed to bind and someone else listens on the port, PING must not
-        # wait out the whole per-command timeout before we notice that our process exited.
+        # A short socket timeout and no retries: if our server failed to bind and someone else listens on the
+        # port, PING must not wait out the per-command timeout before we notice that our process exited.
         probe = RedisConfig(connect_timeout_s=min(self.cfg.connect_timeout_s, 1.0),
-                            socket_timeout_s=min(self.cfg.socket_timeout_s, 1.0))
+                            socket_timeout_s=min(self.cfg.socket_timeout_s, 1.0), retry_attempts=1)
         client = make_client(self.url, probe)
         try:
             while True:
@@ -246,7 +277,8 @@ class PrivateRedis:
                     raise
                 except (redis.ConnectionError, redis.TimeoutError) as err:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"no PING reply within {self.cfg.start_timeout_s} s ({err})") from None
+                        raise RuntimeError(f"no PING reply within {self.cfg.start_timeout_s} s "
+                                           f"({err})") from None
                 time.sleep(0.02)
         finally:
             client.close()
@@ -261,7 +293,9 @@ class PrivateRedis:
             proc.kill()
         elif proc.poll() is None:
             try:  # SHUTDOWN NOSAVE still flushes and fsyncs the AOF when appendonly is on
-                c = make_client(self.url, RedisConfig(connect_timeout_s=1.0, socket_timeout_s=timeout_s))
+                # one try: the connection drops as the server exits, and a retry would only wait on it
+                c = make_client(self.url, RedisConfig(connect_timeout_s=1.0, socket_timeout_s=timeout_s,
+                                                      retry_attempts=1))
                 try:
                     c.shutdown(nosave=True)
                 finally:

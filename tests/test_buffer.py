@@ -10,6 +10,8 @@ import uuid
 import pytest
 import redis
 import torch
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from protocol.components import RedisConfig
 from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
@@ -194,28 +196,55 @@ def test_blocking_take_waits_then_returns_empty(make):
         buf.take(0)
 
 
-def test_unreachable_server_raises_naming_the_url_without_password():
+def test_unreachable_server_raises_naming_the_url_without_password(caplog):
     cfg = RedisConfig(retry_attempts=3, retry_backoff_s=0.01, connect_timeout_s=0.5)
     buf = RolloutBuffer("redis://:hunter2@127.0.0.1:1/0", "s", "g", "A", cfg=cfg)
     t0 = time.monotonic()
-    with pytest.raises(BufferUnavailable, match=r"redis://:\*\*\*@127.0.0.1:1/0 unreachable: XADD failed 3 times") as err:
+    with pytest.raises(BufferUnavailable, match=r"redis://:\*\*\*@127.0.0.1:1/0 unreachable: XADD failed after "
+                                                r".* \(redis.retry_attempts=3\); last error: ConnectionError") as err:
         buf.put(group(0))
-    assert "hunter2" not in str(err.value) and time.monotonic() - t0 < 5
+    assert "hunter2" not in str(err.value) and "hunter2" not in caplog.text and time.monotonic() - t0 < 5
+    retries = [r.getMessage() for r in caplog.records if r.name == "stream.buffer"]
+    assert len(retries) == 2 and "retry 2/2 in 0.04 s" in retries[-1]  # 3 tries; waits 0.02, 0.04 s
 
 
-def test_transient_connection_errors_are_retried(make, monkeypatch):
+def test_the_client_retries_with_redis_py_retry_and_the_configured_backoff(server):
+    cfg = RedisConfig(retry_attempts=4, retry_backoff_s=0.05, retry_backoff_max_s=0.3)
+    with RolloutBuffer(server.url, "s", "g", "A", cfg=cfg) as buf:
+        retry = buf._r.connection_pool.connection_kwargs["retry"]
+        assert isinstance(retry, Retry) and retry.get_retries() == 3  # 4 tries
+        assert retry._backoff == ExponentialBackoff(cap=0.3, base=0.05)
+        assert [retry._backoff.compute(k) for k in (1, 2, 3)] == [0.1, 0.2, 0.3]
+        assert {redis.ConnectionError, redis.TimeoutError} <= set(retry._supported_errors)
+        assert not retry.is_retryable(redis.AuthenticationError("wrong password"))
+        conn = buf._r.connection_pool.get_connection()
+        try:
+            assert conn.retry == retry  # what each connection retries with
+        finally:
+            buf._r.connection_pool.release(conn)
+
+
+def test_transient_connection_errors_are_retried_by_the_client(make, monkeypatch, caplog):
+    """Errors injected under the client API (the socket write) are retried by redis-py, nothing above it."""
     buf = make(cfg=RedisConfig(retry_attempts=4, retry_backoff_s=0.01))
-    real, calls = buf._r.xadd, []
+    cls = buf._r.connection_pool.connection_class
+    real, calls = cls.send_packed_command, []
 
-    def flaky(*a, **kw):
-        calls.append(1)
-        if len(calls) <= 2:
-            raise redis.ConnectionError("connection reset by peer")
-        return real(*a, **kw)
+    def flaky(conn, command, *a, **kw):
+        if b"XADD" in b"".join(command if isinstance(command, list) else [command]):
+            calls.append(1)
+            if len(calls) <= 2:
+                raise redis.ConnectionError("connection reset by peer")
+        return real(conn, command, *a, **kw)
 
-    monkeypatch.setattr(buf._r, "xadd", flaky)
-    buf.put(group(0))
+    monkeypatch.setattr(cls, "send_packed_command", flaky)
+    buf._r.xadd(buf.stream, {"x": "1"})  # the bare client call: no retry loop of ours around it
     assert len(calls) == 3 and buf.depth() == 1
+    retries = [r.getMessage() for r in caplog.records if r.name == "stream.buffer"]
+    assert len(retries) == 2 and "connection reset by peer" in retries[0] and "retry 2/3" in retries[1]
+    calls.clear()
+    buf.put(group(0))
+    assert len(calls) == 3 and buf.depth() == 2  # the entry went in once
 
 
 def test_wrong_password_fails_fast(server):
@@ -307,7 +336,7 @@ def test_pending_and_unread_entries_survive_a_sigkilled_server(tmp_path, caplog)
 
         worker = threading.Thread(target=learner_and_producer_carry_on)
         worker.start()
-        time.sleep(0.5)  # down for half a second, well inside the retry budget (~2.6 s of backoff)
+        time.sleep(0.5)  # down for half a second, well inside the retry budget (~3.1 s of backoff)
         srv.restart()  # from the main thread: the parent-death signal follows the starting thread
         worker.join(30)
         assert not worker.is_alive() and errors == []

@@ -114,6 +114,17 @@ def test_process_gone_after_context_exit(tmp_path):
     srv.stop()  # idempotent
 
 
+def test_start_and_stop_do_not_wait_out_client_retries(tmp_path):
+    """Readiness polling and SHUTDOWN use one-try clients: a slow backoff configured for the run's clients must
+    not delay either (SHUTDOWN always ends with the connection dropped)."""
+    cfg = RedisConfig(retry_attempts=6, retry_backoff_s=1.0)  # a retry would wait 2 s first
+    t0 = time.monotonic()
+    with PrivateRedis(cfg, tmp_path) as srv:
+        assert srv.client().ping()
+        t1 = time.monotonic()
+    assert t1 - t0 < 1.8 and time.monotonic() - t1 < 1.8
+
+
 def test_server_dies_with_a_killed_parent(tmp_path):
     if not sys.platform.startswith("linux"):
         pytest.skip("parent-death signal is Linux only")
@@ -154,7 +165,7 @@ def test_connect_external_and_private(server, tmp_path):
         srv.stop()
     assert not alive(pid)
     with pytest.raises(ConnectionError, match=r"redis://:\*\*\*@127.0.0.1:1/0") as err:
-        connect(RedisConfig(url="redis://:secret@127.0.0.1:1/0", connect_timeout_s=1), tmp_path)
+        connect(RedisConfig(url="redis://:secret@127.0.0.1:1/0", connect_timeout_s=1, retry_backoff_s=0.01), tmp_path)
     assert "secret" not in str(err.value)
 
 
