@@ -22,7 +22,14 @@ from pathlib import Path
 from PIL import Image
 
 from tasks.boxes import Box1000, as_solution, check_frame_box, pixel_box_to_frame
-from tasks.manifest import IMAGE_SUFFIXES, DatasetError, check_unique_ids, jsonl_rows, read_json
+from tasks.manifest import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    check_unique_ids,
+    jsonl_rows,
+    read_json,
+    split_folders,
+)
 
 JSONL_KEYS = {"image", "question", "expression", "boxes", "box", "split", "id"}
 REASONSEG_SPLITS = ("train", "val", "test")
@@ -148,12 +155,9 @@ def read_reasonseg(root: str | Path, splits: Iterable[str] = REASONSEG_SPLITS, m
     """LISA's ReasonSeg folder (root/train/*.json + images, root/val/..., root/test/...); missing splits
     skipped."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"ReasonSeg folder not found: {root}")
-    present = [s for s in splits if (root / s).is_dir()]
-    if not present:
-        raise DatasetError(f"{root}: expected ReasonSeg's split folders {list(splits)} holding name.jpg + "
-                           f"name.json, found {sorted(p.name for p in root.iterdir())[:10]}")
+    splits = list(splits)
+    present = split_folders(root, splits, "ReasonSeg folder",
+                            f"ReasonSeg's split folders {splits} holding name.jpg + name.json")
     samples: list[GroundingSample] = []
     for split in present:
         anns = sorted((root / split).glob("*.json"))

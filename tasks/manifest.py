@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +60,18 @@ def check_unique_ids(ids: list[str], source: Path) -> None:
     dupes = [i for i, k in Counter(ids).items() if k > 1]
     if dupes:
         raise DatasetError(f"{source}: duplicate ids {dupes[:5]}")
+
+
+def split_folders(root: Path, splits: Sequence[str], what: str, expected: str) -> list[str]:
+    """The `splits` that are folders under `root` (the data set folder, `what`); none is an error that
+    says what was `expected` and names what the folder holds."""
+    if not root.is_dir():
+        raise DatasetError(f"{what} not found: {root}")
+    present = [s for s in splits if (root / s).is_dir()]
+    if not present:
+        found = sorted(p.name for p in root.iterdir())[:10]
+        raise DatasetError(f"{root}: expected {expected}, found {found}")
+    return present
 
 
 def read_json(path: Path, what: str) -> object:
@@ -138,12 +150,8 @@ def read_image_folder(root: str | Path, splits: tuple[str, ...] = ("train", "tes
                       name: str | None = None) -> ClassificationDataset:
     """`root/<split>/<class folder>/*.<image>`; the class set is the union of the splits' folders."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"data set folder not found: {root}")
-    present = [s for s in splits if (root / s).is_dir()]
-    if not present:
-        raise DatasetError(f"{root}: expected an ImageFolder tree with {'/'.join(splits)} folders "
-                           f"(root/train/<class>/*.png), found {sorted(p.name for p in root.iterdir())[:10]}")
+    present = split_folders(root, splits, "data set folder",
+                            f"an ImageFolder tree with {'/'.join(splits)} folders (root/train/<class>/*.png)")
     folders = sorted({d.name for s in present for d in (root / s).iterdir() if d.is_dir()})
     names = [display_name(f) for f in folders]
     samples = []
