@@ -13,7 +13,14 @@ import rewards
 from protocol.config import ExperimentConfig
 from protocol.overrides import ConfigError, load_config
 from tasks.examples import format_target
-from tasks.prompts import BOX_STYLES, DIRECT_INSTRUCTION, PROMPT_STYLES, THINK_INSTRUCTION, VQA_STYLES, classification_prompt
+from tasks.prompts import (
+    BOX_STYLES,
+    DIRECT_INSTRUCTION,
+    PROMPT_STYLES,
+    THINK_INSTRUCTION,
+    VQA_STYLES,
+    classification_prompt,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUNTIME_ENV = CONFIGS / "runtime_env.yaml"
