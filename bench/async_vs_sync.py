@@ -39,7 +39,7 @@ BASE = [
     "cluster.rollout_workers=1", "cluster.learner_ranks=1",
     "train.prompts_per_step=96", "rollout.prompts_per_call=96", "sampling.n=8", "sampling.max_new_tokens=8",
     "learner.micro_batch_size=64", "train.warm_start_steps=40", "train.eval_every=5", "train.save_every=0",
-    "train.tensorboard=false", "data.eval_limit=96",
+    "train.loggers=[]", "data.eval_limit=96",
 ]
 QUICK = ["train.warm_start_steps=2", "train.eval_every=0", "data.eval_limit=8", "train.prompts_per_step=4",
          "rollout.prompts_per_call=4", "sampling.n=4", "learner.micro_batch_size=16"]

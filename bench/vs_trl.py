@@ -41,7 +41,7 @@ SYSTEMS = ("trl", "clsrl-sync", "clsrl-async")
 STALENESS = {"clsrl-sync": 0, "clsrl-async": 1}
 # Both systems: overrides on configs/cpu_demo.yaml (cls_equality reward, no_think prompt, beta 0, lr 1e-3, clip 0.2).
 COMMON = ["cluster.rollout_workers=1", "cluster.learner_ranks=1", "sampling.n=8", "sampling.max_new_tokens=8",
-          "train.warm_start_steps=0", "train.eval_every=0", "train.save_every=0", "train.tensorboard=false",
+          "train.warm_start_steps=0", "train.eval_every=0", "train.save_every=0", "train.loggers=[]",
           "data.eval_limit=96"]
 # tiny: vlm/tiny.py's default 0.6M-parameter Qwen2-VL, overhead-bound; small: ~23M, the same build scaled up so
 # that compute dominates. Sized so the full run (6 runs, 2 warm starts) takes about 10 minutes on 2 idle cores.

@@ -15,7 +15,8 @@ from cluster.job import Job
 from cluster.steps import GRPOSteps, SFTSteps, evaluate
 from protocol.config import ExperimentConfig
 from telemetry.logs import run_logging
-from telemetry.metrics import MetricsLogger, plot_histogram
+from telemetry.metrics import MetricsLogger
+from telemetry.plots import plot_histogram
 
 TRAINED_FILE = "trained.jsonl"  # per step: the draws and prompt ids trained on (the exactly-once audit)
 
@@ -26,8 +27,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
         steps = GRPOSteps(job) if cfg.train.mode == "grpo" else SFTSteps(job)
         first = job.state.step
         resumed_at = first if resume else None
-        with MetricsLogger(job.run_dir, cfg.train.tensorboard, resumed_at) as metrics, \
-                MetricsLogger(job.run_dir, False, resumed_at, TRAINED_FILE, keep_rows=False) as trained:
+        with MetricsLogger(job.run_dir, cfg.train.loggers, resumed_at) as metrics, \
+                MetricsLogger(job.run_dir, (), resumed_at, TRAINED_FILE, keep_rows=False) as trained:
             if first == 0:
                 metrics.log({"step": 0, **evaluate(job, 0)})
             bar = tqdm(range(first + 1, cfg.train.steps + 1), desc=steps.name, initial=first,

@@ -135,7 +135,7 @@ def summary_section(acc: dict[int, dict[str, float]], names: list[str]) -> str:
 
 
 def figures_section(run: Run, names: list[str], out_dir: Path) -> str:
-    from telemetry.metrics import plot_histogram
+    from telemetry.plots import plot_histogram
 
     rows, multi = run.rows, len(names) > 1
     comps = sorted({k for r in rows for k in r if k.startswith("reward/") and k.count("/") == 1}

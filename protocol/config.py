@@ -176,7 +176,9 @@ class TrainConfig:
     keep_last: int = 0  # checkpoints kept: the newest K (0 = keep all) ...
     keep_best: int = 0  # ... plus the K with the best held-out accuracy at their step
     seed: int = 0
-    tensorboard: bool = True
+    # metric trackers mirroring metrics.jsonl: tensorboard | wandb | mlflow (telemetry/metrics.py; wandb and
+    # mlflow: pip install 'clsrl[tracking]')
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")

@@ -1,22 +1,32 @@
-"""The report's PNGs, one per topic, drawn from metrics.jsonl rows. Each function returns the PNG it wrote, or None
-when the rows hold none of its keys (the report then says so instead of linking an empty picture)."""
+"""Every PNG drawn from metrics.jsonl rows: the run's curves.png (plot_curves), the report's pictures, one
+per topic (plot_panels, plot_stage_times: None when the rows hold none of their keys, so the report says so
+instead of linking an empty picture) and bar charts of counts (plot_histogram).
+
+Figure + FigureCanvasAgg, never pyplot: no global backend or figure registry, safe in any process or thread;
+matplotlib is imported when a picture is drawn, so importing this module costs nothing."""
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # Driver wall-clock seconds per step; they add up: time/step = train_wait + sync, eval comes after it.
 WALL_STAGES = ("time/train_wait", "time/sync", "time/eval")
-# Busy seconds inside the actors: rollout stages summed over chunks and workers, learner stages averaged over ranks.
+# Busy seconds inside the actors: rollout stages summed over chunks and workers, learner stages averaged
+# over ranks.
 MAX_BARS = 300  # more steps than this: the stacked timings become areas
 BUSY_STAGES = ("time/generate", "time/reward", "time/publish", "time/take", "time/train_step")
 
 
+def is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return is_number(v) and math.isfinite(v)
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -40,7 +50,6 @@ class Panel:
 
 
 def _new_figure(n_panels: int, ncols: int = 2, width: float = 5.2, height: float = 3.3):
-    # Figure + FigureCanvasAgg, not pyplot: no global backend or figure registry, safe in any process or thread
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -91,8 +100,8 @@ def plot_panels(rows: list[dict], panels: list[Panel], out_png: str | Path, titl
         for key in panel.keys:
             xs, ys = series(rows, key)
             if xs:  # a lone point drawn as a line is invisible: give it a marker
-                ax.plot(xs, ys, marker="o" if panel.markers or len(xs) == 1 else None, markersize=4, linewidth=1.3,
-                        label=panel.labels.get(key, key))
+                ax.plot(xs, ys, marker="o" if panel.markers or len(xs) == 1 else None, markersize=4,
+                        linewidth=1.3, label=panel.labels.get(key, key))
         _style(ax, panel.title, panel.ylabel, points=sum(len(series(rows, k)[0]) for k in panel.keys))
     return _save(fig, Path(out_png))
 
@@ -113,7 +122,7 @@ def plot_stage_times(rows: list[dict], out_png: str | Path) -> Path | None:
         ax = fig.add_subplot(nrows, ncols, i)
         steps = sorted({r["step"] for r in rows if finite(r.get("step")) and has_any([r], wall)})
         by_step = {r["step"]: r for r in rows if finite(r.get("step"))}
-        stacks = [[by_step[s].get(key) if finite(by_step[s].get(key)) else 0.0 for s in steps] for key in wall]
+        stacks = [[by_step[s][key] if finite(by_step[s].get(key)) else 0.0 for s in steps] for key in wall]
         labels = [key.removeprefix("time/") for key in wall]
         if len(steps) <= MAX_BARS:
             bottom = [0.0] * len(steps)
@@ -130,4 +139,48 @@ def plot_stage_times(rows: list[dict], out_png: str | Path) -> Path | None:
             ax.plot(xs, ys, marker="o" if len(xs) == 1 else None, markersize=4, linewidth=1.2,
                     label=key.removeprefix("time/"))
         _style(ax, "busy seconds per step inside the actors", "seconds", points=len(rows) * len(busy))
+    return _save(fig, Path(out_png))
+
+
+# curves.png: (panel title, which keys it draws, markers); markers for sparse series (evals)
+CURVES: list[tuple[str, Callable[[str], bool], bool]] = [
+    ("reward", lambda k: k.startswith("reward/"), False),
+    ("held-out accuracy", lambda k: k.startswith("eval/") and "accuracy" in k, True),
+    ("loss", lambda k: k in ("pg_loss", "loss"), False),
+    ("KL", lambda k: k == "kl", False),
+    ("clip fraction", lambda k: k.startswith("clip_frac"), False),
+    ("completion length", lambda k: k in ("length/mean", "length/max"), False),
+    ("logprob gap (engine vs learner)", lambda k: k == "logprob_gap", False),
+    ("seconds per step by stage", lambda k: k.startswith("time/"), False),
+    ("weight broadcast MB/s", lambda k: k == "sync/mb_per_s", False),
+]
+
+
+def plot_curves(rows: list[dict], out_png: str | Path, title: str | None = None) -> Path:
+    """The run's overview: a panel per CURVES group present in `rows`; always writes `out_png` (a placeholder
+    saying "no metrics yet" when there is nothing to draw) and returns it."""
+    keys = sorted({k for r in rows for k, v in r.items() if k != "step" and finite(v)})
+    panels = [Panel(name, [k for k in keys if pick(k)], markers) for name, pick, markers in CURVES]
+    png = plot_panels(rows, panels, out_png, title, ncols=3)
+    if png is not None:
+        return png
+    fig, _, _ = _new_figure(1)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    ax = fig.add_subplot()
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", fontsize=14)
+    return _save(fig, Path(out_png))
+
+
+def plot_histogram(counts: dict[int, int], out_png: str | Path, title: str, xlabel: str) -> Path:
+    """A bar chart of integer-keyed counts (e.g. the staleness of every trained group), each bar labelled."""
+    fig, _, _ = _new_figure(1, width=4.8, height=3.2)
+    ax = fig.add_subplot()
+    keys = sorted(counts)
+    bars = ax.bar([str(k) for k in keys], [counts[k] for k in keys], color="tab:blue")
+    ax.bar_label(bars, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("count", fontsize=8)
     return _save(fig, Path(out_png))

@@ -35,7 +35,7 @@ from tasks.order import EpochOrder
 # 2 rollout workers x chunks of 2 prompts, 4 prompts x 4 samples per step, 2 learner ranks: every actor is busy
 # every step, and a step takes about a second on a shared 2-core machine (the Job's start takes ~50 s).
 BASE = ["train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0",
-        "train.tensorboard=false", "data.eval_limit=4", "sampling.n=4", "sampling.max_new_tokens=8",
+        "train.loggers=[]", "data.eval_limit=4", "sampling.n=4", "sampling.max_new_tokens=8",
         "learner.micro_batch_size=8", "rollout.prompts_per_call=2", "weight_sync.timeout_s=15",
         "weight_sync.heartbeat_s=0.5"]
 

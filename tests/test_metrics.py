@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from telemetry.metrics import MetricsLogger, plot_curves, read_metrics
+from telemetry.metrics import MetricsLogger, read_metrics
+from telemetry.plots import plot_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,7 +45,7 @@ def _assert_png(path) -> None:
 
 def test_rows_written_and_read_back(tmp_path):
     rows = [{"step": 0, "reward/mean": 0.25, "note": "a"}, {"step": 1, "reward/mean": 0.5, "length/max": 7}]
-    with MetricsLogger(tmp_path / "run", tensorboard=False) as m:
+    with MetricsLogger(tmp_path / "run", loggers=()) as m:
         for r in rows:
             m.log(r)
         assert m.rows == rows
@@ -53,7 +54,7 @@ def test_rows_written_and_read_back(tmp_path):
 
 
 def test_nan_and_inf_written_as_null(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as m:
+    with MetricsLogger(tmp_path, loggers=()) as m:
         m.log({"step": 3, "kl": float("nan"), "pg_loss": float("inf"), "loss": 1.5})
     line = (tmp_path / "metrics.jsonl").read_text().strip()
     assert json.loads(line) == {"step": 3, "kl": None, "pg_loss": None, "loss": 1.5}
@@ -61,7 +62,7 @@ def test_nan_and_inf_written_as_null(tmp_path):
 
 
 def test_step_must_be_int(tmp_path):
-    with MetricsLogger(tmp_path, tensorboard=False) as m:
+    with MetricsLogger(tmp_path, loggers=()) as m:
         for bad in ({"kl": 1.0}, {"step": 1.0}, {"step": True}):
             with pytest.raises(ValueError):
                 m.log(bad)
@@ -73,7 +74,7 @@ def test_resume_truncates_and_drops_corrupt_line(tmp_path, caplog):
     good = [{"step": s, "kl": s / 10} for s in range(6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 6, "kl": 0.')  # crash mid-line
     with caplog.at_level(logging.WARNING, logger="telemetry.metrics"):
-        m = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+        m = MetricsLogger(tmp_path, loggers=(), resume_step=3)
     assert any("metrics.jsonl:7" in r.getMessage() for r in caplog.records), caplog.text
     assert m.rows == good[:4]
     assert read_metrics(path) == good[:4]  # rewritten on disk, not just filtered in memory
@@ -87,7 +88,7 @@ def test_resume_truncates_and_drops_corrupt_line(tmp_path, caplog):
 def test_append_after_crash_keeps_next_row_intact(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "kl": 1}\n{"step": 1, "k')
-    with MetricsLogger(tmp_path, tensorboard=False) as m:
+    with MetricsLogger(tmp_path, loggers=()) as m:
         m.log({"step": 2, "kl": 3})
     with caplog.at_level(logging.WARNING, logger="telemetry.metrics"):
         assert read_metrics(path) == [{"step": 0, "kl": 1}, {"step": 2, "kl": 3}]
@@ -155,7 +156,7 @@ def test_close_is_idempotent(tmp_path):
 def test_tensor_scalars_are_logged_as_numbers(tmp_path):
     import torch
 
-    with MetricsLogger(tmp_path, tensorboard=False) as m:
+    with MetricsLogger(tmp_path, loggers=()) as m:
         m.log({"step": 0, "kl": torch.tensor(0.25), "loss": torch.tensor(float("nan"))})
     row = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert row["kl"] == 0.25 and row["loss"] is None
