@@ -40,7 +40,7 @@ from stream.server import connect
 from tasks.data import load_run_data
 from tasks.examples import format_target
 from tasks.mixture import MixtureOrder
-from telemetry.logs import announce
+from telemetry.logs import announce, note_ray_logs, ray_log_to_driver
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,8 +122,9 @@ class Job:
             announce(f"discarded {left} rollout groups left in stream {cfg.redis.stream!r} by an earlier "
                      f"attempt")
         self._released = 0
-        self.ray_desc = init_ray(cfg.cluster, local_runtime_env())
+        self.ray_desc = init_ray(cfg.cluster, local_runtime_env(), log_to_driver=ray_log_to_driver())
         announce(f"ray: {self.ray_desc}")
+        note_ray_logs(self.run_dir)  # quiet console: where the actors' output is
         group_name = f"clsrl-{self.run_dir.name}-{os.getpid()}"
         self.placement = reserve(cfg.cluster, name=group_name, colocate=cfg.rollout.colocate)
         self._start_actors()

@@ -18,12 +18,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cluster.driver import train
     from protocol.config import ExperimentConfig
     from protocol.overrides import load_config
+    from telemetry.logs import quiet_console
+    from telemetry.metrics import check_loggers
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    check_loggers(cfg.train.loggers)  # a missing tracker package fails here, not after the job has started
     if args.resume and not args.run_dir:
         raise SystemExit("clsrl: error: --resume needs --run-dir (the run to continue)")
     run_dir = Path(args.run_dir or Path("runs") / time.strftime(f"{Path(args.config).stem}-%Y%m%d-%H%M%S"))
-    result = train(cfg, run_dir, resume=args.resume)
+    with quiet_console(run_dir, verbose=args.verbose):  # libraries' and Ray actors' output to files
+        result = train(cfg, run_dir, resume=args.resume)
     start = "GRPO start (step 0" + (", after the format warm start)" if cfg.train.warm_start_steps else ")")
     print(f"\n| policy | held-out accuracy |\n|---|---|\n| {start} | {result['grpo_start']:.3f} |"
           f"\n| after {result['steps']} GRPO steps | {result['final']:.3f} |")
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--resume", nargs="?", const=True, default=None, metavar="TAG",
                          help="continue the run in --run-dir from its newest checkpoint "
                               "(or TAG, e.g. step-000050)")
+        cmd.add_argument("--verbose", action="store_true", help="everything on the console: Ray actors' "
+                         "output, library warnings and progress bars (default: in RUN_DIR's log files)")
         cmd.set_defaults(func=_cmd_train)
     ev = sub.add_parser("eval", help="greedy accuracy on the test split of the config's data sets, "
                                      "over Ray engines")

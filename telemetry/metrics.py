@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from protocol.overrides import ConfigError
-from telemetry.logs import announce
+from telemetry.logs import adopt_library_logs, announce
 from telemetry.plots import finite, is_number, plot_curves
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ class WandbTracker:
     def __init__(self, run_dir: Path, resume_step: int | None) -> None:
         import wandb
 
+        adopt_library_logs()  # quiet console: wandb's logger to the run log
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         # console="off": wandb leaves stdout/stderr alone (no wrapping of the progress bar and the run log)
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "clsrl"),
@@ -176,6 +177,7 @@ class MlflowTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        adopt_library_logs()  # quiet console: MLflow's (database set-up, ...) to the run log
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         self._client = client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "clsrl")
