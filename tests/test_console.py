@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -115,6 +116,9 @@ NOISE = ["Setting accelerator to CPU", "Started a local Ray instance", "Token au
          "pid=", "Loading weights", "[transformers]", "Warning", "WARNING"]
 
 
+BAR = re.compile(r"^[^|]+: +\d+%\|")  # tqdm: "GRPO:  50%|#####     | 1/2 [...]"
+
+
 def clsrl_train(run_dir: Path, *extra: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "commands.cli", "train", str(DEFAULT_CONFIG), *FAST,
@@ -132,11 +136,12 @@ def test_clsrl_train_console_quiet_and_verbose(tmp_path):
                  "run directory: "):
         assert any(line.startswith(want) for line in lines), out
     assert [n for n in NOISE if n in out] == [], out
-    other = [line for line in lines if not line.startswith(("data: ", "ray: ", "logs: ", "checkpoint ", "|",
-                                                            "run directory: ", "GRPO", "warm start"))]
-    assert other == [], other  # nothing but the bars, the announcements and the result
     run = tmp_path / "quiet"
     driver_log = (run / LOG_FILE).read_text()
+    announced = {line.split("]: ", 1)[1] for line in driver_log.splitlines() if " INFO clsrl [" in line}
+    other = [line for line in lines if not BAR.match(line) and not line.startswith(("|", "run directory: "))
+             and line not in announced]
+    assert other == [], other  # nothing but the bars, the announcements and the result
     assert "Setting accelerator to CPU" in driver_log and "Started a local Ray instance" in driver_log
     errs = "".join(p.read_text(errors="replace") for p in (run / "ray-logs").glob("worker-*.err"))
     assert ":actor_name:LearnerActor" in errs and ":actor_name:RolloutWorker" in errs
