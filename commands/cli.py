@@ -20,6 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from protocol.overrides import load_config
     from telemetry.logs import quiet_console
     from telemetry.metrics import check_loggers
+    from telemetry.tables import md_table
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     check_loggers(cfg.train.loggers)  # a missing tracker package fails here, not after the job has started
@@ -28,9 +29,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / time.strftime(f"{Path(args.config).stem}-%Y%m%d-%H%M%S"))
     with quiet_console(run_dir, verbose=args.verbose):  # libraries' and Ray actors' output to files
         result = train(cfg, run_dir, resume=args.resume)
-    start = "GRPO start (step 0" + (", after the format warm start)" if cfg.train.warm_start_steps else ")")
-    print(f"\n| policy | held-out accuracy |\n|---|---|\n| {start} | {result['grpo_start']:.3f} |"
-          f"\n| after {result['steps']} GRPO steps | {result['final']:.3f} |")
+    mode = cfg.train.mode.upper()
+    warm = ", after the format warm start" if cfg.train.warm_start_steps else ""
+    rows = [[f"{mode} start (step 0{warm})", f"{result['grpo_start']:.3f}"],
+            [f"after {result['steps']} {mode} steps", f"{result['final']:.3f}"]]
+    print("\n" + md_table(["policy", "held-out accuracy"], rows))
     print(f"\nrun directory: {run_dir} ({result['seconds']:.0f} s): metrics.jsonl, curves.png, tensorboard/, "
           "checkpoints/")
     return 0

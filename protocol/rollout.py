@@ -27,7 +27,8 @@ class Completion:
     text: str  # decoded with special tokens skipped (what rewards read)
     finish_reason: str  # "stop" or "length"
     # policy version that sampled each token; empty = all of them the group's policy_version. Several versions
-    # when generation was interrupted by a weight update and continued under the new weights (partial rollout).
+    # when generation was interrupted by a weight update and continued under the new weights (partial
+    # rollout).
     versions: list[int] = field(default_factory=list)
 
 
@@ -41,8 +42,8 @@ class RolloutRequest:
 
 @dataclass
 class RolloutGroup:
-    """The G completions of one prompt, stamped with the policy version that produced them (with partial rollout:
-    that of their first tokens; later ones may come from newer versions, see `version_span`)."""
+    """The G completions of one prompt, stamped with the policy version that produced them (with partial
+    rollout: that of their first tokens; later ones may come from newer versions, see `version_span`)."""
 
     request: RolloutRequest
     completions: list[Completion]
@@ -52,7 +53,8 @@ class RolloutGroup:
 
     @property
     def version_span(self) -> tuple[int, int]:
-        """(oldest, newest) policy version that sampled a token of this group; staleness counts from the oldest."""
+        """(oldest, newest) policy version that sampled a token of this group; staleness counts from the
+        oldest."""
         ends = [v for c in self.completions for v in ((c.versions[0], c.versions[-1]) if c.versions
                                                        else (self.policy_version,))]
         return (min(ends), max(ends)) if ends else (self.policy_version, self.policy_version)
