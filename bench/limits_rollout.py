@@ -95,10 +95,10 @@ def run_config(name: str, prompts: int, n: int, max_new: int, iters: int, model,
             same &= [[c.token_ids for c in g.completions] for _, g in published] == [[c.token_ids for c in g] for g in groups]
             buffer.reset()
             tokens = sum(len(c.token_ids) for g in groups for c in g)
-            same &= tokens == sum(summary["lengths"])
+            same &= tokens == sum(summary.lengths)
             if i == 0:
                 continue
-            times = summary["times"]
+            times = summary.seconds
             rows.append({"tokens": tokens, "bare_s": t_bare, "actor_s": t_actor, "generate_s": times["generate"],
                          "reward_s": times["reward"], "publish_s": times["publish"],
                          "call_overhead_s": t_actor - sum(times.values()), "ratio": t_bare / t_actor})

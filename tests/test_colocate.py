@@ -8,6 +8,7 @@ import json
 import pytest
 import ray
 
+import cluster.job
 from cluster.driver import train
 from cluster.job import Job
 from commands.cli import DEFAULT_CONFIG
@@ -20,13 +21,13 @@ def test_colocated_run_keeps_engines_equal_to_their_learner_after_every_step(ray
     cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, [
         "rollout.colocate=true", "train.steps=3", "train.warm_start_steps=0", "train.prompts_per_step=4",
         "train.eval_every=0", "train.save_every=0", "data.eval_limit=4", "sampling.n=4", "learner.micro_batch_size=4"])
-    checks, share, sleep, slept = [], Job._share_colocated, Job.sleep_engines, []
+    checks, share, sleep, slept = [], cluster.job.share_colocated, Job.sleep_engines, []
 
-    def checked(job: Job, version: int) -> dict:
-        stats = share(job, version)
-        learners = ray.get([a.checksums.remote() for a in job.learners])
-        engines = ray.get([w.checksums.remote() for w in job.rollout_workers])
-        infos = ray.get([w.info.remote() for w in job.rollout_workers])
+    def checked(learner_actors: list, workers: list, version: int):
+        stats = share(learner_actors, workers, version)
+        learners = ray.get([a.checksums.remote() for a in learner_actors])
+        engines = ray.get([w.checksums.remote() for w in workers])
+        infos = ray.get([w.info.remote() for w in workers])
         checks.append((version, [e == learners[0] for e in engines], [i["policy_version"] for i in infos]))
         return stats
 
@@ -37,7 +38,7 @@ def test_colocated_run_keeps_engines_equal_to_their_learner_after_every_step(ray
     def no_weight_group(job: Job) -> None:
         raise AssertionError("a colocated run must not form the broadcast group")
 
-    monkeypatch.setattr(Job, "_share_colocated", checked)
+    monkeypatch.setattr(cluster.job, "share_colocated", checked)
     monkeypatch.setattr(Job, "form_weight_group", no_weight_group)
     monkeypatch.setattr(Job, "sleep_engines", counted_sleep)
     train(cfg, tmp_path)
