@@ -94,8 +94,10 @@ def _visible_gpus() -> int:
 
 
 def init_ray(cluster: ClusterConfig, runtime_env: dict | None = None, log_to_driver: bool = True) -> str:
-    """Connect this driver to Ray: the configured address, else $RAY_ADDRESS (set by `ray job submit`), else a
-    new local one.
+    """Connect this driver to Ray and say to which cluster: the configured address (`auto`: the one
+    `ray start` recorded on this machine), else $RAY_ADDRESS (set by `ray job submit`), else a new local
+    cluster of the run's own, whatever else runs on the machine (Ray's address "local": neither a running
+    `ray start --head` nor a stale address in Ray's current-cluster file is joined).
 
     `runtime_env` is for a local cluster we start; on a joined one, the code and env come from
     `ray job submit`.
@@ -105,11 +107,14 @@ def init_ray(cluster: ClusterConfig, runtime_env: dict | None = None, log_to_dri
 
     if ray.is_initialized():
         return "existing"
+    source = "cluster.address" if cluster.address else "RAY_ADDRESS"
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     # the job's runtime_env (working dir, env vars from `ray job submit`) applies; ours would conflict with it
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=log_to_driver)
-        return f"joined {address}"
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        return (f"joined {ray.get_runtime_context().gcs_address} ({source} {address!r}; "
+                f"{ray.cluster_resources().get('CPU', 0):g} CPUs on {nodes} node{'s' * (nodes != 1)})")
     # loopback only for a local cluster; inherited by GCS/raylet
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # ray read it at import; it may have been imported before
@@ -117,9 +122,10 @@ def init_ray(cluster: ClusterConfig, runtime_env: dict | None = None, log_to_dri
         ray_constants.ENABLE_RAY_CLUSTER = False
     # logical CPUs: our actors mostly wait on each other, so the plan may ask for more than there are cores
     num_cpus = max(os.cpu_count() or 1, math.ceil(plan_totals(cluster).get("CPU", 0.0)))
-    ray.init(num_cpus=num_cpus, num_gpus=_visible_gpus(), include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=_visible_gpus(), include_dashboard=False,
              runtime_env=runtime_env, log_to_driver=log_to_driver)
-    return f"local 127.0.0.1 ({num_cpus} CPUs)"
+    return (f"local {ray.get_runtime_context().gcs_address} ({num_cpus} CPUs), started for this run; "
+            f"cluster.address=auto would join the one `ray start` runs")
 
 
 @dataclass

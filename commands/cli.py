@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.run_dir:
         raise SystemExit("clsrl: error: --resume needs --run-dir (the run to continue)")
     run_dir = Path(args.run_dir or Path("runs") / time.strftime(f"{Path(args.config).stem}-%Y%m%d-%H%M%S"))
+    args.log_dir = run_dir  # where main() puts the traceback of a user error
     with quiet_console(run_dir, verbose=args.verbose):  # libraries' and Ray actors' output to files
         result = train(cfg, run_dir, resume=args.resume)
     mode = cfg.train.mode.upper()
@@ -164,14 +166,38 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(getattr(args, "resume", None), str) and "=" in args.resume:  # `--resume key=value`: no TAG
         args.overrides.append(args.resume)
         args.resume = True
-    from protocol.overrides import ConfigError
-    from tasks.manifest import DatasetError
-
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
+    except _user_errors() as err:
+        _log_traceback(getattr(args, "log_dir", None), err)
         print(f"clsrl: error: {err}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a user causes and fixes (the config, the data on disk, the resources asked for): the message says
+    what and where, so main prints it, not a traceback."""
+    from cluster.placement import PlacementError
+    from protocol.overrides import ConfigError
+    from rewards.registry import RewardParamError, UnknownRewardError
+    from tasks.images import ImageLoadError
+    from tasks.manifest import DatasetError
+
+    return (ConfigError, DatasetError, ImageLoadError, UnknownRewardError, RewardParamError, PlacementError,
+            FileNotFoundError)
+
+
+def _log_traceback(run_dir: Path | None, err: Exception) -> None:
+    """The full traceback of a user error, appended to the run's driver.log when the run got that far."""
+    from telemetry.logs import FORMAT, LOG_FILE
+
+    path = Path(run_dir) / LOG_FILE if run_dir else None
+    if path is None or not path.is_file():
+        return
+    record = logging.LogRecord("clsrl", logging.ERROR, __file__, 0, "clsrl: error: %s", (err,),
+                               (type(err), err, err.__traceback__))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(logging.Formatter(FORMAT).format(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from cluster.placement import init_ray
 from protocol.config import ExperimentConfig
 from protocol.rollout import RolloutRequest
 from tasks.data import load_run_data
+from telemetry.logs import announce
 from telemetry.tables import md_table
 
 PROTOCOLS = {"cls_rl": "eval_cls_rl", "visual_rft": "eval_visual_rft"}
@@ -86,7 +87,7 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
     scorers = {name: PROTOCOLS[protocol] if protocol else t.correct_reward for name, t in first.tasks.items()}
     from cluster.job import local_runtime_env
 
-    init_ray(cfg.cluster, local_runtime_env())
+    announce(f"ray: {init_ray(cfg.cluster, local_runtime_env())}")
     Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine,
                         num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
     rollout = dataclasses.replace(cfg.rollout, colocate=False)  # nothing trains here: engines keep their GPUs

@@ -144,7 +144,9 @@ class RolloutConfig:
 class ClusterConfig:
     """The resource plan: one placement group holds a bundle per actor."""
 
-    address: str | None = None  # a Ray cluster to join; null = $RAY_ADDRESS (ray job submit) or a new one
+    # a Ray cluster to join (auto: the one `ray start` runs here); null = $RAY_ADDRESS (ray job submit),
+    # else a new local cluster of the run's own, whatever else runs on the machine
+    address: str | None = None
     rollout_workers: int = 2
     cpus_per_engine: float = 1.0
     gpus_per_engine: float = 0.0

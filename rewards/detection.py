@@ -3,12 +3,16 @@
 The model answers ``[{'Position': [x1, y1, x2, y2], 'Confidence': c}, ...]`` (0-1000 frame)
 or ``No Objects``; the solution is a list of ground-truth boxes (empty = no object).
 
-Reference pipeline, kept: parse the list (single quotes allowed, a truncated list repaired),
-drop duplicate boxes (first kept), sort by confidence (descending, stable), match each
-prediction greedily to the unmatched ground-truth box of highest IoU and keep it if
-IoU > ``iou_threshold`` (0.5).
+Reference pipeline, kept: parse the list (single quotes allowed, a list doubly bracketed as
+``[[{...}]]`` read as ``[{...}]``, a list cut off by the token limit repaired), drop duplicate
+boxes (first kept), sort by confidence (descending, stable), match each prediction greedily to
+the unmatched ground-truth box of highest IoU and keep it if IoU > ``iou_threshold`` (0.5).
 
 Our spec departures:
+- a list is repaired only when the answer was cut off (``<answer>`` never closed): its complete
+  entries are scored. A list missing its ``]`` inside a closed answer is a format error and
+  scores 0 (the reference's repair, meant for truncation, scored 0 on one entry and dropped
+  the last complete entry of several);
 - a correct negative scores 1 for both rewards: ``No Objects`` or ``[]`` when there is no
   ground-truth box (the reference parsed neither and scored 0, punishing the right answer);
 - malformed output scores 0 and never raises (the reference relied on a bare ``except``);
@@ -23,7 +27,7 @@ from typing import Any
 
 from .grounding import box_iou
 from .literal import Malformed, parse_literal
-from .parsing import Box, SolutionCache, as_boxes, extract_answer
+from .parsing import Box, SolutionCache, answer_span, as_boxes
 from .registry import register, require_unit_interval
 
 # A completion is at most ~1k tokens; an answer longer than this is garbage, and refusing it
@@ -41,8 +45,11 @@ def _is_no_objects(s: str) -> bool:
     return " ".join(s.strip(" \t\r\n'\"`.").split()).lower() == "no objects"
 
 
-def parse_predictions(answer: str) -> list[Prediction] | None:
-    """Predictions in ``answer``; ``[]`` for an explicit negative; None if malformed."""
+def parse_predictions(answer: str, cut_off: bool = False) -> list[Prediction] | None:
+    """Predictions in ``answer``; ``[]`` for an explicit negative; None if malformed.
+
+    ``cut_off``: generation stopped inside the answer, so an unclosed list keeps its complete
+    entries; otherwise an unclosed list is malformed."""
     s = answer.strip()
     if len(s) > MAX_ANSWER_CHARS:
         return None
@@ -54,8 +61,10 @@ def parse_predictions(answer: str) -> list[Prediction] | None:
         value, complete = parse_literal(s)
     except Malformed:
         return None
-    if type(value) is not list or (not complete and not value):
+    if type(value) is not list or (not complete and (not cut_off or not value)):
         return None  # cut off before the first complete entry: nothing to score, not a negative
+    if len(value) == 1 and type(value[0]) is list:
+        value = value[0]  # `[[{...}, {...}]]`, as the reference's `[[` -> `[`, `]]` -> `]` rewrite read it
     preds: list[Prediction] = []
     for item in value:
         if type(item) is not dict:
@@ -112,7 +121,7 @@ def _score(completions: Sequence[str], solutions: Sequence[Any], thr: float, con
     for text, sol in zip(completions, solutions, strict=True):
         gts = gt_of(sol)  # outside the try: a bad solution is our bug and must raise
         try:
-            preds = parse_predictions(extract_answer(text))
+            preds = parse_predictions(*answer_span(text))
         except Exception:  # defence in depth: model text must never crash training
             preds = None
         if preds is None:

@@ -67,9 +67,11 @@ def grounding_giou(
     """GIoU + 1 in [0, 2] of the first ``(x1,y1),(x2,y2)`` in the answer; 0 if there is none.
 
     Our spec: the predicted corners are put in order before scoring (a box written
-    bottom-right first is the same box), and with several ground-truth boxes the
-    prediction is scored against the best-matching one (the reference mixed the corners
-    of different boxes into one).
+    bottom-right first is the same box), with several ground-truth boxes the prediction is
+    scored against the best-matching one (the reference mixed the corners of different boxes
+    into one), and decimal coordinates are read as the numbers they are (the reference's
+    pattern read integers only and scored ``(100.5,200),(300,400)`` 0: a valid box in the
+    requested frame, written more precisely than asked, is not a wrong answer).
     """
     gt_of = SolutionCache(_gt_boxes)
     out: list[float] = []

@@ -37,12 +37,18 @@ def extract_answer(text: str) -> str:
       truncated detection list can still be repaired and the think part is never graded.
     - No ``<answer>`` at all: the whole text, as the reference did (e.g. prompts without tags).
     """
+    return answer_span(text)[0]
+
+
+def answer_span(text: str) -> tuple[str, bool]:
+    """``(extract_answer(text), cut_off)``: cut_off is True when ``<answer>`` was opened and never
+    closed, the one case where the text is known to have been cut off by the token limit."""
     i = text.find(ANSWER_OPEN)
     if i < 0:
-        return text
+        return text, False
     i += _OPEN_LEN
     j = text.find(ANSWER_CLOSE, i)
-    return text[i:] if j < 0 else text[i:j]
+    return (text[i:], True) if j < 0 else (text[i:j], False)
 
 
 def words_lower(text: str) -> str:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.config import TASK_FORMATS, DataConfig, DatasetEntry, ExperimentConfig, TaskConfig
+from protocol.overrides import ConfigError
+from rewards import CompositeReward, get_reward
 from tasks.bundled import ensure_bundled
 from tasks.bundled_boxes import ensure_bundled_boxes
 from tasks.coop import read_coop
@@ -23,7 +25,7 @@ from tasks.examples import (
     tokenizer_corpus,
 )
 from tasks.grounding import read_grounding_jsonl, read_reasonseg
-from tasks.manifest import ClassificationDataset, read_dataset
+from tasks.manifest import ClassificationDataset, DatasetError, read_dataset
 from tasks.parquet import read_rft_parquet
 from tasks.prompts import PROMPT_STYLES
 from tasks.sampling import base_new_split, k_shot, subset_classes
@@ -114,17 +116,19 @@ def _read_samples(d: DataConfig) -> SampleSet:
 
 def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = None) -> RunData:
     entries = cfg.dataset_entries() if entries is None else entries
+    for i, e in enumerate(entries):  # a bad reward name fails here, not in the reward actor after warm start
+        check_rewards(e.task, f"datasets[{i}].task" if cfg.datasets else "task")
     whole, read = zip(*[read_entry(e.data) for e in entries])
     names = [ds.name for ds in read]
     if len(set(names)) != len(names):
-        raise ValueError(
+        raise ConfigError(
             f"data set names must be unique, got {names}: set datasets[].data.name to tell them apart"
         )
     for ds, e in zip(read, entries):
         want = TASK_FORMATS.get(e.data.format, PROMPT_STYLES)
         if e.task.prompt not in want:
-            raise ValueError(f"data set {ds.name!r} (data.format {e.data.format}) needs task.prompt "
-                             f"{'|'.join(want)}, got {e.task.prompt!r}")
+            raise ConfigError(f"data set {ds.name!r} (data.format {e.data.format}) needs task.prompt "
+                              f"{'|'.join(want)}, got {e.task.prompt!r}")
     corpus = tokenizer_corpus([w for w in whole if w is not None])  # every class named
     boxes = [ds for ds in read if isinstance(ds, SampleSet)]
     if boxes:
@@ -138,6 +142,18 @@ def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = No
         data.train_examples += train
         data.test_examples += test
     return data
+
+
+def check_rewards(task: TaskConfig, key: str) -> None:
+    """Build the task's rewards and its correct_reward as the actors will; ConfigError naming the key."""
+    try:
+        CompositeReward(task.rewards)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"config key '{key}.rewards': {err}") from err
+    try:
+        get_reward(task.correct_reward)
+    except ValueError as err:
+        raise ConfigError(f"config key '{key}.correct_reward': {err}") from err
 
 
 def _eval_sample(test: list, d: DataConfig) -> list:
@@ -175,7 +191,7 @@ def _examples(
         announce(f"{dataset.name}: skipped {len(skipped) + len(skipped_test)} unreadable images; first: "
                  f"{(skipped + skipped_test)[0]}")
     if not train_examples or not test_examples:
-        raise ValueError(f"data set {dataset.name!r} has {len(train_examples)} train and "
+        raise DatasetError(f"data set {dataset.name!r} has {len(train_examples)} train and "
                          f"{len(test_examples)} test prompts; both splits need images")
     for e in train_examples + test_examples:
         e.id = f"{dataset.name}/{e.id}"

@@ -49,7 +49,8 @@ def _encode(processor, dataset: str, samples: Sequence, min_pixels: int, max_pix
             image = load_image(s.image, min_pixels, max_pixels)
         except ImageLoadError as err:
             if not skip_bad_images:
-                raise
+                raise ImageLoadError(f"data set {dataset!r}: {err}; data.skip_bad_images=true skips (and "
+                                     f"counts) such files") from err
             skipped.append(str(err))
             continue
         text = question(s)

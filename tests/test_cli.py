@@ -1,11 +1,17 @@
-"""The command line: dotted overrides anywhere among the options, parsed without starting a run."""
+"""The command line: dotted overrides anywhere among the options, parsed without starting a run; what a user\ncaused is one error line."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
+from PIL import Image
 
 import commands.cli as cli
 from protocol.config import ExperimentConfig
-from protocol.overrides import load_config
+from protocol.overrides import ConfigError, load_config
+from tasks.data import load_run_data
 
 CFG = str(cli.DEFAULT_CONFIG)
 
@@ -70,3 +76,34 @@ def test_an_unknown_option_is_still_an_error(capsys):
     with pytest.raises(SystemExit):
         parse("train", CFG, "--run-dri", "X")
     assert "unrecognized arguments: --run-dri" in capsys.readouterr().err
+
+
+# ---- user errors: one `clsrl: error:` line, the traceback in the run's driver.log ----
+
+def test_a_corrupt_image_is_one_error_line_naming_the_file_and_the_data_set(tmp_path, tiny_model_dir):
+    root = tmp_path / "pets"
+    for split in ("train", "test"):
+        for i, (name, colour) in enumerate((("cat", (200, 10, 10)), ("dog", (10, 10, 200)))):
+            (root / split / name).mkdir(parents=True)
+            Image.new("RGB", (40, 30), colour).save(root / split / name / f"{i}.png")
+    bad = root / "train" / "dog" / "b.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a JPEG")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(cli.REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "commands.cli", "train", f"data.root={root}",
+                           f"model.path={tiny_model_dir}", "--run-dir", str(run)],
+                          cwd=cli.REPO_ROOT, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("clsrl: error: data set 'pets': cannot read image "), errors
+    assert str(bad) in errors[0] and "data.skip_bad_images=true skips" in errors[0]
+    log = (run / "driver.log").read_text()
+    assert "ERROR clsrl" in log and "Traceback" in log and "tasks.images.ImageLoadError: data set 'pets'" in log
+
+
+def test_a_misspelt_reward_fails_at_data_loading_naming_the_key():
+    cfg = load_config(ExperimentConfig, CFG, ["task.rewards=[{name: cls_equalty}]"])
+    with pytest.raises(ConfigError, match=r"config key 'task.rewards': unknown reward 'cls_equalty' "
+                                          r"\(did you mean 'cls_equality'\?\)"):
+        load_run_data(cfg)

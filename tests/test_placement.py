@@ -4,10 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 
@@ -172,20 +177,35 @@ def test_init_ray_joins_ray_address(ray_local):
     address = ray_local.get_runtime_context().gcs_address
     env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=str(REPO))  # what `ray job submit` gives an entrypoint
     lines = _run_driver(_DRIVER.replace("sys.argv[1]", repr(json.dumps(asdict(DEMO)))), env)
-    assert lines[0] == f"joined {address}"
-    assert float(lines[1].split()[0]) == ray_local.cluster_resources()["CPU"]
+    cpus = ray_local.cluster_resources()["CPU"]
+    assert lines[0] == f"joined {address} (RAY_ADDRESS {address!r}; {cpus:g} CPUs on 1 node)"
+    assert float(lines[1].split()[0]) == cpus
 
 
 @pytest.mark.slow
-def test_init_ray_starts_a_local_cluster_sized_for_the_plan():
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env["PYTHONPATH"] = str(REPO)
-    big = replace(DEMO, rollout_workers=(os.cpu_count() or 1) + 3)  # plan CPU > cores: logical CPUs cover the plan
-    code = _DRIVER.replace("sys.argv[1]", repr(json.dumps(asdict(big)))) + "ray.shutdown()\n"
-    lines = _run_driver(code, env)
+def test_init_ray_starts_a_local_cluster_sized_for_the_plan(tmp_path_factory):
+    """...whatever Ray's current-cluster file says: here it points at a cluster that is gone (a `ray start --head`
+    ended without `ray stop`), which a plain ray.init() would try to join (and refuse, as num_cpus is given)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="clsrl-stale-", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_dead_port()}")
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+        env |= {"PYTHONPATH": str(REPO), "RAY_TMPDIR": str(ray_tmp)}
+        big = replace(DEMO, rollout_workers=(os.cpu_count() or 1) + 3)  # plan CPU > cores: logical CPUs cover it
+        code = _DRIVER.replace("sys.argv[1]", repr(json.dumps(asdict(big)))) + "ray.shutdown()\n"
+        lines = _run_driver(code, env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     cpus = math.ceil(plan_totals(big)["CPU"])
-    assert lines[0] == f"local 127.0.0.1 ({cpus} CPUs)"
+    assert re.fullmatch(rf"local 127\.0\.0\.1:\d+ \({cpus} CPUs\), started for this run; .*", lines[0]), lines[0]
     assert lines[1] == f"{float(cpus)} 127.0.0.1"
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_colocated_plan_merges_each_engine_into_its_learner_ranks_bundle():
