@@ -28,14 +28,14 @@ demo: setup
 	$(VENV)/bin/clsrl demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 # the vLLM engine on vLLM's CPU build, plus the model/engine tests under vLLM's transformers pin
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_cpu tests/test_vlm.py tests/test_hf_engine.py tests/test_pixels.py
+	$(VLLM_VENV)/bin/python -m pytest -q -rs tests/vllm_cpu tests/test_vlm.py tests/test_hf_engine.py tests/test_pixels.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,7 @@ class RolloutEngine(Protocol):
 
     def load_ipc(self, handles: list, version: int) -> int: ...  # colocated: wake and load; tensors loaded
 
-    def checksums(self) -> dict[str, float]: ...
+    def checksums(self) -> dict[str, str]: ...  # a SHA-256 per parameter (weights/checksum.py)
 
 
 def make_engine(rollout: RolloutConfig, model_path: str, trust_remote_code: bool, seed: int) -> RolloutEngine:

@@ -15,6 +15,7 @@ from protocol.components import SamplingConfig, WeightSyncConfig
 from protocol.rollout import RolloutGroup, RolloutRequest
 from vlm.generation import sample_completions
 from vlm.partial import WeightGate, sample_in_segments
+from weights.checksum import checksums
 from weights.receiver import WeightReceiver
 
 
@@ -133,6 +134,7 @@ class HFEngine:
             self.asleep = False
         return self.update_weights(rebuild(handles, self.device), version)
 
-    def checksums(self) -> dict[str, float]:
-        """Per-parameter float64 sums, comparable with the learner's."""
-        return {n: float(p.double().sum()) for n, p in self.model.named_parameters()}
+    def checksums(self) -> dict[str, str]:
+        """A SHA-256 per parameter (weights/checksum.py) under the learner's names: equal to its dict iff
+        the weights are bit-equal."""
+        return checksums(self.model.named_parameters())

@@ -176,7 +176,7 @@ class LearnerActor:
     def load(self, ckpt_dir: str, tag: str) -> dict:
         return self.worker.load_checkpoint(ckpt_dir, tag)
 
-    def checksums(self) -> dict[str, float]:
+    def checksums(self) -> dict[str, str]:
         return self.worker.parameter_checksums()
 
     def pid(self) -> int:

@@ -113,8 +113,8 @@ class RolloutWorker:
         """Greedy answers, scored by each data set's correctness reward (1 = correct)."""
         return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call)
 
-    def checksums(self) -> dict[str, float]:
-        """Per-parameter float64 sums, comparable with the learner's."""
+    def checksums(self) -> dict[str, str]:
+        """The engine's SHA-256 per parameter (weights/checksum.py), comparable with the learner's."""
         return self.engine.checksums()
 
     def info(self) -> dict:

@@ -146,7 +146,7 @@ class VLLMEngine:
                 adapter.sleep(self.llm)
                 self.asleep = True
 
-    def checksums(self) -> dict[str, float]:
+    def checksums(self) -> dict[str, str]:
         with self.lock:
             return adapter.collective_rpc(self.llm, "clsrl_checksums")[0]
 

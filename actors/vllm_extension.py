@@ -40,9 +40,12 @@ class WeightSyncExtension:
         adapter.load_weights(self, named)
         return len(named)
 
-    def clsrl_checksums(self) -> dict[str, float]:
-        """float64 sums per parameter, under vLLM's own (fused) names."""
-        return {n: float(p.double().sum()) for n, p in adapter.worker_model(self).named_parameters()}
+    def clsrl_checksums(self) -> dict[str, str]:
+        """A SHA-256 per parameter (weights/checksum.py), under vLLM's own (fused) names. On vLLM's CPU build
+        linear layers compute from a prepacked copy, so their `weight` parameters do not follow reloads."""
+        from weights.checksum import checksums
+
+        return checksums(adapter.worker_model(self).named_parameters())
 
     def clsrl_leave_weight_group(self) -> None:
         if self._clsrl_receiver is not None:

@@ -9,7 +9,8 @@ and a default `torch.distributed` gloo group. Each round times both on the same 
 order: clsrl's `broadcast` of every named parameter of a real model (its own `mb_per_s`: from the first bucket
 to the last engine's ack, excluding the wait for engines to enter `receive`), and `dist.broadcast` of one flat
 uint8 tensor of the same byte count followed by a barrier (so both end when every engine has the data). The
-engines check what they received: the float64 sum of the last version must equal the sender's.
+engines check what they received: the SHA-256 of every tensor of the last version (name, dtype, shape,
+bytes; weights/checksum.py) must equal the sender's.
 Engines only receive; copying into an engine's parameters (`update_weights`) is not part of either side.
 Also projects the broadcast time of a 2B-parameter bf16 model on this link and on GPU links (cited below).
 """
@@ -55,8 +56,13 @@ def named_parameters(model_dir: str) -> list:
     return [(n, p.detach()) for n, p in model.named_parameters()]
 
 
-def checksum(named: list) -> float:
-    return float(sum(t.double().sum() for _, t in named))
+def checksum(named: list):
+    """The 32-byte SHA-256 of every (name, tensor), as a uint8 tensor to all_gather."""
+    import torch
+
+    from weights.checksum import digest
+
+    return torch.tensor(list(bytes.fromhex(digest(named))), dtype=torch.uint8)
 
 
 def rank_main(rank: int, k: int, ports: tuple[int, int], variants: list[tuple[str, str, float]], rounds: int,
@@ -92,12 +98,12 @@ def rank_main(rank: int, k: int, ports: tuple[int, int], variants: list[tuple[st
                 received = out.pop("received", received)
                 if r:
                     rows.append(out)
-            sums = torch.tensor([checksum(received) if rank else checksum(named)], dtype=torch.float64)
+            sums = checksum(received) if rank else checksum(named)
             gathered = [torch.zeros_like(sums) for _ in range(k + 1)]
             dist.all_gather(gathered, sums)  # every engine got bit for bit what rank 0 sent
             if rank == 0:
                 results.put({"model": name, "k": k, "bucket_mb": bucket_mb, "bytes": int(size), "tensors": len(named),
-                             "rounds": rows, "bit_exact": len({float(g) for g in gathered}) == 1,
+                             "rounds": rows, "bit_exact": len({bytes(g.tolist()) for g in gathered}) == 1,
                              "explain": copy_costs(named, side.cfg.bucket_bytes)})
     finally:
         side.close()

@@ -192,9 +192,12 @@ class LearnerWorker:
         _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         return client_state or {}
 
-    def parameter_checksums(self) -> dict[str, float]:
-        """Per-parameter float64 sums, for checking that ranks and engines hold the same weights."""
-        return {n: float(t.double().sum()) for n, t in self.sync_parameters(trainable_only=False)}
+    def parameter_checksums(self) -> dict[str, str]:
+        """A SHA-256 per parameter (weights/checksum.py), for checking that ranks and engines hold the same
+        weights bit for bit."""
+        from weights.checksum import checksums
+
+        return checksums(self.sync_parameters(trainable_only=False))
 
     def close(self) -> None:
         torch.distributed.destroy_process_group()

@@ -126,7 +126,8 @@ def test_job_submit_runs_clsrl_train(head, tmp_path):
     entry = ["python", "-m", "commands.cli", "train", "configs/cpu_demo.yaml", *overrides, "--run-dir", str(run_dir)]
     status, logs = submit_job(head, entry, job_runtime_env(), timeout_s=400)
     assert status == "SUCCEEDED", logs[-6000:]
-    assert f"ray: joined {head.gcs_address}" in logs or "ray: joined" in logs, logs[-3000:]
+    # the driver's startup line (cluster/job.py announce, placement.init_ray): it joined this head's GCS
+    assert f"ray: joined {head.gcs_address}" in logs and "ray: local" not in logs, logs[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/accuracy" in rows[-1]
     assert (run_dir / "checkpoints" / "step-000002" / "driver.json").is_file()

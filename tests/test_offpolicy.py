@@ -259,7 +259,6 @@ def test_grpo_objective_passes_the_mode(monkeypatch, mode):
 def test_tis_matches_trl_token_truncate(loss_type, beta, explicit_prox):
     """TRL's vLLM IS correction, mode token_truncate: per-token loss vs old (= proximal) times
     clamp(exp(old - sampling), max=C), KL added unweighted."""
-    pytest.importorskip("trl.trainer.grpo_trainer", reason="trl is not installed")
     from tests.test_grpo_trl import MAX_COMPLETION_LENGTH, PAIRS, _random_batch, _trl_trainer
 
     logp, mu, ref, adv, mask, entropy = _random_batch(11)

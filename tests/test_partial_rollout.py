@@ -202,5 +202,8 @@ def test_partial_rollout_through_the_loop(ray_local, tmp_path):
     assert set(result["staleness"]) <= {0, 1} and sum(result["staleness"].values()) == 3 * 4
     assert all(r["dropped/duplicate"] == 0 for r in rows)
     logged = [r for r in rows if "rollout/partial_frac" in r]
-    assert logged and all(0 <= r["rollout/partial_frac"] <= 1 and r["rollout/span_max"] in (0, 1) for r in logged)
     print("partial_frac per step:", [r.get("rollout/partial_frac") for r in rows])
+    assert logged and all(0 <= r["rollout/partial_frac"] <= 1 and r["rollout/span_max"] in (0, 1) for r in logged)
+    # some group was interrupted by a broadcast and continued under the newer weights
+    assert any(r["rollout/span_max"] == 1 and r["rollout/partial_frac"] > 0 for r in logged), \
+        [(r["rollout/partial_frac"], r["rollout/span_max"]) for r in logged]

@@ -54,9 +54,6 @@ class Engine:
         self.version = version
         return version, [n for n, _ in named], time.monotonic() - t
 
-    def load(self, shapes: dict[str, torch.Size]) -> None:
-        self.model = {n: torch.zeros(shape) for n, shape in shapes.items()}
-
     def state(self) -> dict[str, torch.Tensor]:
         return self.model
 
@@ -276,32 +273,6 @@ def test_ray_engine_killed_mid_broadcast_then_group_reforms(ray_local, engines):
         assert stats["version"] == 2
     finally:
         sender.close()
-
-
-@pytest.mark.slow
-def test_ray_throughput_50mb_two_engines(ray_local, engines):
-    """Prints MB/s (no assertion on it): 50 MB of float32 to 2 engines over gloo on this machine."""
-    ray = ray_local
-    members = engines(2)
-    big = [(f"layer{i}.weight", torch.randn(1024, 512)) for i in range(25)]  # 25 x 2 MiB = 50 MiB
-
-    ray.get([a.load.remote({n: t.shape for n, t in big}) for a, _ in members])
-    for bucket_mb in (64, 8):
-        cfg = WeightSyncConfig(bucket_mb=bucket_mb, timeout_s=60, heartbeat_s=1.0)
-        sender, _, joins = form(ray, cfg, members)
-        try:
-            sender.connect()
-            ray.get(joins)
-            rates = []
-            for version in (1, 2, 3):
-                recv = [a.receive.remote() for a, _ in members]
-                stats = sender.broadcast(iter(big), version)
-                ray.get(recv)
-                rates.append(stats["mb_per_s"])
-            print(f"\nbucket_mb={bucket_mb}: 50 MiB to 2 engines: {[f'{r:.0f}' for r in rates]} MiB/s "
-                  f"(per engine; {stats['buckets']} buckets, {stats['seconds']:.3f}s last)")
-        finally:
-            sender.close()
 
 
 def test_ray_learner_killed_mid_broadcast(ray_local, engines):

@@ -15,6 +15,7 @@ from actors.hf_engine import HFEngine
 from protocol.components import SamplingConfig, WeightSyncConfig
 from protocol.rollout import PromptInputs, RolloutRequest
 from vlm.logprobs import policy_logprobs
+from weights.checksum import checksums
 from weights.sender import WeightSender
 
 QUESTIONS = ["circle square", "which shape is it?", "the quick brown fox", "answer with one word"]
@@ -82,9 +83,19 @@ def test_vllm_engine_after_a_gloo_broadcast_matches_the_hf_engine(engines):
     greedy = SamplingConfig(n=1, max_new_tokens=12, greedy=True)
     before = ray.get(actor.generate.remote(requests, greedy))
     assert [g.policy_version for g in before] == [0] * len(requests)
+    sums_before = ray.get(actor.checksums.remote())
     named = _new_weights(hf, requests)
     stats = _broadcast(actor, named, version=1)
     assert stats["tensors"] == len(named) and stats["bytes"] == sum(t.numel() * t.element_size() for _, t in named)
+    # the extension hashes with weights/checksum.py under vLLM's names: the embedding and the norms changed, and
+    # the norms (kept unfused and unpacked) hash exactly like the learner's. On this CPU build the linear
+    # projections run from a prepacked copy whose `weight` parameter no longer follows reloads (on GPU it does)
+    sums = ray.get(actor.checksums.remote())
+    assert sums.keys() == sums_before.keys()
+    unchanged = {n for n in sums if sums[n] == sums_before[n]}
+    assert "model.embed_tokens.weight" not in unchanged and all(n.endswith("_proj.weight") for n in unchanged)
+    norms = [n for n in sums if n.endswith("norm.weight")]
+    assert norms and {n: sums[n] for n in norms} == {n: d for n, d in checksums(named).items() if n in norms}
 
     ours = ray.get(actor.generate.remote(requests, greedy))
     theirs = hf.generate(requests, greedy)
