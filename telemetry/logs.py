@@ -165,13 +165,15 @@ def _console_handler(h: logging.Handler) -> bool:
 
 def _adopt(logger: logging.Logger) -> None:
     """Take the logger's console handlers off and let its records reach the root logger (the run log)."""
-    if logger.name in _Quiet.adopted or _ours(logger.name):
+    if _ours(logger.name):
         return
     handlers = [h for h in logger.handlers if _console_handler(h)]
     if handlers or not logger.propagate:
         for h in handlers:
             logger.removeHandler(h)
-        _Quiet.adopted[logger.name] = (handlers, logger.propagate)
+        # adopted before and set up again since (a library re-importing its logger): keep what it had first
+        taken, propagate = _Quiet.adopted.get(logger.name, ([], logger.propagate))
+        _Quiet.adopted[logger.name] = (taken + handlers, propagate)
         logger.propagate = True
 
 

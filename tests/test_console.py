@@ -48,12 +48,18 @@ def library(name: str, stream):
         lib.propagate = True
 
 
-def test_quiet_console_sends_library_output_to_files_and_keeps_ours(tmp_path, capfd):
+@pytest.mark.parametrize("imported_before", [False, True], ids=["fresh", "deepspeed-imported-before"])
+def test_quiet_console_sends_library_output_to_files_and_keeps_ours(tmp_path, capfd, imported_before):
     showwarning, late = warnings.showwarning, logging.getLogger("DeepSpeed")
+    saved = late.handlers[:], late.propagate
+    late.handlers.clear()
+    if imported_before:  # DeepSpeed's logger set up by an import before the run (adopted at the start)
+        late.addHandler(logging.StreamHandler(sys.stdout))
+        late.propagate = False
     with bare_root(), library("somelib", sys.stderr) as lib:
         with quiet_console(tmp_path):
             assert ray_log_to_driver() is False
-            late.addHandler(logging.StreamHandler(sys.stdout))  # set up after the console went quiet
+            late.addHandler(logging.StreamHandler(sys.stdout))  # (set up again) after the console went quiet
             late.propagate = False
             lib.warning("somelib noise")
             late.warning("Setting accelerator to CPU")
@@ -63,7 +69,8 @@ def test_quiet_console_sends_library_output_to_files_and_keeps_ours(tmp_path, ca
             print("GRPO: 50%|#####", file=sys.stderr)  # what a progress bar writes
             announce("ray: local")
         given_back = len(lib.handlers), lib.propagate
-    late.handlers.clear()
+    assert len(late.handlers) == 1 + imported_before and late.propagate is False
+    late.handlers[:], late.propagate = saved
     out, err = capfd.readouterr()
     assert out == "ray: local\n"
     assert "Redis retry 1/5" in err and "GRPO: 50%" in err
