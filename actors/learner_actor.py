@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSy
 from protocol.results import LearnerStep, SFTStep, WeightUpdate
 from stream.buffer import RolloutBuffer
 from telemetry.timer import StageTimer
+from weights.network import bind_collectives
 from weights.sender import WeightSender
 
 
@@ -38,6 +40,26 @@ class LearnerActor:
         with socket.socket() as s:
             s.bind((host, 0))
             return host, s.getsockname()[1]
+
+    def network(self) -> dict:
+        """Where this rank runs and the interface its collectives bind to (chosen here, before any group
+        forms: gloo and NCCL read it when a group is created)."""
+        import ray
+
+        node_ip = ray.util.get_node_ip_address()
+        interface, source = bind_collectives(node_ip)
+        return {"rank": self.rank, "node": node_ip, "interface": interface, "source": source}
+
+    def rendezvous(self, master_addr: str, master_port: int, collective_timeout_s: float) -> None:
+        """Form the learners' default group (DeepSpeed's), so a rendezvous that cannot complete shows on its
+        own, within the driver's bound, not as a model load that never ends. LearnerWorker then finds the
+        group formed (deepspeed.init_distributed is a no-op the second time)."""
+        import deepspeed
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          LOCAL_WORLD_SIZE="1", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=collective_timeout_s))
 
     def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig, algo: GRPOConfig,
               samples_per_rank: int, total_steps: int, redis_url: str, redis_cfg: RedisConfig,

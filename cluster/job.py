@@ -26,6 +26,7 @@ from cluster.checkpoint import (
     write_driver_state,
 )
 from cluster.draws import DrawLedger
+from cluster.nodes import check_storage, form_learner_group, placement_nodes, redis_host
 from cluster.placement import init_ray, release, reserve
 from cluster.scheduler import RolloutScheduler
 from cluster.staleness import StalenessManager
@@ -84,6 +85,8 @@ class Job:
         self.rollout_workers: list = []
         self.learners: list = []
         self.reward_actors: list = []
+        self.absent: set[int] = set()  # engines left out of the weight group (their node is gone)
+        self.draws: DrawLedger | None = None
 
     # ---- setup ----
 
@@ -115,18 +118,20 @@ class Job:
         self.order = MixtureOrder(by_dataset, self.weights, cfg.train.seed)
         if resume_tag:  # a data set added since the checkpoint starts fresh, a removed one is dropped
             self.order.load_state_dict(self.state.data_order["order"], allow_new=True, allow_removed=True)
-        self.redis_url, self.redis_server = connect(cfg.redis, self.run_dir)
+        self.ray_desc = init_ray(cfg.cluster, local_runtime_env(), log_to_driver=ray_log_to_driver())
+        announce(f"ray: {self.ray_desc}")
+        note_ray_logs(self.run_dir)  # quiet console: where the actors' output is
+        # after Ray: a private server listens where every node's actors reach it (cluster/nodes.py)
+        self.redis_url, self.redis_server = connect(cfg.redis, self.run_dir, host=redis_host(cfg.redis))
         self.buffer = RolloutBuffer.from_config(cfg.redis, self.redis_url, consumer="driver")
         left = self.buffer.reset()  # an earlier attempt's groups: its draws are in the checkpoint
         if left:
             announce(f"discarded {left} rollout groups left in stream {cfg.redis.stream!r} by an earlier "
                      f"attempt")
         self._released = 0
-        self.ray_desc = init_ray(cfg.cluster, local_runtime_env(), log_to_driver=ray_log_to_driver())
-        announce(f"ray: {self.ray_desc}")
-        note_ray_logs(self.run_dir)  # quiet console: where the actors' output is
         group_name = f"clsrl-{self.run_dir.name}-{os.getpid()}"
         self.placement = reserve(cfg.cluster, name=group_name, colocate=cfg.rollout.colocate)
+        self._check_storage()
         self._start_actors()
         if resume_tag:
             ray.get([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners])
@@ -191,7 +196,8 @@ class Job:
         n = cfg.cluster.learner_ranks
         self.learners = [Learner.options(**p.options("learner", r)).remote(rank=r, world_size=n)
                          for r in range(n)]
-        addr, port = ray.get(self.learners[0].address.remote())
+        addr, port = form_learner_group(self.learners, cfg.cluster.rendezvous_timeout_s,
+                                        cfg.learner.collective_timeout_s)
         starting = {
             a.setup.remote(
                 master_addr=addr,
@@ -217,6 +223,17 @@ class Job:
                                f"{', '.join(starting[r] for r in late)} (see the Ray logs under "
                                f"/tmp/ray/session_latest/logs)")
 
+    def _check_storage(self) -> None:
+        """Every node hosting an actor reads the model, run dir and cache; learner nodes write the run dir.
+        Paths the driver itself lacks (model.path as a hub id) are not checked."""
+        from vlm.cache import default_cache_dir
+
+        seen = {"model.path": self.model_path, "the run directory": str(self.run_dir),
+                "the cache ($CLSRL_CACHE)": str(default_cache_dir())}
+        readable = {label: path for label, path in seen.items() if Path(path).exists()}
+        check_storage(placement_nodes(self.placement.group, self.placement.bundles), readable,
+                      {"the run directory": str(self.run_dir)}, self.cfg.cluster.ready_timeout_s)
+
     def form_weight_group(self) -> None:
         form_weight_group(self.cfg, self.learners, self.rollout_workers)
 
@@ -236,8 +253,10 @@ class Job:
         dropped = len(saved.get("reissue", [])) - len(reissue)
         if dropped:
             announce(f"{dropped} checkpointed prompts belong to data sets this run lacks: dropped")
-        return DrawLedger(self.order, staleness, cfg.rollout.prompts_per_call, len(self.rollout_workers),
-                          next_draw=saved.get("next_draw", 0), reissue=reissue)
+        self.draws = DrawLedger(self.order, staleness, cfg.rollout.prompts_per_call,
+                                len(self.rollout_workers), next_draw=saved.get("next_draw", 0),
+                                reissue=reissue)
+        return self.draws
 
     def scheduler(self, ledger: DrawLedger) -> RolloutScheduler:
         return RolloutScheduler(self.rollout_workers, ledger, self.request, self.cfg.train.seed)
@@ -300,16 +319,26 @@ class Job:
         if self.cfg.rollout.colocate:
             update = share_colocated(self.learners, self.rollout_workers, version)
         else:
-            update = broadcast_weights(self.cfg, self.learners, self.rollout_workers, version, rejoin,
-                                       attempts)
+            update, absent = broadcast_weights(self.cfg, self.learners, self.rollout_workers, version,
+                                               rejoin, attempts, self.absent)
+            self._left_out(absent)
         self.state.policy_version = version
         return update
 
+    def _left_out(self, absent: set[int]) -> None:
+        """Engines the broadcast left out get no work until a later broadcast takes them back."""
+        back, self.absent = self.absent - absent, absent
+        if back:
+            announce(f"rollout worker(s) {sorted(back)} are back in the weight group")
+        if self.draws is not None:
+            self.draws.dead.update(absent)
+
     def evaluate(self) -> list[EvalAnswer]:
         reqs = [self.request(e.id) for e in self.test_examples]
-        chunks = _split(reqs, len(self.rollout_workers))
+        live = [w for i, w in enumerate(self.rollout_workers) if i not in self.absent]
+        chunks = _split(reqs, len(live))
         results = ray.get([w.evaluate.remote(c, self.cfg.rollout.eval_max_new_tokens)
-                           for w, c in zip(self.rollout_workers, chunks) if c])
+                           for w, c in zip(live, chunks) if c])
         return [r for part in results for r in part]
 
     def save(self, step: int, ledger: DrawLedger, score: float | None = None) -> Path:

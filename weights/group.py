@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from protocol.components import WEIGHT_SYNC_BACKENDS as BACKENDS
 from protocol.components import WeightSyncConfig
+from weights.network import bind_collectives, gloo_devices, route_source
 
 MAX_INFLIGHT = 2  # buckets on the wire at once per side (memory: this many + one open bucket per dtype)
 POLL_S = 0.01  # how often store keys are polled while waiting
@@ -70,8 +71,13 @@ def new_backend(host: str, port: int, rank: int, world: int, backend: str, timeo
     """
     store = dist.PrefixStore("pg", open_store(host, port, False, timeout_s))
     if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=timeout_s))
+        # bound to the address that reaches rank 0, not the hostname's (127.0.0.1 on many hosts)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = gloo_devices(host)
+        opts._timeout = timedelta(seconds=timeout_s)
+        return dist.ProcessGroupGloo(store, rank, world, opts)
     if backend == "nccl":
+        bind_collectives(route_source(host))  # NCCL_SOCKET_IFNAME, unless the user set it
         nccl = getattr(dist, "ProcessGroupNCCL", None)
         if nccl is None or not torch.cuda.is_available():
             raise WeightSyncError("weight_sync.backend is nccl but this torch has no CUDA/NCCL")
