@@ -87,6 +87,7 @@ class Job:
         self.reward_actors: list = []
         self.absent: set[int] = set()  # engines left out of the weight group (their node is gone)
         self.draws: DrawLedger | None = None
+        self.formed: dict[int, int] = {}  # engine -> pid, as the weight group was last formed
 
     # ---- setup ----
 
@@ -320,7 +321,7 @@ class Job:
             update = share_colocated(self.learners, self.rollout_workers, version)
         else:
             update, absent = broadcast_weights(self.cfg, self.learners, self.rollout_workers, version,
-                                               rejoin, attempts, self.absent)
+                                               rejoin, attempts, self.absent, self.formed)
             self._left_out(absent)
         self.state.policy_version = version
         return update

@@ -26,18 +26,26 @@ def form_weight_group(cfg: ExperimentConfig, learners: list, workers: list,
 
 
 def broadcast_weights(cfg: ExperimentConfig, learners: list, workers: list, version: int, rejoin: bool,
-                      attempts: int, absent: set[int] | None = None) -> tuple[WeightUpdate, set[int]]:
+                      attempts: int, absent: set[int] | None = None,
+                      formed: dict[int, int] | None = None) -> tuple[WeightUpdate, set[int]]:
     """Send the learners' weights to every engine that answers; on a failure, restart the engines that do
     not answer, re-form the group without the ones still gone, and try again. Returns the update and the
     engines left out (their node is gone and nothing replaced it yet; `absent` = those left out last time,
-    probed briefly, so a lost node does not cost every step a wait)."""
+    probed briefly, so a lost node does not cost every step a wait). `formed`: engine -> pid of the group's
+    members, kept by the caller: the group is re-formed only when they change (or after a failure)."""
     absent = set(absent or ())
+    formed = {} if formed is None else formed
     members = [i for i in range(len(workers)) if i not in absent]
+    force = False
     for attempt in range(1, attempts + 1):
         try:
             if rejoin:
-                members = await_engines(cfg, workers, absent)
-                form_weight_group(cfg, learners, workers, members)
+                live = await_engines(cfg, workers, absent)
+                members = sorted(live)
+                if force or live != formed:
+                    formed.clear()
+                    form_weight_group(cfg, learners, workers, members)
+                    formed.update(live)
             sending = [a.broadcast.remote(version) for a in learners]
             receiving = [workers[i].receive_weights.remote() for i in members]
             update = ray.get(sending)[0]  # first: rank 0's error names the engine that failed, in time
@@ -49,7 +57,7 @@ def broadcast_weights(cfg: ExperimentConfig, learners: list, workers: list, vers
             announce(f"weight broadcast of version {version} failed (attempt {attempt}/{attempts}): "
                      f"{str(err).splitlines()[-1][:500]}\nrestarting the engines that do not answer and "
                      f"re-forming the group", "clsrl.job", logging.WARNING)
-            rejoin = True
+            rejoin = force = True
     raise AssertionError("unreachable")
 
 
@@ -68,11 +76,11 @@ def share_colocated(learners: list, workers: list, version: int) -> WeightUpdate
                         mb_per_s=nbytes / 2**20 / max(seconds, 1e-9))
 
 
-def await_engines(cfg: ExperimentConfig, workers: list, absent: set[int] = frozenset()) -> list[int]:
-    """The engines that answer (Ray restarts dead ones): a stuck one is killed so Ray restarts it; one that
-    is not back within weight_sync.timeout_s (its node died and no capacity replaced it; `absent` ones get
-    one short probe) is left out, and rejoins at a later broadcast once Ray has placed it again. Raises
-    when no engine is left."""
+def await_engines(cfg: ExperimentConfig, workers: list, absent: set[int] = frozenset()) -> dict[int, int]:
+    """The engines that answer, as {index: pid} (Ray restarts dead ones): a stuck one is killed so Ray
+    restarts it; one that is not back within weight_sync.timeout_s (its node died and no capacity replaced
+    it; `absent` ones get one short probe) is left out, and rejoins at a later broadcast once Ray has placed
+    it again. Raises when no engine is left."""
     probes = {w.info.remote(): i for i, w in enumerate(workers) if i not in absent}
     _, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=cfg.weight_sync.timeout_s)
     for ref in stuck:
@@ -81,13 +89,13 @@ def await_engines(cfg: ExperimentConfig, workers: list, absent: set[int] = froze
         ray.kill(workers[probes[ref]], no_restart=False)
     # While Ray restarts an actor, calls to it fail at once (ActorUnavailableError): ask until it is back.
     deadline = time.monotonic() + cfg.weight_sync.timeout_s
-    live, gone = [], []
+    live: dict[int, int] = {}
+    gone = []
     for i, w in enumerate(workers):
-        until = time.monotonic() + 2.0 if i in absent else deadline
+        until = time.monotonic() + 1.0 if i in absent else deadline
         while True:
             try:
-                ray.get(w.info.remote(), timeout=max(until - time.monotonic(), 0.001))
-                live.append(i)
+                live[i] = ray.get(w.info.remote(), timeout=max(until - time.monotonic(), 0.001))["pid"]
                 break
             except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError,
                     ray.exceptions.RayActorError):

@@ -1,0 +1,74 @@
+"""Addresses for several nodes, without a cluster: which interface process groups bind to, where the private
+Redis listens, redis.url from the environment, roles placed by custom resources. The multi-node behaviour
+itself is tests/test_multinode.py."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import redis
+
+from cluster.placement import plan_bundles
+from protocol.components import RedisConfig
+from protocol.config import ClusterConfig
+from protocol.overrides import ConfigError
+from stream.server import PrivateRedis, configured_url, connect, make_client
+from weights.network import GLOO_VAR, NCCL_VAR, bind_collectives, interface_of, route_source
+
+
+def test_collectives_bind_to_the_interface_holding_the_node_ip_unless_the_user_chose_one():
+    env: dict[str, str] = {}
+    assert bind_collectives("127.0.0.1", env) == ("lo", "the interface holding 127.0.0.1")
+    assert env == {GLOO_VAR: "lo", NCCL_VAR: "=lo"}
+    mine = {GLOO_VAR: "eth7", NCCL_VAR: "ib0"}
+    assert bind_collectives("127.0.0.1", mine)[0] == "eth7"
+    assert mine == {GLOO_VAR: "eth7", NCCL_VAR: "ib0"}
+
+
+def test_an_address_no_interface_holds_is_named_with_what_the_host_has():
+    with pytest.raises(RuntimeError, match=r"no network interface .* holds 192\.0\.2\.77 .*lo 127\.0\.0\.1"):
+        interface_of("192.0.2.77")
+    assert route_source("127.0.0.1") == "127.0.0.1"
+
+
+def _reachable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
+def test_private_redis_listens_on_the_cluster_address_too_only_when_asked(tmp_path):
+    # 127.0.0.2 stands in for the driver node's cluster IP (it is on lo, so no namespace is needed)
+    with PrivateRedis(RedisConfig(), tmp_path / "a", die_with_parent=False, host="127.0.0.2") as srv:
+        assert "@127.0.0.2:" in srv.url and len(srv.password) * 4 >= 128
+        assert _reachable("127.0.0.2", srv.port) and _reachable("127.0.0.1", srv.port)
+        assert srv.client().ping()
+        with pytest.raises(redis.AuthenticationError):
+            make_client(f"redis://127.0.0.2:{srv.port}/0").set("k", "v")
+    with PrivateRedis(RedisConfig(), tmp_path / "b", die_with_parent=False) as srv:
+        assert "@127.0.0.1:" in srv.url
+        assert not _reachable("127.0.0.2", srv.port)
+
+
+def test_redis_url_from_an_environment_variable(tmp_path, monkeypatch):
+    with PrivateRedis(RedisConfig(), tmp_path, die_with_parent=False) as srv:
+        monkeypatch.setenv("CLSRL_TEST_REDIS_URL", srv.url)
+        cfg = RedisConfig(url="env:CLSRL_TEST_REDIS_URL")
+        assert configured_url(cfg) == srv.url
+        url, server = connect(cfg, tmp_path)
+        assert url == srv.url and server is None
+    monkeypatch.delenv("CLSRL_TEST_REDIS_URL")
+    with pytest.raises(ConfigError, match="CLSRL_TEST_REDIS_URL is not set"):
+        configured_url(RedisConfig(url="env:CLSRL_TEST_REDIS_URL"))
+
+
+def test_roles_ask_for_their_custom_resources():
+    cluster = ClusterConfig(role_resources={"rollout": {"rollout_node": 1}, "learner": {"learner_node": 1}})
+    by_role = {(r, i): res for r, i, res in plan_bundles(cluster)}
+    assert by_role[("rollout", 1)] == {"CPU": 1.0, "rollout_node": 1.0}
+    assert by_role[("learner", 0)] == {"CPU": 1.0, "learner_node": 1.0}
+    assert by_role[("reward", 0)] == {"CPU": 0.5}
+    with pytest.raises(ValueError, match=r"unknown role\(s\) \['rollouts'\]"):
+        plan_bundles(ClusterConfig(role_resources={"rollouts": {"x": 1}}))
+    with pytest.raises(ValueError, match="custom resource"):
+        plan_bundles(ClusterConfig(role_resources={"learner": {"GPU": 1}}))
