@@ -44,13 +44,20 @@ def form_learner_group(learners: list, timeout_s: float, collective_timeout_s: f
     addr, port = ray.get(learners[0].address.remote())
     calls = {a.rendezvous.remote(addr, port, collective_timeout_s): r for r, a in enumerate(learners)}
     ready, late = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
-    ray.get(ready)  # a rank that failed outright raises its own error
-    if late:
-        missing = sorted(calls[ref] for ref in late)
+    failed = {}
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:  # gloo/NCCL gave up first (e.g. a peer's address refused)
+            failed[calls[ref]] = str(err).strip().splitlines()[-1][:400]
+    if late or failed:
+        why = [f"rank {r} failed: {msg}" for r, msg in sorted(failed.items())]
+        if late:
+            why.append(f"rank(s) {sorted(calls[ref] for ref in late)} still waiting after "
+                       f"cluster.rendezvous_timeout_s={timeout_s:g}s")
         where = "; ".join(f"rank {n['rank']} on node {n['node']} (interface {n['interface']}, from "
                           f"{n['source']})" for n in nets)
-        raise NodeError(f"the learners' process group at {addr}:{port} did not form within "
-                        f"cluster.rendezvous_timeout_s={timeout_s:g}s: rank(s) {missing} still waiting. "
+        raise NodeError(f"the learners' process group at {addr}:{port} did not form: {'; '.join(why)}. "
                         f"Ranks: {where}. Check that these nodes reach each other on those interfaces "
                         f"(firewall, routes), or set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME")
     return addr, port

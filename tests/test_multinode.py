@@ -29,10 +29,12 @@ NODES = [Node("head", 4, {"learner_slot": 1, "rollout_slot": 1, "reward_slot": 1
          Node("n2", 1, {"rollout_slot": 1})]
 
 
-def submit(c, run_dir: Path, report: Path, *extra: str, wait: bool = True, log: Path | None = None):
+def submit(c, run_dir: Path, report: Path, *extra: str, wait: bool = True, log: Path | None = None,
+           env_vars: dict[str, str] | None = None):
     """`ray job submit` from the head's namespace, as a user types it (working dir uploaded)."""
     env = json.dumps({"env_vars": {"CLSRL_CACHE": str(REPO / ".cache" / "clsrl"), "HF_HUB_OFFLINE": "1",
-                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                                   **(env_vars or {})},
                       "excludes": ["/.venv", "/.cache", "/runs", "/.git", "__pycache__", "*.egg-info"]})
     argv = ["ray", "job", "submit", "--address", c.dashboard, "--working-dir", ".", "--runtime-env-json", env,
             "--", "python", "-m", "tests.multinode_job", str(report), "train", *BASE, SLOTS,
@@ -142,3 +144,22 @@ def test_learner_node_lost_stops_with_the_named_error_and_resume_continues(tmp_p
     draws = trained_draws(run_dir)
     assert not [d for d, n in Counter(draws).items() if n > 1], draws
     assert sorted(draws) == list(range(STEPS * PROMPTS))
+
+
+def test_a_rendezvous_that_cannot_complete_fails_in_time_naming_ranks_nodes_and_interfaces(tmp_path):
+    # what gloo does on its own when the hostname resolves to 127.0.0.1, forced here by the user's variable:
+    # each rank advertises 127.0.0.1, which the other node cannot reach
+    nodes = [Node("head", 4, {"learner_slot": 1, "rollout_slot": 2, "reward_slot": 1}),
+             Node("n1", 1, {"learner_slot": 1})]
+    with netns_cluster(tmp_path, nodes) as c:
+        res = submit(c, tmp_path / "run", tmp_path / "report.json", "cluster.rendezvous_timeout_s=20",
+                     env_vars={"GLOO_SOCKET_IFNAME": "lo"})
+        head, n1 = c.ip("head"), c.ip("n1")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    line = next((x for x in out.splitlines() if x.startswith("clsrl: error: the learners' process group")), None)
+    assert line, out[-4000:]
+    # gloo gives up on the refused address (or our bound does): either way within the bound, and named
+    assert "remote=[127.0.0.1]" in line or "after cluster.rendezvous_timeout_s=20s" in line, line
+    assert f"rank 0 on node {head} (interface lo, from GLOO_SOCKET_IFNAME (set by the user))" in line
+    assert f"rank 1 on node {n1} (interface lo" in line
