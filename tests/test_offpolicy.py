@@ -234,23 +234,56 @@ def test_config_fields_and_validation():
             GRPOConfig(is_cap=cap)
 
 
-@pytest.mark.parametrize("mode", OFF_POLICY)
-def test_grpo_objective_passes_the_mode(monkeypatch, mode):
-    import learner.objective as objective
+@pytest.fixture(scope="module")
+def tiny_stale_batch(tiny_policy, shapes_dataset):
+    """Real completions of the tiny model on three shapes prompts, with behaviour log-probs made stale."""
+    from tasks.examples import build_examples
+    from vlm.generation import sample_completions
+    from vlm.inputs import build_sequence_batch, vision_token_ids
 
-    logp, mu, ref, adv, mask = batch(7)
-    leaf = logp.clone().requires_grad_(True)
-    entropy = torch.rand(logp.shape, dtype=D)
-    monkeypatch.setattr(objective, "completion_logprobs", lambda *a, **k: (leaf, mask, entropy))
-    cfg = GRPOConfig(off_policy=mode, is_cap=1.7, beta=0.04, loss_agg="token-mean")
-    loss, stats = objective.grpo_objective(None, None, mu, adv, cfg, [], ref_logprobs=ref)
-    want, want_stats = policy_loss(logp, mu, adv, mask, ref_logprobs=ref, beta=0.04, agg="token-mean",
-                                   entropy=entropy, off_policy=mode, is_cap=1.7)
-    close(loss.detach(), want)
-    assert ("is_truncated_frac" in stats) == (mode == "tis")
-    close(stats["logprob_gap"], (logp - mu).abs()[mask].mean())
-    for k, v in want_stats.items():
-        assert stats[k] == pytest.approx(v, abs=1e-12)
+    from learner.objective import pad_rows
+    from protocol.components import SamplingConfig
+
+    model, processor = tiny_policy
+    examples, _ = build_examples(processor, shapes_dataset, shapes_dataset.split("train")[:3], "cls_rl", 56 * 56,
+                                 112 * 112, seed=0)
+    prompts = [e.inputs for e in examples]
+    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=2, max_new_tokens=8), seed=1)
+    comps = [c for g in groups for c in g]
+    batch = build_sequence_batch([p for p, g in zip(prompts, groups) for _ in g], [c.token_ids for c in comps],
+                                 model.generation_config.pad_token_id, model.config.image_token_id)
+    gen = torch.Generator().manual_seed(7)
+    behaviour = pad_rows([c.logprobs for c in comps])
+    mu = behaviour + 0.8 * torch.randn(behaviour.shape, generator=gen)  # weights spread past the cap
+    ref = behaviour + 0.3 * torch.randn(behaviour.shape, generator=gen)
+    adv = torch.randn(len(comps), generator=gen)
+    return model, batch, mu, ref, adv, vision_token_ids(model.config)
+
+
+def test_grpo_objective_passes_the_mode(tiny_stale_batch):
+    """grpo_objective on the tiny model's real forward: each mode's loss is policy_loss in that mode on the
+    model's own log-probs and entropy, and the two modes differ on stale data."""
+    from learner.objective import grpo_objective
+    from vlm.logprobs import completion_logprobs
+
+    model, batch, mu, ref, adv, blocked = tiny_stale_batch
+    losses = {}
+    with torch.no_grad():
+        for mode in OFF_POLICY:
+            cfg = GRPOConfig(off_policy=mode, is_cap=1.7, beta=0.04, loss_agg="token-mean")
+            loss, stats = grpo_objective(model, batch, mu, adv, cfg, blocked, ref_logprobs=ref)
+            logp, mask, entropy = completion_logprobs(model, batch, cfg.temperature, blocked, with_entropy=True)
+            want, want_stats = policy_loss(logp, mu, adv, mask, ref_logprobs=ref, beta=0.04, agg="token-mean",
+                                           entropy=entropy, off_policy=mode, is_cap=1.7)
+            assert mask.sum() > 0
+            torch.testing.assert_close(loss, want, rtol=0, atol=1e-6)
+            assert ("is_truncated_frac" in stats) == (mode == "tis")
+            assert stats["logprob_gap"] == pytest.approx(float((logp - mu).abs()[mask].mean()), abs=1e-5)
+            for k, v in want_stats.items():
+                assert stats[k] == pytest.approx(v, abs=1e-6), k
+            losses[mode] = loss.item()
+    assert stats["is_truncated_frac"] > 0  # the batch is stale enough for truncation to act
+    assert abs(losses["tis"] - losses["ppo"]) > 1e-4
 
 
 @pytest.mark.parametrize("explicit_prox", [False, True], ids=["prox=current", "prox=given"])
