@@ -165,6 +165,10 @@ def test_learner_rank_killed_stops_with_a_resume_hint_and_resume_trains_each_dra
     assert reissued and reissued <= after  # the checkpoint's in-flight draws were issued again and done once
 
 
+def _retry_logged(caplog) -> bool:
+    return any(r.name == "stream.buffer" and ", retry " in r.getMessage() for r in caplog.records)
+
+
 def test_redis_killed_and_restarted_mid_run_loses_no_pending_sample(ray_local, tmp_path, monkeypatch, caplog):
     cfg = make_cfg("train.steps=4", "redis.appendonly=true", "sampling.max_new_tokens=64")
     rec = Recorder(monkeypatch)
@@ -177,7 +181,8 @@ def test_redis_killed_and_restarted_mid_run_loses_no_pending_sample(ray_local, t
             pending = wait_until(probe.pending, 120, "rollout groups taken by a learner and not yet acked")
             server.proc.kill()  # a crash, with groups pending on the learners
             server.proc.wait()
-            time.sleep(1.5)  # down longer than the driver's loop takes to call Redis again (at most ~1 s)
+            # down until the driver has called Redis, failed and is backing off: the retry path is taken
+            wait_until(lambda: _retry_logged(caplog), 60, "the driver retrying Redis while it is down")
             server.restart()  # from this thread, which stays alive until the run is over (see Background)
         return pending
 
