@@ -45,6 +45,7 @@ class Node:
     name: str  # short: namespace and interface names derive from it
     num_cpus: float
     resources: dict[str, float] = field(default_factory=dict)
+    hide: list[str] = field(default_factory=list)  # directories this node sees empty (a tmpfs over each)
 
 
 @dataclass
@@ -128,6 +129,10 @@ class Cluster:
                      "--include-dashboard", "true"]
         else:
             args += ["--address", f"{self.ip(self.head)}:6379"]
+        if node.hide:  # a mount namespace of the node's own: storage the other nodes see, it does not
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in node.hide)
+            args = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"',
+                    "sh", *args]
         log = self.temp / f"ray-start-{node.name}.log"
         self.procs[node.name] = self.popen(node.name, args, log)
         deadline = time.monotonic() + timeout_s

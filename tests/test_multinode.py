@@ -163,3 +163,21 @@ def test_a_rendezvous_that_cannot_complete_fails_in_time_naming_ranks_nodes_and_
     assert "remote=[127.0.0.1]" in line or "after cluster.rendezvous_timeout_s=20s" in line, line
     assert f"rank 0 on node {head} (interface lo, from GLOO_SOCKET_IFNAME (set by the user))" in line
     assert f"rank 1 on node {n1} (interface lo" in line
+
+
+def test_a_node_that_cannot_see_the_model_fails_the_run_before_step_1_naming_node_path_and_fix(tmp_path):
+    cache = REPO / ".cache" / "clsrl"  # model.path (the tiny model) lives here; n1 sees it empty
+    nodes = [Node("head", 4, {"learner_slot": 1, "rollout_slot": 2, "reward_slot": 1}),
+             Node("n1", 1, {"learner_slot": 1}, hide=[str(cache)])]
+    run_dir = tmp_path / "run"
+    with netns_cluster(tmp_path, nodes) as c:
+        res = submit(c, run_dir, tmp_path / "report.json")
+        n1 = c.ip("n1")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    line = next((x for x in out.splitlines() if x.startswith("clsrl: error: storage every node")), None)
+    assert line, out[-4000:]
+    assert re.search(rf"node {re.escape(n1)} \(\S+\): model\.path {re.escape(str(cache))}/\S+ does not exist", line)
+    assert c.ip("head") not in line  # the head sees it all
+    assert "a file system every node mounts" in line
+    assert not (run_dir / "metrics.jsonl").exists()  # before step 0's eval, let alone step 1
