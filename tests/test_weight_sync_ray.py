@@ -1,17 +1,20 @@
 """Learner -> engine weight broadcast between real processes: engines as Ray actors, killed with SIGKILL."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
 from dataclasses import asdict
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
 
 from protocol.components import WeightSyncConfig
+from tests.fault_kit import wait_until
 from tests.weight_sync_data import FAST, HOST, MARGIN_S, bits, make_weights, sent
 from weights.group import WeightSyncError
 from weights.receiver import WeightReceiver
@@ -73,11 +76,18 @@ class Learner:
         self.tx.connect()
 
     def broadcast_slowly(self, version: int, pause_s: float) -> dict:
+        self.given = 0
+
         def slow():
             for item in sent(make_weights(0)):
                 time.sleep(pause_s)
+                self.given += 1
                 yield item
         return self.tx.broadcast(slow(), version)
+
+    def buckets_given(self) -> int:
+        """Tensors handed to the broadcast so far (answered from a second thread while it runs)."""
+        return getattr(self, "given", 0)
 
 
 @pytest.fixture
@@ -236,7 +246,8 @@ def test_ray_engine_killed_mid_broadcast_then_group_reforms(ray_local, engines):
         for i, item in enumerate(sent(weights)):
             if i == 2:
                 kill(p2)
-                time.sleep(0.2)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(p2).wait(10)  # gone before the next bucket is sent
             consumed.append(item[0])
             yield item
 
@@ -279,14 +290,14 @@ def test_ray_learner_killed_mid_broadcast(ray_local, engines):
     """Rank 0 dies half-way: engines give up at once (store and sockets close), never hang."""
     ray = ray_local
     members = engines(2)
-    learner = ray.remote(num_cpus=0, max_restarts=0)(Learner).remote()
+    learner = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)(Learner).remote()
     try:
         port, pid = ray.get(learner.open.remote(2, asdict(FAST)), timeout=120)
         joins = [a.join.remote(port, r, 2, asdict(FAST), f"rollout-{r}") for r, (a, _) in enumerate(members, 1)]
         ray.get([learner.connect.remote()] + joins, timeout=60)
         recv = [a.receive.remote() for a, _ in members]
         learner.broadcast_slowly.remote(1, 0.3)
-        time.sleep(1.5)  # a few buckets are through
+        wait_until(lambda: ray.get(learner.buckets_given.remote()) >= 3, 60, "a few buckets through")
         kill(pid)
         t0 = time.monotonic()
         results = ray.get(recv, timeout=FAST.timeout_s + 30)
