@@ -18,6 +18,7 @@ from learner.worker import LearnerWorker
 from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSyncConfig
 from protocol.results import LearnerStep, SFTStep, WeightUpdate
 from stream.buffer import RolloutBuffer
+from telemetry.collapse import group_answer_shares
 from telemetry.timer import StageTimer
 from weights.network import bind_collectives
 from weights.sender import WeightSender
@@ -115,7 +116,8 @@ class LearnerActor:
         return group_advantages(rewards, group_size, "none") / (std + self.algo.advantage_eps)
 
     def train(self, n_groups: int, version: int, max_staleness: int, max_len: int | None,
-              take_timeout_s: float, forget_below: int = 0) -> LearnerStep:
+              take_timeout_s: float, forget_below: int = 0,
+              correct_reward: dict[str, str] | None = None) -> LearnerStep:
         """Take n_groups fresh groups, run one optimizer step on them, ack them; returns this rank's stats.
 
         `version` is the policy version this rank holds; `forget_below` prunes the duplicate filter to draws
@@ -136,6 +138,12 @@ class LearnerActor:
             adv = self._advantages(rewards, sizes.pop()).float().view(len(groups), -1)
             stats = self.worker.train_step([(g, a.tolist()) for g, a in zip(groups, adv)], max_len)
             self.buffer.ack([eid for eid, _ in taken])  # only after the optimizer step: a crash loses nothing
+        # correctness per completion: the data set's correct_reward component (else the total reward)
+        names = correct_reward or {}
+        answers = group_answer_shares([
+            ([c.text for c in g.completions],
+             g.reward_components.get(names.get(g.request.meta.get("dataset"), ""), g.rewards))
+            for g in groups])
         return LearnerStep(
             stats=stats,
             draws=[g.request.meta.get("draw") for g in groups],
@@ -147,6 +155,8 @@ class LearnerActor:
             take_seconds=timer.seconds["take"],
             step_seconds=timer.seconds["train_step"],
             buffer=self.buffer.metrics(),
+            one_answer=answers["groups/one_answer"],
+            one_wrong_answer=answers["groups/one_wrong_answer"],
         )
 
     def sft_train(self, rows: list[tuple]) -> SFTStep:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from cluster.job import Job
 from cluster.steps import GRPOSteps, SFTSteps, evaluate
 from protocol.config import ExperimentConfig
+from telemetry.collapse import CollapseWatch
 from telemetry.logs import run_logging
 from telemetry.metrics import MetricsLogger
 from telemetry.plots import plot_histogram
@@ -31,13 +32,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                 MetricsLogger(job.run_dir, (), resumed_at, TRAINED_FILE, keep_rows=False) as trained:
             if first == 0:
                 metrics.log({"step": 0, **evaluate(job, 0)})
+            watch = CollapseWatch()  # warns on the console (and flags metrics) when GRPO stops learning
             bar = tqdm(range(first + 1, cfg.train.steps + 1), desc=steps.name, initial=first,
                        total=cfg.train.steps)
             for step in bar:
                 row = {"step": step, **steps.run(step)}
                 if due(cfg.train.eval_every, step, cfg.train.steps):
                     row.update(steps.evaluate(step))
-                metrics.log(row)
+                metrics.log(watch.observe(row))
                 audit = steps.audit_row(step)
                 if audit:
                     trained.log(audit)

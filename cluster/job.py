@@ -270,7 +270,8 @@ class Job:
         cfg = self.cfg
         return [a.train.remote(n_groups=cfg.train.prompts_per_step // len(self.learners), version=version,
                                max_staleness=cfg.rollout.max_staleness, max_len=cfg.sampling.max_new_tokens,
-                               take_timeout_s=cfg.weight_sync.timeout_s * 10, forget_below=forget_below)
+                               take_timeout_s=cfg.weight_sync.timeout_s * 10, forget_below=forget_below,
+                               correct_reward={name: t.correct_reward for name, t in self.tasks.items()})
                 for a in self.learners]
 
     def finish_train(self, refs: list) -> list[LearnerStep] | list[SFTStep]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 
 from protocol.results import EvalAnswer, LearnerStep, RolloutSummary, SFTStep
+from telemetry.collapse import answer_diversity
 
 
 def rollout_metrics(parts: list[RolloutSummary]) -> dict[str, float]:
@@ -20,6 +21,8 @@ def rollout_metrics(parts: list[RolloutSummary]) -> dict[str, float]:
         "length/max": max(lengths),
         "length/truncated": sum(p.truncated for p in parts) / len(lengths),
         "dropped/filtered": sum(len(p.filtered) for p in parts),
+        # share of sampled groups dynamic sampling dropped (all rewards equal: no gradient)
+        "groups/filtered": sum(len(p.filtered) for p in parts) / max(1, len(spans)),
         "rollout/partial_frac": sum(s > 0 for s in spans) / len(spans),
         "rollout/span_max": max(spans),
     }
@@ -46,6 +49,8 @@ def learner_metrics(ranks: list[LearnerStep]) -> dict[str, float]:
         "time/take": statistics.fmean(r.take_seconds for r in ranks),
         "time/train_step": statistics.fmean(r.step_seconds for r in ranks),
         "groups/equal_rewards": statistics.fmean(r.equal_rewards for r in ranks),
+        "groups/one_answer": statistics.fmean(r.one_answer for r in ranks),
+        "groups/one_wrong_answer": statistics.fmean(r.one_wrong_answer for r in ranks),
         "staleness/mean": statistics.fmean(lags),
         "staleness/max": max(lags),
         "dropped/stale": sum(len(r.stale_draws) for r in ranks),
@@ -64,12 +69,15 @@ def sft_metrics(ranks: list[SFTStep]) -> dict[str, float]:
 
 def eval_metrics(answers: list[EvalAnswer]) -> dict[str, float]:
     """Greedy held-out accuracy per data set; eval/accuracy is their unweighted mean (each data set counts
-    once), with per-data-set rows only when there are several."""
-    by_dataset: dict[str, list[float]] = {}
+    once), with per-data-set rows only when there are several. eval/answer_diversity: distinct answers over
+    classes, averaged the same way (a collapsed policy gives one answer to everything)."""
+    by_dataset: dict[str, list[EvalAnswer]] = {}
     for a in answers:
-        by_dataset.setdefault(a.dataset, []).append(a.correct)
-    accuracy = {name: statistics.fmean(v) for name, v in by_dataset.items()}
-    row = {"eval/accuracy": statistics.fmean(accuracy.values())}
+        by_dataset.setdefault(a.dataset, []).append(a)
+    accuracy = {name: statistics.fmean(a.correct for a in v) for name, v in by_dataset.items()}
+    diversity = [answer_diversity([a.text for a in v], [a.solution for a in v]) for v in by_dataset.values()]
+    row = {"eval/accuracy": statistics.fmean(accuracy.values()),
+           "eval/answer_diversity": statistics.fmean(diversity)}
     if len(accuracy) > 1:
         row.update({f"eval/{name}/accuracy": acc for name, acc in accuracy.items()})
     return row

@@ -24,6 +24,7 @@ from commands.report_data import (
     load_run,
 )
 from rewards.parsing import extract_answer, words_lower
+from telemetry.collapse import ENTROPY_FLAG, NO_SIGNAL_FLAG, no_signal_share, replay
 from telemetry.plots import Panel, finite, plot_panels, plot_stage_times
 from telemetry.tables import md_table
 
@@ -131,6 +132,32 @@ def summary_section(acc: dict[int, dict[str, float]], names: list[str]) -> str:
         rows.append([label, _acc(start), _acc(end), change, f"{best[1]:.3f} (step {best[0]})"])
     out.append(table(["held-out accuracy", f"GRPO start (step {first})", f"end (step {last})", "change",
                       "best (step)"], rows))
+    return "".join(out)
+
+
+def health_section(run: Run) -> str | None:
+    """Did GRPO keep learning: the collapse warnings the run's metrics give (telemetry/collapse.py, replayed,
+    so runs from before the flags were logged get them too). None for a run without GRPO learner rows."""
+    rows = [r for r in run.rows if finite(r.get("entropy")) or no_signal_share(r) is not None]
+    if not rows:
+        return None
+    out = ["## Training health\n\n"]
+    warnings = replay(run.rows)
+    flagged = sum(bool(r.get(ENTROPY_FLAG) or r.get(NO_SIGNAL_FLAG)) for r in run.rows)
+    out += [f"- **collapse warning**: {md_cell(w)}\n" for w in warnings] or ["- no collapse detected\n"]
+    if flagged:
+        out.append(f"- steps flagged while training: {flagged}\n")
+    last = rows[-1]
+    for key, label in (("entropy", "entropy"), ("groups/equal_rewards", "groups with all rewards equal"),
+                       ("groups/filtered", "groups dropped by dynamic sampling"),
+                       ("groups/one_wrong_answer", "groups all wrong with one repeated answer")):
+        if finite(last.get(key)):
+            out.append(f"- {label} at step {last['step']}: {last[key]:.3f}\n")
+    diversity = [r for r in run.rows if finite(r.get("eval/answer_diversity"))]
+    if diversity:
+        (a, b), key = (diversity[0], diversity[-1]), "eval/answer_diversity"
+        out.append(f"- answer diversity (distinct greedy answers / classes): {a[key]:.2f} at step "
+                   f"{a['step']}, {b[key]:.2f} at step {b['step']}\n")
     return "".join(out)
 
 
@@ -273,8 +300,9 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out.mkdir(parents=True, exist_ok=True)
     names = dataset_names(run)
     acc = accuracy_by_step(run, names)
-    parts = [header_section(run, names), summary_section(acc, names), figures_section(run, names, out),
-             eval_section(run, acc, names)]
+    parts = [header_section(run, names), summary_section(acc, names), health_section(run),
+             figures_section(run, names, out), eval_section(run, acc, names)]
+    parts = [p for p in parts if p is not None]
     if run.notes:
         parts.append("## Notes\n\n" + "".join(f"- {md_cell(n)}\n" for n in run.notes))
     md = out / REPORT_FILE

@@ -42,6 +42,8 @@ class LearnerStep:
     take_seconds: float  # waiting for the stream
     step_seconds: float  # forward, backward, optimizer
     buffer: dict[str, float] = field(default_factory=dict)  # stream gauges: depth, pending, lost, corrupt
+    one_answer: float = 0.0  # share of trained groups whose G completions give one answer
+    one_wrong_answer: float = 0.0  # ... and that answer is wrong (telemetry/collapse.py)
 
 
 @dataclass
