@@ -70,6 +70,26 @@ def test_asynchronous_run_respects_the_staleness_bound(ray_local, tmp_path):
     assert all(r["dropped/duplicate"] == 0 for r in rows)
     assert json.loads((tmp_path / "staleness.json").read_text()) == {str(k): v for k, v in result["staleness"].items()}
     assert (tmp_path / "staleness.png").stat().st_size > 1000
+    _check_report_of_a_real_run(tmp_path, _rows(tmp_path))
+
+
+def _check_report_of_a_real_run(run_dir, rows):
+    """`clsrl report` on what a real run left: every section drawn from real keys (a renamed metric shows
+    as a skipped section), the accuracy table from the run's own eval rows."""
+    from commands.report import build_report
+
+    md = build_report(run_dir).read_text()
+    skipped = [line for line in md.splitlines() if "Skipped" in line]
+    assert skipped == ["_Skipped: no KL values in metrics.jsonl (algorithm.beta = 0: no reference model, no KL "
+                       "term)._"], skipped
+    assert "## Notes" not in md, md
+    evals = [r for r in rows if "eval/accuracy" in r]
+    first, last = evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"]
+    assert f"| {first:.3f} | {last:.3f} | {last - first:+.3f} |" in md, md
+    drawn = [line for line in md.splitlines() if line.startswith("![")]
+    assert len(drawn) >= 6, drawn  # reward, accuracy, length, clip, learner, timings, staleness (no KL here)
+    for line in drawn:
+        assert (run_dir / "report" / line.split("](")[1].rstrip(")")).stat().st_size > 1000, line
 
 
 @pytest.mark.slow
