@@ -60,13 +60,14 @@ class HFEngine:
             raise RuntimeError("generate() while the engine sleeps (colocated mode): load_ipc() wakes it")
         prompts = [r.inputs for r in requests]
         tok = self.tokenizer
+        images = None if self.processor is None else self.processor.image_processor
         if self.partial_rollout and interruptible:
             groups = sample_in_segments(self.model, tok, prompts, sampling, self.gate,
-                                        lambda: self.policy_version, seed)
+                                        lambda: self.policy_version, seed, images)
         else:
             with self.gate.segment():
                 version = self.policy_version
-                groups = sample_completions(self.model, tok, prompts, sampling, seed)
+                groups = sample_completions(self.model, tok, prompts, sampling, seed, images)
             for c in (c for g in groups for c in g):
                 c.versions = [version] * len(c.token_ids)
         return [RolloutGroup(r, g, min(c.versions[0] for c in g)) for r, g in zip(requests, groups)]

@@ -143,8 +143,9 @@ def make_groups(count: int, n: int = 8) -> list:
     model_dir, dataset = shapes_model()
     examples = shapes_prompts(model_dir, dataset, count)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outs = sample_completions(model, load_processor(model_dir).tokenizer, [e.inputs for e in examples],
-                              SamplingConfig(n=n, max_new_tokens=8), seed=0)
+    processor = load_processor(model_dir)
+    outs = sample_completions(model, processor.tokenizer, [e.inputs for e in examples],
+                              SamplingConfig(n=n, max_new_tokens=8), seed=0, image_processor=processor.image_processor)
     groups = []
     for req, comps in zip(requests_for(examples), outs):
         groups.append(RolloutGroup(req, comps, policy_version=3, rewards=[float(c.text.strip() == req.solution) for c in comps]))

@@ -78,7 +78,9 @@ def run_config(name: str, prompts: int, n: int, max_new: int, iters: int, model,
 
     from protocol.components import SamplingConfig
     from vlm.generation import sample_completions
+    from vlm.processor import load_processor
 
+    image_processor = load_processor(model_dir).image_processor
     sampling = SamplingConfig(n=n, max_new_tokens=max_new)
     examples = lc.shapes_prompts(model_dir, dataset, prompts)
     requests = lc.requests_for(examples)
@@ -88,7 +90,7 @@ def run_config(name: str, prompts: int, n: int, max_new: int, iters: int, model,
         for i in range(iters + 1):  # iteration 0 warms both sides up and is not counted
             call_seed = 1000 + i
             bare = partial(sample_completions, model, tokenizer, [e.inputs for e in examples], sampling,
-                           engine_seed(call_seed))
+                           engine_seed(call_seed), image_processor)
             actor = partial(call_actor, worker, requests, call_seed)
             (t_bare, groups), (t_actor, summary) = pair(bare, actor, actor_first=bool(i % 2))
             published = buffer.take(prompts + 1)  # outside the timing: what the actor wrote, to check it

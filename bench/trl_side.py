@@ -66,10 +66,9 @@ def trl_dataset(examples: list[PromptExample], image_processor):
     images stay in memory as PIL objects (a plain `image` column would store PNG bytes and decode them on every
     access, and TRL's sampler fetches each row G x gradient_accumulation_steps times a step)."""
     from datasets import Dataset
+    from PIL import Image
 
-    from vlm.pixels import patches_to_image
-
-    images = [patches_to_image(e.inputs.pixel_values, e.inputs.image_grid_thw[0], image_processor) for e in examples]
+    images = [Image.fromarray(e.inputs.image.numpy(), mode="RGB") for e in examples]  # the resized 8-bit image
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": e.text}] for e in examples],
                                  "solution": [e.solution for e in examples], "row": list(range(len(examples)))})
     dataset.set_transform(lambda batch: {**batch, "image": [images[i] for i in batch["row"]]})
@@ -80,13 +79,15 @@ def check_same_prompts(processor, examples: list[PromptExample], dataset) -> Non
     """TRL must see the very tokens and pixels clsrl trains on; a template or resize difference stops the bench."""
     from trl.data_utils import prepare_multimodal_messages
 
+    from vlm.inputs import image_patches
+
     for example, row in zip(examples, dataset, strict=True):
         messages = prepare_multimodal_messages(row["prompt"], images=[row["image"]])
         enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                             return_tensors="pt")
         if not torch.equal(enc["input_ids"][0], example.inputs.input_ids):
             raise RuntimeError(f"TRL's prompt tokens differ from clsrl's for {example.id}")
-        if not torch.allclose(enc["pixel_values"], example.inputs.pixel_values, atol=1e-6):
+        if not torch.allclose(enc["pixel_values"], image_patches(processor.image_processor, example.inputs), atol=1e-6):
             raise RuntimeError(f"TRL's pixel values differ from clsrl's for {example.id}")
 
 

@@ -43,7 +43,8 @@ def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: lis
             rows = [tok.encode(t, add_special_tokens=False) + [eos] for t in targets]
             loss = sft_objective(model, build_sequence_batch([e.inputs for e in chunk], rows,
                                                              model.generation_config.pad_token_id,
-                                                             model.config.image_token_id))
+                                                             model.config.image_token_id,
+                                                             processor.image_processor))
             opt.zero_grad()
             loss.backward()
             opt.step()

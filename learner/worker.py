@@ -64,7 +64,9 @@ class LearnerWorker:
         self.algo = algo
         self.model_path = model_path
         self.trust_remote_code = trust_remote_code
-        self.tokenizer = None  # loaded on the first sft_step, to tokenize its targets
+        processor = load_processor(model_path, trust_remote_code)
+        self.tokenizer = processor.tokenizer  # tokenizes sft_step's targets
+        self.image_processor = processor.image_processor  # rebuilds the patches from the groups' images
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
         if samples_per_rank % cfg.micro_batch_size:
             raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple "
@@ -98,7 +100,7 @@ class LearnerWorker:
         for i in range(0, len(rows), self.cfg.micro_batch_size):
             chunk = rows[i:i + self.cfg.micro_batch_size]
             batch = build_sequence_batch([r[0] for r in chunk], [r[1].token_ids for r in chunk],
-                                         self.pad_id, self.image_id)
+                                         self.pad_id, self.image_id, self.image_processor)
             yield batch, pad_rows([r[1].logprobs for r in chunk]), torch.tensor([r[2] for r in chunk])
 
     def _to_device(self, batch) -> None:
@@ -141,8 +143,6 @@ class LearnerWorker:
     def sft_step(self, rows: list[tuple]) -> dict:
         """One optimizer step of supervised fine-tuning: `rows` are (PromptInputs, target text) pairs, the
         target tokenized here and closed with the end-of-turn token, loss the token-mean cross-entropy."""
-        if self.tokenizer is None:
-            self.tokenizer = load_processor(self.model_path, self.trust_remote_code).tokenizer
         eos = self.engine.module.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         losses = []
@@ -150,7 +150,8 @@ class LearnerWorker:
         for i in range(0, len(rows), self.cfg.micro_batch_size):
             chunk = rows[i:i + self.cfg.micro_batch_size]
             targets = [self.tokenizer.encode(text, add_special_tokens=False) + [eos] for _, text in chunk]
-            batch = build_sequence_batch([inputs for inputs, _ in chunk], targets, self.pad_id, self.image_id)
+            batch = build_sequence_batch([inputs for inputs, _ in chunk], targets, self.pad_id, self.image_id,
+                                         self.image_processor)
             self._to_device(batch)
             loss = sft_objective(self.engine, batch)
             self.engine.backward(loss)

@@ -9,11 +9,13 @@ import torch
 
 @dataclass
 class PromptInputs:
-    """One encoded prompt: 1-D token ids and the image's patches (as the processor made them); a text-only
-    prompt (the text-only model that vLLM's CPU test runs) has no patches."""
+    """One encoded prompt: 1-D token ids and the image as the processor resized it, in 8 bits, with its patch
+    grid. The float patches (about 7x the bytes) are never carried: the engine and the learner each rebuild
+    them from `image` with the same processor (vlm/inputs.py `image_patches`), so they get the same tensors.
+    A text-only prompt (the text-only model that vLLM's CPU test runs) has neither image nor grid."""
 
     input_ids: torch.Tensor  # [L] long
-    pixel_values: torch.Tensor | None = None  # [patches, patch_dim] float
+    image: torch.Tensor | None = None  # [H, W, 3] uint8, H and W multiples of the patch size
     image_grid_thw: torch.Tensor | None = None  # [1, 3] long
 
     def __len__(self) -> int:

@@ -3,9 +3,11 @@
 Pickle (and torch.save/torch.load) would let whoever can write to the stream run code in the learner, so the
 format is plain msgpack maps of str/int/float/bytes/lists. Tensors travel as {dtype name, shape, little-endian
 bytes}; decoding allocates them from an allow-list of dtypes and checks the byte count, so a wrong or hostile
-payload is a `CodecError`, never something executed. Every round trip is exact: tensors bit for bit
-(bfloat16 included), floats as float64 (log-probs as float32 bytes when that is lossless, else float64), text
-as any Python str (lone surrogates and NUL included). Tuples in `solution`/`meta` come back as lists.
+payload is a `CodecError`, never something executed. A prompt's image travels as its resized 8-bit pixels
+(lossless; the learner rebuilds the float patches from them, vlm/inputs.py `image_patches`). Every round
+trip is exact: tensors bit for bit (bfloat16 included), floats as float64 (log-probs as float32 bytes when
+that is lossless, else float64), text as any Python str (lone surrogates and NUL included). Tuples in
+`solution`/`meta` come back as lists.
 A completion's per-token policy versions travel run-length encoded as [[first token, version], ...] under the
 optional key "versions" (absent = empty), which readers of the same format version without it ignore.
 """
@@ -22,8 +24,9 @@ import torch
 from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
 
 FORMAT = "clsrl.RolloutGroup"
-# bump on any incompatible change; decoders refuse other versions by name (2: token ids as int32 bytes)
-FORMAT_VERSION = 2
+# bump on any incompatible change; decoders refuse other versions by name (2: token ids as int32 bytes;
+# 3: the prompt's resized image as uint8 [H, W, 3] instead of its float32 patches, ~7x fewer bytes)
+FORMAT_VERSION = 3
 MAX_NESTING = 64  # solution/meta deeper than this is a bug upstream, and bounds our recursion
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -31,8 +34,8 @@ _DTYPES: dict[str, torch.dtype] = {
     for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
                  "bool")
 }
-_TENSOR_FIELDS = ("input_ids", "pixel_values", "image_grid_thw")
-_OPTIONAL_TENSORS = ("pixel_values", "image_grid_thw")  # absent for a text-only prompt
+_TENSOR_FIELDS = ("input_ids", "image", "image_grid_thw")
+_OPTIONAL_TENSORS = ("image", "image_grid_thw")  # absent for a text-only prompt
 
 if sys.byteorder != "little":  # raw tensor bytes are written in native order; every supported host is LE
     raise ImportError("stream.codec supports little-endian hosts only")
@@ -245,6 +248,10 @@ def decode_group(data: bytes) -> RolloutGroup:
     inputs = _get(req, "inputs", dict, "request")
     tensors = {f: _unpack_tensor(_get(inputs, f, dict, "request.inputs"), f"request.inputs.{f}")
                for f in _TENSOR_FIELDS if f in inputs or f not in _OPTIONAL_TENSORS}
+    image = tensors.get("image")
+    if image is not None and (image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3):
+        raise CodecError(f"request.inputs.image: expected a uint8 [H, W, 3] image, got {image.dtype} "
+                         f"{list(image.shape)}")
     completions = _get(doc, "completions", list, "group")
     rewards = doc.get("rewards")
     if rewards is not None and not isinstance(rewards, list):

@@ -22,7 +22,9 @@ from stream.server import PrivateRedis
 
 def group(i: int, patches: int = 2) -> RolloutGroup:
     """A small group; patches=2 gives ~9 KB, above Redis' 4 KB node size, so MAXLEN ~ trims exactly."""
-    inputs = PromptInputs(input_ids=torch.arange(i, i + 20), pixel_values=torch.full((patches, 1176), float(i)),
+    # an image of the float32 patches' byte count (4704 bytes a patch)
+    inputs = PromptInputs(input_ids=torch.arange(i, i + 20),
+                          image=torch.full((28 * patches, 56, 3), i % 256, dtype=torch.uint8),
                           image_grid_thw=torch.tensor([[1, 2, 2]]))
     comps = [Completion([i, 1, 2], [-0.5, -0.25, -0.125], f"answer {i}", "stop") for _ in range(2)]
     return RolloutGroup(RolloutRequest(f"p{i}", inputs, solution="red", meta={"i": i}), comps, policy_version=i,
@@ -85,7 +87,7 @@ def test_put_take_ack_round_trip(make):
     assert buf.depth() == 3 and buf.pending() == 0
     got = buf.take(5)
     assert ids(got) == put and prompts(got) == ["p0", "p1", "p2"]
-    assert torch.equal(got[1][1].request.inputs.pixel_values, group(1).request.inputs.pixel_values)
+    assert torch.equal(got[1][1].request.inputs.image, group(1).request.inputs.image)
     assert got[2][1].policy_version == 2 and got[2][1].completions[0].text == "answer 2"
     assert buf.pending() == 3
     assert buf.ack(put) == 3
@@ -369,7 +371,7 @@ def test_pending_and_unread_entries_survive_a_sigkilled_server(tmp_path, caplog)
     assert results["pending"] == 3 and results["pel"] == [(e, "A") for e in pending_ids]
     assert results["acked"] == 3  # still pending after the crash: XACK counts only pending ids
     assert ids(results["unread"]) == put[5:] and prompts(results["unread"]) == [f"p{i}" for i in range(5, 12)]
-    assert torch.equal(results["unread"][0][1].request.inputs.pixel_values, group(5).request.inputs.pixel_values)
+    assert torch.equal(results["unread"][0][1].request.inputs.image, group(5).request.inputs.image)
     assert ids(results["after"]) == results["new"] and results["acked_rest"] == 9
     assert results["end"] == (0, 0)
     assert learner.lost == 0 and learner.corrupt == 0

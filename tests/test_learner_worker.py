@@ -25,7 +25,7 @@ def _groups(tiny_policy, dataset, prompts=4, n=4):
     model, processor = tiny_policy
     examples, _ = build_examples(processor, dataset, dataset.split("train")[:prompts], "no_think", 3136, 12544, seed=0)
     sampling = SamplingConfig(n=n, max_new_tokens=6)
-    outs = sample_completions(model, processor.tokenizer, [e.inputs for e in examples], sampling, seed=0)
+    outs = sample_completions(model, processor.tokenizer, [e.inputs for e in examples], sampling, seed=0, image_processor=processor.image_processor)
     groups = [RolloutGroup(RolloutRequest(e.id, e.inputs, e.solution), o, 0) for e, o in zip(examples, outs)]
     rewards = torch.tensor([[float(i == j) for j in range(n)] for i in range(prompts)]).flatten()
     adv = group_advantages(rewards, n).view(prompts, n)

@@ -237,21 +237,21 @@ def test_config_fields_and_validation():
 @pytest.fixture(scope="module")
 def tiny_stale_batch(tiny_policy, shapes_dataset):
     """Real completions of the tiny model on three shapes prompts, with behaviour log-probs made stale."""
+    from learner.objective import pad_rows
+    from protocol.components import SamplingConfig
     from tasks.examples import build_examples
     from vlm.generation import sample_completions
     from vlm.inputs import build_sequence_batch, vision_token_ids
-
-    from learner.objective import pad_rows
-    from protocol.components import SamplingConfig
 
     model, processor = tiny_policy
     examples, _ = build_examples(processor, shapes_dataset, shapes_dataset.split("train")[:3], "cls_rl", 56 * 56,
                                  112 * 112, seed=0)
     prompts = [e.inputs for e in examples]
-    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=2, max_new_tokens=8), seed=1)
+    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=2, max_new_tokens=8), seed=1, image_processor=processor.image_processor)
     comps = [c for g in groups for c in g]
     batch = build_sequence_batch([p for p, g in zip(prompts, groups) for _ in g], [c.token_ids for c in comps],
-                                 model.generation_config.pad_token_id, model.config.image_token_id)
+                                 model.generation_config.pad_token_id, model.config.image_token_id,
+                                 processor.image_processor)
     gen = torch.Generator().manual_seed(7)
     behaviour = pad_rows([c.logprobs for c in comps])
     mu = behaviour + 0.8 * torch.randn(behaviour.shape, generator=gen)  # weights spread past the cap

@@ -17,7 +17,7 @@ from protocol.config import ExperimentConfig
 from protocol.overrides import ConfigError, load_config
 from protocol.rollout import RolloutRequest
 from tasks.examples import build_examples
-from vlm.inputs import build_sequence_batch, left_pad_prompts, vision_token_ids
+from vlm.inputs import build_sequence_batch, image_patches, left_pad_prompts, vision_token_ids
 from vlm.logprobs import completion_logprobs
 from vlm.partial import continuation_inputs
 
@@ -75,11 +75,12 @@ def _generate_with_update(engine, requests, new: dict, version: int) -> list:
     return out["groups"]
 
 
-def _rescored(model, requests, groups) -> tuple[torch.Tensor, torch.Tensor]:
+def _rescored(engine, requests, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    model = engine.model
     comps = [c for g in groups for c in g.completions]
     prompts = [r.inputs for r, g in zip(requests, groups) for _ in g.completions]
     batch = build_sequence_batch(prompts, [c.token_ids for c in comps], model.generation_config.pad_token_id,
-                                 model.config.image_token_id)
+                                 model.config.image_token_id, engine.processor.image_processor)
     with torch.no_grad():
         lp, mask = completion_logprobs(model, batch, SAMPLING.temperature, vision_token_ids(model.config))
     return lp, mask
@@ -114,9 +115,9 @@ def test_update_mid_generation_continues_under_the_new_weights(tiny_model_dir, s
     assert {g.version_span for g in groups} <= {(0, 0), (0, 1)} and (0, 1) in {g.version_span for g in groups}
 
     # behaviour log-probs: tokens before the switch are the old weights' (with that row's own image), after it the new's
-    under_new, mask = _rescored(engine.model, requests, groups)
+    under_new, mask = _rescored(engine, requests, groups)
     _load(engine, old)
-    under_old, _ = _rescored(engine.model, requests, groups)
+    under_old, _ = _rescored(engine, requests, groups)
     behaviour = pad_rows([c.logprobs for c in comps], mask.shape[1])
     version = pad_rows([c.versions for c in comps], mask.shape[1])
     is_old, is_new = mask.bool() & (version == 0), mask.bool() & (version == 1)
@@ -135,9 +136,9 @@ def test_without_partial_rollout_an_update_waits_for_the_batch(tiny_model_dir, s
     assert engine.policy_version == 1
     assert all(c.versions == [0] * len(c.token_ids) for g in groups for c in g.completions)
     assert {g.version_span for g in groups} == {(0, 0)}
-    lp, mask = _rescored(engine.model, requests, groups)  # now the new weights: not what sampled
+    lp, mask = _rescored(engine, requests, groups)  # now the new weights: not what sampled
     _load(engine, old)
-    lp_old, _ = _rescored(engine.model, requests, groups)
+    lp_old, _ = _rescored(engine, requests, groups)
     behaviour = pad_rows([c.logprobs for g in groups for c in g.completions], mask.shape[1])
     assert ((behaviour - lp_old).abs() * mask).max() < 1e-4 < ((behaviour - lp).abs() * mask).max()
 
@@ -165,8 +166,10 @@ def test_continuation_inputs_keep_each_rows_own_image(tiny_policy, shapes_datase
     prompts = [e.inputs for e in examples]
     pad, image = model.generation_config.pad_token_id, model.config.image_token_id
     rows = [(2, [5, 6, 7]), (0, [8, 9, 10])]  # prompt 1's rows finished: dropped
-    inputs = continuation_inputs(prompts, rows, pad, image)
-    assert torch.equal(inputs["pixel_values"], torch.cat([prompts[2].pixel_values, prompts[0].pixel_values]))
+    patches = processor.image_processor
+    inputs = continuation_inputs(prompts, rows, pad, image, patches)
+    assert torch.equal(inputs["pixel_values"], torch.cat([image_patches(patches, prompts[2]),
+                                                          image_patches(patches, prompts[0])]))
     assert torch.equal(inputs["image_grid_thw"], torch.cat([prompts[2].image_grid_thw, prompts[0].image_grid_thw]))
     for i, (p, tokens) in enumerate(rows):
         n = len(prompts[p]) + len(tokens)
@@ -174,9 +177,9 @@ def test_continuation_inputs_keep_each_rows_own_image(tiny_policy, shapes_datase
         assert int(inputs["attention_mask"][i].sum()) == n
         assert int(inputs["mm_token_type_ids"][i].sum()) == int((prompts[p].input_ids == image).sum())
     # the continued rows score their prefix exactly as the prompt + tokens would be scored from scratch
-    fresh = left_pad_prompts([prompts[2]], pad, image)
+    fresh = left_pad_prompts([prompts[2]], pad, image, patches)
     with torch.no_grad():
-        one = model(**continuation_inputs(prompts, rows[:1], pad, image)).logits[0, -4]
+        one = model(**continuation_inputs(prompts, rows[:1], pad, image, patches)).logits[0, -4]
         ref = model(**fresh).logits[0, -1]
     assert torch.allclose(one, ref, atol=1e-4)
 

@@ -21,11 +21,11 @@ def _examples(processor, dataset, n=3, style="cls_rl"):
 
 
 def _max_logprob_gap(model, processor, prompts, cfg):
-    groups = sample_completions(model, processor.tokenizer, prompts, cfg, seed=1)
+    groups = sample_completions(model, processor.tokenizer, prompts, cfg, seed=1, image_processor=processor.image_processor)
     comps = [c for g in groups for c in g]
     rows = [p for p, g in zip(prompts, groups) for _ in g]
     batch = build_sequence_batch(rows, [c.token_ids for c in comps], model.generation_config.pad_token_id,
-                                 model.config.image_token_id)
+                                 model.config.image_token_id, processor.image_processor)
     with torch.no_grad():
         lp, mask = completion_logprobs(model, batch, cfg.temperature, vision_token_ids(model.config))
     old = pad_rows([c.logprobs for c in comps], lp.shape[1])
@@ -62,7 +62,7 @@ def test_rollout_and_learner_logprobs_agree(tiny_policy, shapes_dataset):
 def test_sampling_never_emits_vision_tokens(tiny_policy, shapes_dataset):
     model, processor = tiny_policy
     prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
-    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=16, max_new_tokens=24), seed=3)
+    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=16, max_new_tokens=24), seed=3, image_processor=processor.image_processor)
     blocked = set(vision_token_ids(model.config))
     assert len(blocked) == 4
     assert not any(blocked & set(c.token_ids) for g in groups for c in g)
@@ -72,8 +72,8 @@ def test_greedy_is_deterministic_and_single(tiny_policy, shapes_dataset):
     model, processor = tiny_policy
     prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
     cfg = SamplingConfig(n=4, max_new_tokens=10, greedy=True)
-    a = sample_completions(model, processor.tokenizer, prompts, cfg)
-    b = sample_completions(model, processor.tokenizer, prompts, cfg)
+    a = sample_completions(model, processor.tokenizer, prompts, cfg, image_processor=processor.image_processor)
+    b = sample_completions(model, processor.tokenizer, prompts, cfg, image_processor=processor.image_processor)
     assert [len(g) for g in a] == [1, 1]
     assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
 
@@ -81,7 +81,7 @@ def test_greedy_is_deterministic_and_single(tiny_policy, shapes_dataset):
 def test_stop_token_ends_completion(tiny_policy, shapes_dataset):
     model, processor = tiny_policy
     prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
-    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=16, max_new_tokens=6), seed=0)
+    groups = sample_completions(model, processor.tokenizer, prompts, SamplingConfig(n=16, max_new_tokens=6), seed=0, image_processor=processor.image_processor)
     eos = model.generation_config.eos_token_id
     for c in (c for g in groups for c in g):
         if c.finish_reason == "stop":
@@ -99,7 +99,7 @@ def test_mm_token_type_ids_match_the_processor(tiny_policy, shapes_dataset):
     enc = processor(text=[processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}],
         add_generation_prompt=True)], images=[img], return_tensors="pt")
-    batch = build_sequence_batch([prompt], [[5, 6]], 0, model.config.image_token_id)
+    batch = build_sequence_batch([prompt], [[5, 6]], 0, model.config.image_token_id, processor.image_processor)
     assert torch.equal(batch.mm_token_type_ids[0, : len(prompt)], enc["mm_token_type_ids"][0])
     assert int(prompt.image_grid_thw.prod()) // 4 == int((prompt.input_ids == model.config.image_token_id).sum())
 
@@ -123,7 +123,7 @@ def test_training_forward_backpropagates(tiny_model_dir, shapes_dataset):
     processor = load_processor(tiny_model_dir)
     ex = _examples(processor, shapes_dataset, n=2)
     batch = build_sequence_batch([e.inputs for e in ex], [[10, 11, 12], [13]], model.generation_config.pad_token_id,
-                                 model.config.image_token_id)
+                                 model.config.image_token_id, processor.image_processor)
     loss = sft_objective(model, batch)
     loss.backward()
     vision_grad = model.model.visual.patch_embed.proj.weight.grad

@@ -54,11 +54,12 @@ def stop_index(ids: Sequence[int], eos_ids: set[int]) -> int | None:
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: Sequence[PromptInputs], cfg: SamplingConfig,
-                       seed: int | None = None) -> list[list[Completion]]:
-    """For each prompt, `cfg.n` completions (1 when greedy) with their behaviour log-probs."""
+                       seed: int | None = None, image_processor=None) -> list[list[Completion]]:
+    """For each prompt, `cfg.n` completions (1 when greedy) with their behaviour log-probs; the prompts'
+    patches are built from their images by `image_processor`."""
     n = 1 if cfg.greedy else cfg.n
     inputs = left_pad_prompts(prompts, model.generation_config.pad_token_id,
-                              getattr(model.config, "image_token_id", None))
+                              getattr(model.config, "image_token_id", None), image_processor)
     if seed is not None:
         torch.manual_seed(seed)
     rows, logprobs = generate_segment(model, inputs, cfg, n, cfg.max_new_tokens)

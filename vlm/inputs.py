@@ -1,18 +1,22 @@
 """Model inputs shared by rollout and learner, so both see byte-identical tokens and pixels.
 
-A prompt is encoded once (chat template, image expanded into its patch tokens, pixels normalised) into a
-`PromptInputs`; rollout samples from it, the buffer carries it, and the learner stacks prompt+completion
-rows from it with `build_sequence_batch`.
+A prompt is encoded once (chat template, image expanded into its patch tokens, image resized by the
+processor) into a `PromptInputs` that carries the resized image in 8 bits; rollout samples from it, the
+buffer carries it, and the learner stacks prompt+completion rows from it with `build_sequence_batch`. Both
+ends rebuild the float patches from the same 8-bit image with the same processor (`image_patches`), so they
+see the same tensors while only the image's bytes travel.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
 from protocol.rollout import PromptInputs
+from vlm.pixels import patches_to_image
 
 
 def chat_messages(text: str) -> list[dict]:
@@ -23,8 +27,39 @@ def chat_messages(text: str) -> list[dict]:
 def encode_prompt(processor, image: Image.Image, text: str) -> PromptInputs:
     prompt = processor.apply_chat_template(chat_messages(text), add_generation_prompt=True)
     enc = processor(text=[prompt], images=[image], return_tensors="pt")
-    return PromptInputs(input_ids=enc["input_ids"][0], pixel_values=enc["pixel_values"],
+    # the processor's own resize, recovered exactly from its patches (vlm/pixels.py): the image to carry
+    resized = patches_to_image(enc["pixel_values"], enc["image_grid_thw"], processor.image_processor)
+    return PromptInputs(input_ids=enc["input_ids"][0], image=torch.from_numpy(np.asarray(resized).copy()),
                         image_grid_thw=enc["image_grid_thw"])
+
+
+def image_patches(image_processor, inputs: PromptInputs) -> torch.Tensor:
+    """The float patches of a prompt's 8-bit image, as the model takes them: a pure function of the image
+    and the processor, so engine and learner build identical ones. The image is already on the patch grid,
+    so the processor keeps its size; a grid other than the carried one is refused (different processor
+    settings on the two ends would misalign the image tokens)."""
+    if image_processor is None:
+        raise ValueError("the prompt has an image but no image processor was given to build its patches")
+    image = inputs.image
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3:
+        raise ValueError(f"a prompt's image must be a uint8 [H, W, 3] tensor, got {image.dtype} "
+                         f"{list(image.shape)}")
+    enc = image_processor(images=[image.numpy()], return_tensors="pt")
+    if not torch.equal(enc["image_grid_thw"].long(), inputs.image_grid_thw.long().reshape(-1, 3)):
+        raise ValueError(f"image processor made grid {enc['image_grid_thw'].tolist()} from a "
+                         f"{list(image.shape)} image, the prompt carries {inputs.image_grid_thw.tolist()}: "
+                         f"engine and learner must use the processor that encoded the prompt")
+    return enc["pixel_values"]
+
+
+def _patches(prompts: Sequence[PromptInputs], image_processor) -> torch.Tensor:
+    """All prompts' patches in row order, each distinct prompt object processed once (rows repeat a prompt
+    G times)."""
+    built: dict[int, torch.Tensor] = {}
+    for p in prompts:
+        if id(p) not in built:
+            built[id(p)] = image_patches(image_processor, p)
+    return torch.cat([built[id(p)] for p in prompts])
 
 
 def vision_token_ids(config) -> list[int]:
@@ -52,8 +87,9 @@ class SequenceBatch:
 
 
 def build_sequence_batch(prompts: Sequence[PromptInputs], completions: Sequence[Sequence[int]],
-                         pad_token_id: int, image_token_id: int) -> SequenceBatch:
-    """Row i is prompts[i] followed by completions[i] (a prompt object may repeat, e.g. G times)."""
+                         pad_token_id: int, image_token_id: int, image_processor=None) -> SequenceBatch:
+    """Row i is prompts[i] followed by completions[i] (a prompt object may repeat, e.g. G times); the
+    patches are built from the prompts' images by `image_processor`."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     rows = [torch.cat([p.input_ids, torch.as_tensor(list(c), dtype=torch.long)])
@@ -67,24 +103,25 @@ def build_sequence_batch(prompts: Sequence[PromptInputs], completions: Sequence[
     return SequenceBatch(
         input_ids=input_ids, attention_mask=attention_mask,
         mm_token_type_ids=(input_ids == image_token_id).long() * attention_mask,
-        pixel_values=torch.cat([p.pixel_values for p in prompts]),
+        pixel_values=_patches(prompts, image_processor),
         image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
         prompt_lens=torch.tensor([len(p) for p in prompts]),
         completion_lens=torch.tensor([len(c) for c in completions]))
 
 
-def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_token_id: int | None) -> dict:
+def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_token_id: int | None,
+                     image_processor=None) -> dict:
     """Generation inputs for several prompts at once (HF generate appends on the right, so pad on the
-    left)."""
+    left); the patches are built from the prompts' images by `image_processor`."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p):] = p.input_ids
         attention_mask[i, width - len(p):] = 1
-    if all(p.pixel_values is None for p in prompts):
+    if all(p.image is None for p in prompts):
         return dict(input_ids=input_ids, attention_mask=attention_mask)
     return dict(input_ids=input_ids, attention_mask=attention_mask,
                 mm_token_type_ids=(input_ids == image_token_id).long() * attention_mask,
-                pixel_values=torch.cat([p.pixel_values for p in prompts]),
+                pixel_values=_patches(prompts, image_processor),
                 image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]))

@@ -79,24 +79,24 @@ class _Row:
 
 
 def _with_prefix(prompt: PromptInputs, tokens: list[int]) -> PromptInputs:
-    """The prompt followed by a row's tokens so far, with the prompt's own image patches."""
+    """The prompt followed by a row's tokens so far, with the prompt's own image."""
     ids = torch.cat([prompt.input_ids, torch.as_tensor(tokens, dtype=prompt.input_ids.dtype)])
-    return PromptInputs(input_ids=ids, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+    return PromptInputs(input_ids=ids, image=prompt.image, image_grid_thw=prompt.image_grid_thw)
 
 
 def continuation_inputs(prompts: Sequence[PromptInputs], rows: Sequence[tuple[int, list[int]]],
-                        pad_token_id: int, image_token_id: int) -> dict:
+                        pad_token_id: int, image_token_id: int, image_processor=None) -> dict:
     """Generation inputs for rows given as (prompt index, tokens so far): left-padded prompt + prefix, each
     row with its own image's patches (concatenated in row order) and grid, image tokens typed in
     `mm_token_type_ids`."""
     prefixed = [_with_prefix(prompts[p], tokens) for p, tokens in rows]
-    return left_pad_prompts(prefixed, pad_token_id, image_token_id)
+    return left_pad_prompts(prefixed, pad_token_id, image_token_id, image_processor)
 
 
 @torch.no_grad()
 def sample_in_segments(model, tokenizer, prompts: Sequence[PromptInputs], cfg: SamplingConfig,
                        gate: WeightGate, version: Callable[[], int],
-                       seed: int | None = None) -> list[list[Completion]]:
+                       seed: int | None = None, image_processor=None) -> list[list[Completion]]:
     """Like `sample_completions`, but interrupted by (and continued after) weight updates through `gate`;
     `version()` names the weights a segment samples with. Without an update it is one segment, token for
     token what `sample_completions` gives for the same seed."""
@@ -114,10 +114,11 @@ def sample_in_segments(model, tokenizer, prompts: Sequence[PromptInputs], cfg: S
             if first:
                 if seed is not None:
                     torch.manual_seed(seed)
-                inputs = left_pad_prompts(prompts, pad, image)
+                inputs = left_pad_prompts(prompts, pad, image, image_processor)
                 expand = n
             else:  # finished rows are dropped; every live row has the same number of tokens so far
-                inputs = continuation_inputs(prompts, [(r.prompt, r.tokens) for r in live], pad, image)
+                inputs = continuation_inputs(prompts, [(r.prompt, r.tokens) for r in live], pad, image,
+                                             image_processor)
                 expand = 1
             budget = cfg.max_new_tokens - len(live[0].tokens)
             ids, logprobs = generate_segment(model, inputs, cfg, expand, budget, stop_for_update)

@@ -1,9 +1,9 @@
-"""Recover the resized image from a prompt's Qwen2-VL patches, so vLLM sees the exact pixels the learner sees.
+"""Recover the resized image from a prompt's Qwen2-VL patches: the 8-bit image a prompt carries.
 
-A prompt travels as `PromptInputs` (token ids and normalised patches); vLLM takes an image and runs its own
-processor. Undoing the patch layout and the normalisation gives back the resized image (the processor
-resized in 8-bit, so rounding recovers it exactly); its sides are already multiples of the patch grid, so
-vLLM's processor keeps its size and produces the same patches and the same number of image tokens.
+`encode_prompt` runs the processor once and keeps, instead of its float patches, the image it resized
+(undoing the patch layout and the normalisation gives it back exactly: the processor resized in 8-bit, so
+rounding recovers it); its sides are multiples of the patch grid, so a processor (the learner's, the HF
+engine's, vLLM's own) keeps its size and produces the same patches and the same number of image tokens.
 """
 from __future__ import annotations
 
