@@ -37,7 +37,7 @@ from protocol.overrides import to_dict
 from protocol.results import EvalAnswer, LearnerStep, SFTStep, WeightUpdate
 from protocol.rollout import RolloutRequest
 from stream.buffer import RolloutBuffer
-from stream.server import connect
+from stream.server import connect, redact_url
 from tasks.data import load_run_data
 from tasks.examples import format_target
 from tasks.mixture import MixtureOrder
@@ -73,6 +73,15 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i * size:(i + 1) * size] for i in range(parts)]
 
 
+def recorded_config(cfg: ExperimentConfig) -> dict:
+    """The config as a run writes it down (config.yaml, checkpoints): a password in a literal redis.url is
+    replaced by *** (redis.url: env:NAME keeps it off the command line too)."""
+    out = to_dict(cfg)
+    if out["redis"].get("url"):
+        out["redis"]["url"] = redact_url(out["redis"]["url"])
+    return out
+
+
 class Job:
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None = None) -> None:
         self.cfg = cfg
@@ -105,8 +114,8 @@ class Job:
     def _start(self) -> None:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.state = DriverState(step=0, policy_version=0, config=to_dict(cfg))
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded_config(cfg), sort_keys=False))
+        self.state = DriverState(step=0, policy_version=0, config=recorded_config(cfg))
         resume_tag = None
         if self.resume:
             wanted = None if self.resume is True else self.resume
@@ -144,7 +153,7 @@ class Job:
         self.broadcast(self.state.policy_version)  # engines start bit-equal to the learners (resumed or not)
 
     def _warn_config_changes(self, saved: dict) -> None:
-        now = json.loads(json.dumps(to_dict(self.cfg)))  # tuples -> lists, as the saved JSON has them
+        now = json.loads(json.dumps(recorded_config(self.cfg)))  # tuples -> lists, as the saved JSON has them
         changed = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}"
                    for s, sec in now.items() if isinstance(sec, dict)
                    for k, v in sec.items() if saved.get(s, {}).get(k) != v]

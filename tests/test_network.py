@@ -72,3 +72,16 @@ def test_roles_ask_for_their_custom_resources():
         plan_bundles(ClusterConfig(role_resources={"rollouts": {"x": 1}}))
     with pytest.raises(ValueError, match="custom resource"):
         plan_bundles(ClusterConfig(role_resources={"learner": {"GPU": 1}}))
+
+
+def test_a_literal_redis_password_is_not_written_to_the_run_record():
+    from cluster.job import recorded_config
+    from commands.cli import DEFAULT_CONFIG
+    from protocol.config import ExperimentConfig
+    from protocol.overrides import load_config
+
+    cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, ["redis.url=redis://:s3cret-pw@10.0.0.5:6380/0"])
+    assert cfg.redis.url == "redis://:s3cret-pw@10.0.0.5:6380/0"  # the run itself still uses it
+    assert recorded_config(cfg)["redis"]["url"] == "redis://:***@10.0.0.5:6380/0"
+    plain = load_config(ExperimentConfig, DEFAULT_CONFIG, ["redis.url=env:CLSRL_REDIS_URL"])
+    assert recorded_config(plain)["redis"]["url"] == "env:CLSRL_REDIS_URL"
