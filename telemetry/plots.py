@@ -184,3 +184,20 @@ def plot_histogram(counts: dict[int, int], out_png: str | Path, title: str, xlab
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("count", fontsize=8)
     return _save(fig, Path(out_png))
+
+
+def plot_bands(panels: dict[str, dict[str, tuple[list[float], list[float], list[float], list[float]]]],
+               out_png: str | Path, xlabel: str, ylabel: str, title: str | None = None) -> Path:
+    """One panel per name in `panels`, one line per series in it: (x, mean, low, high), the low-high spread
+    (e.g. over seeds) shaded around the mean."""
+    fig, nrows, ncols = _new_figure(len(panels), ncols=min(3, len(panels)) or 1, width=4.4, height=3.0)
+    for i, (name, lines) in enumerate(panels.items(), 1):
+        ax = fig.add_subplot(nrows, ncols, i)
+        for label, (x, mean, low, high) in lines.items():
+            ax.plot(x, mean, marker="o", markersize=3, label=label)
+            ax.fill_between(x, low, high, alpha=0.2)
+        _style(ax, name, ylabel)
+        ax.set_xlabel(xlabel, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, Path(out_png))
