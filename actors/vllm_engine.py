@@ -1,23 +1,43 @@
 """Rollout with vLLM, behind the same interface as the HF engine (actors/engine.py).
 
-Prompts arrive encoded (`PromptInputs`: token ids with the image's run of `<|image_pad|>` and its patches).
-vLLM wants one placeholder per image plus the image, and expands the placeholder itself: the run is
-collapsed and the image recovered from the patches (vlm/pixels.py), so vLLM sees the pixels the learner
-trains on; the number of image tokens it ran is checked against ours. Weights arrive inside vLLM's workers
-(the worker extension joins the learners' weight group), or colocated through IPC handles while the engine
-is awake.
+Prompts arrive encoded (`PromptInputs`: token ids with the image's run of `<|image_pad|>`, and the resized
+image, or before that its patches). vLLM wants one placeholder per image plus the image, and expands the
+placeholder itself: the run is collapsed and the image handed over as the learner has it (or recovered from
+the patches, vlm/pixels.py), so vLLM sees the pixels the learner trains on; the number of image tokens it
+ran is checked against ours. After every weight load the prefix and encoder caches are dropped: both hold
+results of the old weights, and vLLM's scheduler would otherwise still list images whose encoder outputs
+the reload threw away (the next request for such an image fails with "Encoder cache miss"). Weights arrive
+inside vLLM's workers (the worker extension joins the learners' weight group), or colocated through IPC
+handles while the engine is awake.
 All vLLM calls go through actors/vllm_adapter.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
+
+import torch
 
 from actors import vllm_adapter as adapter
 from protocol.components import SamplingConfig, WeightSyncConfig
 from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
 from vlm.inputs import vision_token_ids
 from vlm.pixels import patches_to_image
+
+
+def prompt_image(inputs: PromptInputs, image_processor):
+    """The prompt's resized image as PIL: carried as uint8 [H, W, 3] (`inputs.image`), else rebuilt from
+    the patches the prompt carries."""
+    from PIL import Image
+
+    image = getattr(inputs, "image", None)
+    if image is not None:
+        return Image.fromarray(image.to(torch.uint8).cpu().numpy(), mode="RGB")
+    pixels = getattr(inputs, "pixel_values", None)
+    if pixels is None or pixels.numel() == 0:
+        return None
+    return patches_to_image(pixels, inputs.image_grid_thw, image_processor)
 
 
 def collapse_image_runs(ids: list[int], image_token_id: int | None) -> list[int]:
@@ -45,7 +65,6 @@ def check_image_tokens(prompt_id: str, ours: list[int], ran: list[int] | None,
 
 class VLLMEngine:
     def __init__(self, opts: adapter.LLMOptions, trust_remote_code: bool = False) -> None:
-        import torch
         from transformers import AutoConfig, AutoTokenizer
 
         if opts.enable_sleep_mode and not torch.cuda.is_available():
@@ -61,7 +80,8 @@ class VLLMEngine:
 
             self.image_processor = load_processor(opts.model, trust_remote_code).image_processor
         self.blocked = self.tokenizer.convert_ids_to_tokens(vision_token_ids(config))
-        self.llm = adapter.create_llm(opts)
+        self.opts = dataclasses.replace(opts, vision=vision)
+        self.llm = adapter.create_llm(self.opts)
         self.policy_version = 0
         self.asleep = False
         self.lock = threading.Lock()  # one call into the LLM at a time (a threaded actor may overlap them)
@@ -70,11 +90,13 @@ class VLLMEngine:
 
     def _prompt(self, inputs: PromptInputs) -> dict:
         ids = inputs.input_ids.tolist()
-        if inputs.pixel_values is None or inputs.pixel_values.numel() == 0:
+        if getattr(inputs, "image", None) is None and getattr(inputs, "pixel_values", None) is None:
             return adapter.prompt(ids)
         if self.image_processor is None:
             raise ValueError(f"prompt has an image but {self.opts.model} is not a vision-language model")
-        image = patches_to_image(inputs.pixel_values, inputs.image_grid_thw, self.image_processor)
+        image = prompt_image(inputs, self.image_processor)
+        if image is None:
+            return adapter.prompt(ids)
         return adapter.prompt(collapse_image_runs(ids, self.image_token_id), image)
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
@@ -121,7 +143,7 @@ class VLLMEngine:
             versions = {v for v, _ in got}
             if len(versions) != 1:
                 raise RuntimeError(f"tensor-parallel workers loaded different versions {sorted(versions)}")
-            adapter.reset_prefix_cache(self.llm)
+            adapter.reset_caches(self.llm)
             self.policy_version = versions.pop()
         return {"version": self.policy_version, "tensors": got[0][1]}
 
@@ -134,7 +156,7 @@ class VLLMEngine:
             if self.asleep:
                 adapter.wake_up(self.llm, ["kv_cache"])
                 self.asleep = False
-            adapter.reset_prefix_cache(self.llm)
+            adapter.reset_caches(self.llm)
             self.policy_version = version
         return loaded
 
@@ -155,11 +177,20 @@ class VLLMEngine:
             adapter.collective_rpc(self.llm, "clsrl_leave_weight_group")
 
 
+GPU_MEMORY_UTILIZATION = 0.85
+# colocated, the learner rank (weights, gradients, optimizer state, activations) shares the GPU
+COLOCATED_GPU_MEMORY_UTILIZATION = 0.4
+
+
 def engine_options(model_path: str | Path, rollout, dtype: str, seed: int,
                    colocate: bool) -> adapter.LLMOptions:
     """From the `rollout` config section to vLLM's options."""
+    share = rollout.gpu_memory_utilization
+    if share is None:
+        share = COLOCATED_GPU_MEMORY_UTILIZATION if colocate else GPU_MEMORY_UTILIZATION
     return adapter.LLMOptions(
         model=str(model_path), tensor_parallel_size=rollout.tensor_parallel_size,
         dtype={"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[dtype],
-        gpu_memory_utilization=rollout.gpu_memory_utilization, max_model_len=rollout.max_model_len,
-        seed=seed, enforce_eager=rollout.enforce_eager, enable_sleep_mode=colocate, ipc_weights=colocate)
+        gpu_memory_utilization=share, max_model_len=rollout.max_model_len,
+        seed=seed, enforce_eager=rollout.enforce_eager, enable_sleep_mode=colocate, ipc_weights=colocate,
+        min_pixels=rollout.min_pixels, max_pixels=rollout.max_pixels)

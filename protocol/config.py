@@ -111,12 +111,18 @@ class RolloutConfig:
     partial_rollout: bool = False
     # vLLM only
     tensor_parallel_size: int = 1  # GPUs per engine (cluster.gpus_per_engine must cover them)
-    gpu_memory_utilization: float = 0.85  # share of each GPU vLLM may take (weights + KV cache)
+    # share of each GPU vLLM may take (weights + KV cache); null = 0.85, or 0.4 when colocated (the learner
+    # rank shares the GPU and needs the rest)
+    gpu_memory_utilization: float | None = None
     max_model_len: int | None = None  # null = the checkpoint's
     enforce_eager: bool = False  # true = no CUDA graphs (faster start, slower decode)
     # engine i shares learner rank i's GPU: it sleeps (vLLM: weights and KV cache released) while the learners
     # train, and takes the new weights through CUDA IPC handles instead of the broadcast (weights/ipc.py)
     colocate: bool = False
+    # the image bounds vLLM's processor resizes within and profiles memory for; null = filled in from the
+    # data sections (the smallest data.min_pixels, the largest data.max_pixels) when the config is built
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "rollout.")
@@ -127,13 +133,16 @@ class RolloutConfig:
                              "chunks short (rollout.prompts_per_call) so a weight update waits little")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], "
                              f"got {self.gpu_memory_utilization}")
         if self.prompts_per_call < 1:
             raise ValueError(f"rollout.prompts_per_call must be >= 1, got {self.prompts_per_call}")
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"rollout.min_pixels={self.min_pixels} must be <= rollout.max_pixels="
+                             f"{self.max_pixels}")
         if self.partial_rollout and self.max_staleness < 1:
             raise ValueError("rollout.partial_rollout needs rollout.max_staleness >= 1: with 0 (synchronous) "
                              "no generation is ever in flight when weights arrive, so there is nothing to "
@@ -244,6 +253,23 @@ class ExperimentConfig:
                              "(cluster.rollout_workers == cluster.learner_ranks); got "
                              f"max_staleness={r.max_staleness}, {c.rollout_workers} engines, "
                              f"{c.learner_ranks} ranks")
+
+        self._check_colocated()
+        entries = self.dataset_entries()
+        if r.min_pixels is None:
+            r.min_pixels = min(e.data.min_pixels for e in entries)
+        if r.max_pixels is None:
+            r.max_pixels = max(e.data.max_pixels for e in entries)
+
+    def _check_colocated(self) -> None:
+        r, c = self.rollout, self.cluster
+        if not r.colocate:
+            return
+        if c.gpus_per_engine + c.gpus_per_learner > 1:
+            raise ValueError(f"rollout.colocate puts engine i and learner rank i on one GPU, so "
+                             f"cluster.gpus_per_engine + cluster.gpus_per_learner must be <= 1 (e.g. 0.5 "
+                             f"each), got {c.gpus_per_engine} + {c.gpus_per_learner}; Ray would give the two "
+                             f"actors different GPUs and the IPC handles would map onto the wrong one")
 
     def dataset_entries(self) -> list[DatasetEntry]:
         return self.datasets or [DatasetEntry(1.0, self.data, self.task)]

@@ -34,6 +34,9 @@ def test_vllm_engine_options_load_and_map_onto_the_rollout_section():
     (VLLM + ["rollout.gpu_memory_utilization=0"], "gpu_memory_utilization must be in"),
     (VLLM + ["rollout.colocate=true", "rollout.max_staleness=1"], "max_staleness: 0"),
     (["rollout.colocate=true", "cluster.rollout_workers=1"], "one engine per learner rank"),
+    (["rollout.colocate=true", "cluster.gpus_per_engine=1", "cluster.gpus_per_learner=1"],
+     r"gpus_per_engine \+ cluster.gpus_per_learner must be <= 1.*got 1.0 \+ 1.0.*wrong one"),
+    (["rollout.min_pixels=20000", "rollout.max_pixels=10000"], "rollout.min_pixels=20000 must be <="),
 ])
 def test_bad_vllm_settings_are_refused_naming_the_keys(overrides, message):
     with pytest.raises((ValueError, ConfigError), match=message):
@@ -59,3 +62,37 @@ def test_image_token_count_mismatch_names_the_prompt_and_the_fix():
     check_image_tokens("p", [1, 9, 9, 2], [1, 9, 2], 9)  # reported before expansion: nothing to compare
     with pytest.raises(ValueError, match=r"prompt shapes/3: vLLM expanded the image into 3 tokens.*has 2.*min_pixels"):
         check_image_tokens("shapes/3", [1, 9, 9, 2], [1, 9, 9, 9, 2], 9)
+
+
+def test_colocated_engine_gets_a_smaller_gpu_share_unless_one_is_set():
+    from actors.vllm_engine import COLOCATED_GPU_MEMORY_UTILIZATION, GPU_MEMORY_UTILIZATION, engine_options
+
+    def share(*overrides: str) -> float:
+        cfg = _load(*VLLM, *overrides)
+        return engine_options("m", cfg.rollout, "auto", 0, cfg.rollout.colocate).gpu_memory_utilization
+
+    assert share() == GPU_MEMORY_UTILIZATION == 0.85
+    assert share("rollout.colocate=true", "cluster.gpus_per_engine=0.5", "cluster.gpus_per_learner=0.5") == \
+        COLOCATED_GPU_MEMORY_UTILIZATION < 0.5
+    assert share("rollout.colocate=true", "rollout.gpu_memory_utilization=0.3") == 0.3
+    assert _load("rollout.colocate=true", "cluster.gpus_per_engine=0.5", "cluster.gpus_per_learner=0.5")
+
+
+def test_vllm_gets_one_image_no_video_and_the_data_pixel_bounds():
+    """vLLM profiles memory for videos and the checkpoint's largest image unless told: the options name one
+    image, no video and our data's bounds (the smallest min_pixels, the largest max_pixels of all data sets)."""
+    from actors.vllm_adapter import LLMOptions
+    from actors.vllm_engine import engine_options
+
+    cfg = _load(*VLLM, "data.min_pixels=3136", "data.max_pixels=50176")
+    assert (cfg.rollout.min_pixels, cfg.rollout.max_pixels) == (3136, 50176)
+    opts = engine_options("m", cfg.rollout, "auto", 0, False)
+    assert (opts.min_pixels, opts.max_pixels) == (3136, 50176)
+    vision = LLMOptions(**{**vars(opts), "vision": True}).multimodal_kwargs()
+    assert vision == {"limit_mm_per_prompt": {"image": 1, "video": 0},
+                      "mm_processor_kwargs": {"min_pixels": 3136, "max_pixels": 50176}}
+    assert opts.multimodal_kwargs() == {}  # a text-only model takes no multimodal options
+    mixed = load_config(ExperimentConfig, DEFAULT_CONFIG, [*VLLM])
+    assert mixed.rollout.max_pixels == mixed.data.max_pixels
+    pinned = _load(*VLLM, "rollout.max_pixels=12544")
+    assert pinned.rollout.max_pixels == 12544

@@ -24,6 +24,10 @@ from vlm.tokenizer import (
 
 BUILDER_VERSION = 1  # bump when the build changes, so caches rebuild
 
+# vLLM's CPU attention kernels take head_dim >= 64 only, in the language model and the vision tower alike
+# (the vision tower has 2 heads): the spec the vLLM tests and benchmarks run. The default spec stays as is.
+VLLM_CPU_SPEC = TinyVLMSpec(num_attention_heads=2, num_key_value_heads=1, vision_hidden_size=128)
+
 
 def _mrope_section(head_dim: int) -> list[int]:
     half = head_dim // 2  # sections cover half the head dim (temporal, height, width)
