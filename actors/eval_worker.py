@@ -6,6 +6,7 @@ actor that `clsrl eval` spreads over the cluster (no Redis, no weight group: wei
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -15,15 +16,22 @@ from protocol.config import RolloutConfig
 from protocol.results import EvalAnswer
 from protocol.rollout import RolloutRequest
 from rewards import get_reward
+from tasks.examples import RequestEncoder
 
 
 def greedy_answers(engine: RolloutEngine, correct: dict, requests: list[RolloutRequest], max_new_tokens: int,
-                   prompts_per_call: int) -> list[EvalAnswer]:
-    """One greedy answer per request, scored 1/0 by its data set's correctness reward."""
+                   prompts_per_call: int, encode: RequestEncoder) -> list[EvalAnswer]:
+    """One greedy answer per request, scored 1/0 by its data set's correctness reward. Images are read and
+    encoded a call's chunk at a time, so a whole test split streams through in bounded memory; an image
+    unreadable here is skipped (named on stderr) when its data set allows, else the error."""
     cfg = SamplingConfig(n=1, max_new_tokens=max_new_tokens, greedy=True)
     out = []
     for start in range(0, len(requests), prompts_per_call):
-        chunk = requests[start:start + prompts_per_call]
+        chunk, skipped = encode(requests[start:start + prompts_per_call])
+        for _, message in skipped:
+            print(f"clsrl: eval skips {message}", file=sys.stderr, flush=True)
+        if not chunk:
+            continue
         groups = engine.generate(chunk, cfg, interruptible=False)  # one policy version per answer
         for request, group in zip(chunk, groups):
             dataset = request.meta["dataset"]
@@ -53,6 +61,8 @@ class EvalWorker:
         self.engine = make_engine(rollout, model_path, trust_remote_code, seed)
         self.correct = correctness_rewards(correct_reward)
         self.prompts_per_call = rollout.prompts_per_call
+        self.encode = RequestEncoder(model_path, trust_remote_code)
 
     def answer(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[EvalAnswer]:
-        return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call)
+        return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call,
+                              self.encode)

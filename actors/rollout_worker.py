@@ -19,6 +19,7 @@ from protocol.config import RolloutConfig
 from protocol.results import DatasetRewards, EvalAnswer, RolloutSummary
 from protocol.rollout import RolloutGroup, RolloutRequest
 from stream.buffer import RolloutBuffer
+from tasks.examples import RequestEncoder
 from telemetry.timer import StageTimer
 
 
@@ -30,6 +31,7 @@ class RolloutWorker:
         self.rank = rank
         self.name = f"rollout-{rank} (pid {os.getpid()})"
         self.engine = make_engine(rollout, model_path, trust_remote_code, seed + rank)
+        self.encode = RequestEncoder(model_path, trust_remote_code)  # reads the images of the prompts it gets
         self.sampling = sampling
         self.prompts_per_call = rollout.prompts_per_call
         self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url)
@@ -91,7 +93,12 @@ class RolloutWorker:
         timer = StageTimer()
         summary = RolloutSummary()
         for start in range(0, len(requests), self.prompts_per_call):
-            chunk = requests[start:start + self.prompts_per_call]
+            with timer("encode"):  # this chunk's images only: a worker never holds more
+                chunk, skipped = self.encode(requests[start:start + self.prompts_per_call])
+            summary.filtered += [r.meta.get("draw") for r, _ in skipped]  # settled: no group will come
+            summary.bad_images += [message for _, message in skipped]
+            if not chunk:
+                continue
             with timer("generate"):
                 chunk_seed = random.Random(f"{seed}:{start}").getrandbits(48)
                 groups = self.engine.generate(chunk, self.sampling, seed=chunk_seed)
@@ -111,7 +118,8 @@ class RolloutWorker:
 
     def evaluate(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[EvalAnswer]:
         """Greedy answers, scored by each data set's correctness reward (1 = correct)."""
-        return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call)
+        return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call,
+                              self.encode)
 
     def checksums(self) -> dict[str, str]:
         """The engine's SHA-256 per parameter (weights/checksum.py), comparable with the learner's."""

@@ -145,8 +145,11 @@ def greedy_accuracy(model_dir: Path, cfg: ExperimentConfig, test_examples: list[
 
     engine = HFEngine(model_dir)
     correct = {name: get_reward(t.correct_reward) for name, t in {e.dataset: cfg.task for e in test_examples}.items()}
-    requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset}) for e in test_examples]
-    rows = greedy_answers(engine, correct, requests, cfg.rollout.eval_max_new_tokens, cfg.rollout.prompts_per_call)
+    from tasks.examples import RequestEncoder
+
+    requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset}, source=e.source) for e in test_examples]
+    rows = greedy_answers(engine, correct, requests, cfg.rollout.eval_max_new_tokens, cfg.rollout.prompts_per_call,
+                          RequestEncoder(str(model_dir)))
     return statistics.fmean(r.correct for r in rows)
 
 
@@ -165,6 +168,10 @@ def run(spec: dict) -> dict:
     data = load_run_data(cfg)
     processor = load_processor(data.model_path)
     processor.tokenizer.padding_side = "left"
+    from tasks.examples import encode_source
+
+    for e in data.train_examples:  # load_run_data only scanned them; TRL's side holds the training images
+        e.inputs = encode_source(processor, e.source)
     dataset = trl_dataset(data.train_examples, processor.image_processor)
     t_check = time.perf_counter()
     check_same_prompts(processor, data.train_examples, dataset)

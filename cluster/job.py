@@ -39,7 +39,7 @@ from protocol.rollout import RolloutRequest
 from stream.buffer import RolloutBuffer
 from stream.server import connect, redact_url
 from tasks.data import load_run_data
-from tasks.examples import format_target
+from tasks.examples import RequestEncoder, format_target
 from tasks.mixture import MixtureOrder
 from telemetry.logs import announce, note_ray_logs, ray_log_to_driver
 
@@ -169,6 +169,7 @@ class Job:
         self.test_examples = data.test_examples
         self.examples = {e.id: e for e in self.train_examples + self.test_examples}
         self.model_path = data.model_path
+        self.encode = RequestEncoder(data.model_path, cfg.model.trust_remote_code)
         if cfg.train.warm_start_steps:
             prompts = {name: t.prompt for name, t in self.tasks.items()}
             self.model_path = str(format_warm_start(
@@ -251,7 +252,8 @@ class Job:
 
     def request(self, prompt_id: str, draw: int | None = None) -> RolloutRequest:
         e = self.examples[prompt_id]
-        return RolloutRequest(prompt_id, e.inputs, e.solution, meta={"draw": draw, "dataset": e.dataset})
+        return RolloutRequest(prompt_id, e.inputs, e.solution, meta={"draw": draw, "dataset": e.dataset},
+                              source=e.source)
 
     def ledger(self) -> DrawLedger:
         """The draw bookkeeping, continued from the checkpoint when resuming."""
@@ -307,7 +309,13 @@ class Job:
     def sft_step(self, prompt_ids: list[str]) -> list[SFTStep]:
         """train.mode sft: one supervised step on these prompts' answers, in the task's answer format."""
         examples = [self.examples[pid] for pid in prompt_ids]
-        rows = [(e.inputs, format_target(self.tasks[e.dataset].prompt, e.solution)) for e in examples]
+        # the driver encodes this step's prompts only (its examples hold image references, not pixels)
+        ready, skipped = self.encode([self.request(pid) for pid in prompt_ids])
+        for _, message in skipped:
+            announce(f"sft: skipped {message}")
+        by_id = {r.prompt_id: r.inputs for r in ready}
+        rows = [(by_id[e.id], format_target(self.tasks[e.dataset].prompt, e.solution)) for e in examples
+                if e.id in by_id]
         shares = _split(rows, len(self.learners))
         return self.finish_train([a.sft_train.remote(rows=part) for a, part in zip(self.learners, shares)])
 

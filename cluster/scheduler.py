@@ -49,6 +49,9 @@ class RolloutScheduler:
                          "clsrl.scheduler", logging.WARNING)
                 continue
             self.ledger.completed(worker, summary)
+            for message in summary.bad_images:  # found when the worker read it: skipped, settled, named here
+                announce(f"rollout worker {worker} skipped an unreadable image (data.skip_bad_images): "
+                         f"{message}", "clsrl.scheduler", logging.WARNING)
             out.append(summary)
         return out
 

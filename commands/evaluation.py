@@ -97,8 +97,9 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
     result: dict = {"model": first.model_path, "max_new_tokens": max_new_tokens, "datasets": {}}
     try:
         for half in halves:
-            requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset})
-                        for e in loaded[half].test_examples]
+            # references only: each eval worker reads and encodes its chunk's images (bounded memory)
+            requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset},
+                                       source=e.source) for e in loaded[half].test_examples]
             rows = _answer_all(workers, requests, cfg.rollout.prompts_per_call, max_new_tokens,
                                f"eval {half} classes" if half else "eval")
             for name in loaded[half].tasks:

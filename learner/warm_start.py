@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from learner.objective import sft_objective
-from tasks.examples import PromptExample, candidates_in, format_target
+from tasks.examples import PromptExample, candidates_in, encode_source, format_target
 from vlm.cache import build_once
 from vlm.inputs import build_sequence_batch
 from vlm.processor import load_processor, save_processor
@@ -41,7 +41,8 @@ def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: lis
             targets = [format_target(styles[e.dataset], rng.choice(candidates_in(e.text) or [e.solution]))
                        for e in chunk]
             rows = [tok.encode(t, add_special_tokens=False) + [eos] for t in targets]
-            loss = sft_objective(model, build_sequence_batch([e.inputs for e in chunk], rows,
+            inputs = [e.inputs or encode_source(processor, e.source) for e in chunk]  # encoded as used
+            loss = sft_objective(model, build_sequence_batch(inputs, rows,
                                                              model.generation_config.pad_token_id,
                                                              model.config.image_token_id,
                                                              processor.image_processor))

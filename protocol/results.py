@@ -26,6 +26,9 @@ class RolloutSummary:
     datasets: dict[str, DatasetRewards] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # busy time per stage: generate, reward, publish
     policy_version: int = 0
+    # images unreadable when the worker encoded them (past the start-up scan), skipped as data.skip_bad_images
+    # allows: their draws are also in `filtered` (settled, no group); one message (file, data set) each
+    bad_images: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,6 +23,20 @@ class PromptInputs:
 
 
 @dataclass
+class PromptSource:
+    """A prompt before it is encoded: what identifies it (the driver holds only these, never a split's
+    pixels). The worker that uses it reads, resizes and encodes the image (tasks/examples.py
+    `encode_source`)."""
+
+    dataset: str
+    image: str  # the image file
+    text: str  # the question, chat template not yet applied
+    min_pixels: int
+    max_pixels: int
+    skip_bad_images: bool = False  # unreadable past the start-up scan: skipped and counted, or an error
+
+
+@dataclass
 class Completion:
     token_ids: list[int]  # includes the end-of-turn token when the model stopped
     logprobs: list[float]  # behaviour log-probs, one per token
@@ -37,9 +51,10 @@ class Completion:
 @dataclass
 class RolloutRequest:
     prompt_id: str  # stable across epochs and retries: the unit of exactly-once accounting
-    inputs: PromptInputs
+    inputs: PromptInputs | None  # None until the worker encodes `source` (what the driver sends)
     solution: object = None  # passed through to the reward; the engine never reads it
     meta: dict = field(default_factory=dict)
+    source: PromptSource | None = None  # not in the Redis stream: the groups there carry `inputs`
 
 
 @dataclass

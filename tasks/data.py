@@ -1,7 +1,8 @@
-"""A run's data: every data set of the config read, cut to its classes and shots, and encoded into prompts.
+"""A run's data: every data set of the config read, cut to its classes and shots, and turned into prompts.
 
 Shared by training (cluster/job.py) and evaluation (commands/evaluation.py). Prompt ids are
-"<data set>/<sample id>", unique run-wide.
+"<data set>/<sample id>", unique run-wide. Images are only scanned here (file there, header readable: a bad
+one is named before step 1); the workers that use a prompt read and encode its image (tasks/examples.py).
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ from tasks.sampling import base_new_split, k_shot, subset_classes
 from tasks.vqa import ensure_bundled_vqa, read_vqa_jsonl
 from telemetry.logs import announce
 from vlm.cache import default_cache_dir
-from vlm.processor import load_processor
 from vlm.tiny import ensure_tiny_vlm
 
 
@@ -134,11 +134,10 @@ def load_run_data(cfg: ExperimentConfig, entries: list[DatasetEntry] | None = No
     if boxes:
         corpus += box_corpus([question_text(s) for b in boxes for s in b.train + b.test])
     model_path = cfg.model.path or str(ensure_tiny_vlm(cfg.model.tiny, corpus))
-    processor = load_processor(model_path, cfg.model.trust_remote_code)
     data = RunData(model_path, {ds.name: e.task for ds, e in zip(read, entries)},
                    {ds.name: e.weight for ds, e in zip(read, entries)}, [], [])
     for dataset, entry in zip(read, entries):
-        train, test = _examples(processor, dataset, entry.data, entry.task)
+        train, test = _examples(dataset, entry.data, entry.task)
         data.train_examples += train
         data.test_examples += test
     return data
@@ -164,12 +163,11 @@ def _eval_sample(test: list, d: DataConfig) -> list:
     return test
 
 
-def _examples(
-    processor, dataset: ClassificationDataset | SampleSet, d: DataConfig, t: TaskConfig
-) -> tuple[list, list]:
+def _examples(dataset: ClassificationDataset | SampleSet, d: DataConfig, t: TaskConfig) -> tuple[list, list]:
+    processor = None  # scanned only (encode=False): the workers encode
     if isinstance(dataset, SampleSet):
         build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-                     skip_bad_images=d.skip_bad_images)
+                     skip_bad_images=d.skip_bad_images, encode=False)
         test = _eval_sample(dataset.test, d)
         train_examples, skipped = build_task_examples(processor, dataset.name, dataset.train, **build)
         test_examples, skipped_test = build_task_examples(processor, dataset.name, test, **build)
@@ -182,7 +180,7 @@ def _examples(
         if d.k_shot:
             train = k_shot(train, d.k_shot, d.seed, dataset.classnames)
         build = dict(style=t.prompt, min_pixels=d.min_pixels, max_pixels=d.max_pixels, seed=d.seed,
-                     skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute)
+                     skip_bad_images=d.skip_bad_images, thing=t.thing, attribute=t.attribute, encode=False)
         train_examples, skipped = build_examples(processor, dataset, train, **build)
         test = _eval_sample(dataset.split("test"), d)
         test_examples, skipped_test = build_examples(processor, dataset, test, **build)

@@ -38,6 +38,23 @@ def smart_size(height: int, width: int, min_pixels: int, max_pixels: int,
     return h, w
 
 
+def check_image(path: str | Path, min_pixels: int, max_pixels: int) -> None:
+    """The start-up scan: the file exists and its header opens as an image of usable size, without decoding
+    the pixels (what `load_image` then does where the prompt is used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:  # lazy: reads the header only
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(f"cannot read image {path}: {err}") from err
+    try:
+        smart_size(height, width, min_pixels, max_pixels)
+    except ValueError as err:
+        raise ImageLoadError(f"unusable image {path}: {err}") from err
+
+
 def load_image(path: str | Path, min_pixels: int, max_pixels: int) -> Image.Image:
     """RGB image resized once to the model's grid, so rollout and learner get the same pixels."""
     path = Path(path)
