@@ -22,7 +22,8 @@ def rollout_metrics(parts: list[RolloutSummary]) -> dict[str, float]:
         "length/truncated": sum(p.truncated for p in parts) / len(lengths),
         "dropped/filtered": sum(len(p.filtered) for p in parts),
         # share of sampled groups dynamic sampling dropped (all rewards equal: no gradient)
-        "groups/filtered": sum(len(p.filtered) for p in parts) / max(1, len(spans)),
+        "groups/filtered": sum(len(p.filtered) for p in parts)
+        / max(1, sum(len(p.filtered) + len(p.published) for p in parts)),
         "rollout/partial_frac": sum(s > 0 for s in spans) / len(spans),
         "rollout/span_max": max(spans),
     }
