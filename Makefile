@@ -54,6 +54,7 @@ bench: setup
 	$(call bench_run,limits_rollout,--out $(BENCH_OUT)/limits)
 	$(call bench_run,limits_weights,--out $(BENCH_OUT)/limits)
 	$(call bench_run,limits_buffer,--out $(BENCH_OUT)/limits)
+	$(call bench_run,limits_data,--out $(BENCH_OUT)/limits)
 	$(call bench_run,limits_learner,--out $(BENCH_OUT)/limits)
 	$(call bench_run,scaling_model,--out $(BENCH_OUT)/limits)
 	$(call bench_run,learning,--out $(BENCH_OUT)/learning)
