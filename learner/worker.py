@@ -72,6 +72,14 @@ class LearnerWorker:
             raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple "
                              f"of learner.micro_batch_size={cfg.micro_batch_size}")
         self.grad_accum = samples_per_rank // cfg.micro_batch_size
+        ds_config = deepspeed_config(cfg, self.grad_accum, world_size, self.bf16)
+        # ZeRO-3: while this object lives, transformers builds models under deepspeed.zero.Init, so a rank
+        # materialises only its shard of each parameter, never the whole fp32 model (nor the reference)
+        self._zero3_init = None
+        if cfg.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._zero3_init = HfDeepSpeedConfig(ds_config)
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32,
                                                             trust_remote_code=trust_remote_code)
         if cfg.freeze_vision:
@@ -83,14 +91,20 @@ class LearnerWorker:
         self.image_id = model.config.image_token_id
         self.ref = None
         if algo.beta > 0:  # the frozen reference exists only when the KL term does
-            self.ref = AutoModelForImageTextToText.from_pretrained(
+            ref = AutoModelForImageTextToText.from_pretrained(
                 model_path, dtype=torch.bfloat16 if self.bf16 else torch.float32,
                 trust_remote_code=trust_remote_code)
-            self.ref.requires_grad_(False).eval().to("cuda" if cuda else "cpu")
+            ref.requires_grad_(False).eval()
+            if cfg.zero_stage == 3:  # sharded like the policy: a ZeRO-3 engine with no optimizer
+                unused = ("optimizer", "gradient_clipping")
+                inference = {k: v for k, v in ds_config.items() if k not in unused}
+                self.ref, *_ = deepspeed.initialize(model=ref, config=inference)
+                self.ref.eval()
+            else:
+                self.ref = ref.to("cuda" if cuda else "cpu")
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=trainable,
-            config=deepspeed_config(cfg, self.grad_accum, world_size, self.bf16),
+            model=model, model_parameters=trainable, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)))
 
     def _micro_batches(self, groups) -> Iterator[tuple]:
@@ -178,8 +192,8 @@ class LearnerWorker:
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
         if export_hf:
             state = None
-            if self.cfg.zero_stage == 3:  # every rank gathers; rank 0 writes
-                state = {n: t.cpu() for n, t in self.sync_parameters(trainable_only=False)}
+            if self.cfg.zero_stage == 3:  # every rank takes part in each gather; only rank 0 keeps the copy
+                state = {n: t.cpu() for n, t in self.sync_parameters(trainable_only=False) if self.rank == 0}
             if self.rank == 0:
                 export = Path(ckpt_dir) / tag / "hf"
                 if state is None:
@@ -192,6 +206,19 @@ class LearnerWorker:
     def load_checkpoint(self, ckpt_dir: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         return client_state or {}
+
+    def held_parameters(self) -> dict[str, int]:
+        """Parameter elements this rank holds (its ZeRO-3 shards, else whole tensors), policy and reference,
+        against the models' sizes: what the ZeRO-3 tests check."""
+        def held(model) -> tuple[int, int]:
+            params = list(model.parameters())
+            local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+            return local, sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+        out = dict(zip(("policy", "policy_total"), held(self.engine.module)))
+        if self.ref is not None:
+            out.update(zip(("reference", "reference_total"), held(getattr(self.ref, "module", self.ref))))
+        return out
 
     def parameter_checksums(self) -> dict[str, str]:
         """A SHA-256 per parameter (weights/checksum.py), for checking that ranks and engines hold the same

@@ -33,7 +33,7 @@ def _groups(tiny_policy, dataset, prompts=4, n=4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, beta", [(2, 0.04), (3, 0.0)])
+@pytest.mark.parametrize("stage, beta", [(2, 0.04), (3, 0.04)])
 def test_two_rank_train_step(ray_local, tiny_model_dir, tiny_policy, shapes_dataset, stage, beta, tmp_path):
     ray = ray_local
     Worker = ray.remote(num_cpus=1)(LearnerWorker)
@@ -42,6 +42,10 @@ def test_two_rank_train_step(ray_local, tiny_model_dir, tiny_policy, shapes_data
     workers = [Worker.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, GRPOConfig(beta=beta),
                              samples_per_rank=8, total_steps=3) for r in range(2)]
     try:
+        held = ray.get([w.held_parameters.remote() for w in workers])
+        for h in held:  # ZeRO-3 (built under zero.Init): each rank holds about half of each model, never all
+            share = h["policy"] / h["policy_total"], h["reference"] / h["reference_total"]
+            assert all(0.45 < s < 0.6 for s in share) if stage == 3 else share == (1.0, 1.0), (stage, h)
         before = ray.get([w.parameter_checksums.remote() for w in workers])[0]  # ZeRO-3 gathers on all ranks
         groups = _groups(tiny_policy, shapes_dataset)
         for _ in range(2):
