@@ -40,6 +40,7 @@ BASE = [
     "train.prompts_per_step=96", "rollout.prompts_per_call=96", "sampling.n=8", "sampling.max_new_tokens=8",
     "learner.micro_batch_size=64", "train.warm_start_steps=40", "train.eval_every=5", "train.save_every=0",
     "train.loggers=[]", "data.eval_limit=96",
+    "algorithm.dynamic_sampling=false",  # the same work each step in every mode (no redraws)
 ]
 QUICK = ["train.warm_start_steps=2", "train.eval_every=0", "data.eval_limit=8", "train.prompts_per_step=4",
          "rollout.prompts_per_call=4", "sampling.n=4", "learner.micro_batch_size=16"]

@@ -42,7 +42,7 @@ ARMS = {
     "grpo_paper": ["sampling.n=4", "algorithm.beta=0.04", "algorithm.kl=k3", "algorithm.clip_low=0.2",
                    "algorithm.clip_high=0.2", "algorithm.dynamic_sampling=false", "algorithm.advantage_eps=1e-4",
                    "learner.lr=1e-3", "learner.lr_schedule=linear", "learner.warmup_steps=0"],
-    "sft": ["train.mode=sft"],
+    "sft": ["train.mode=sft", "learner.micro_batch_size=8"],  # 16 prompts / 2 ranks: 8 sequences a rank
 }
 DATASETS = ["shapes", "digits4", "digits10", "shapes12", "shapes_vqa"]
 CLASSIFICATION = {"shapes", "digits", "digits4", "digits10", "shapes12"}  # shapes_vqa: 2 choices, not classes

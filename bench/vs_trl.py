@@ -39,8 +39,10 @@ from bench.vs_trl_report import TARGETS, plot, table  # noqa: E402
 
 SYSTEMS = ("trl", "clsrl-sync", "clsrl-async")
 STALENESS = {"clsrl-sync": 0, "clsrl-async": 1}
-# Both systems: overrides on configs/cpu_demo.yaml (cls_equality reward, no_think prompt, beta 0, lr 1e-3, clip 0.2).
-COMMON = ["cluster.rollout_workers=1", "cluster.learner_ranks=1", "sampling.n=8", "sampling.max_new_tokens=8",
+# Both systems: overrides on configs/cpu_demo.yaml (cls_equality reward, no_think prompt, beta 0, lr 1e-3, clip 0.2;
+# TRL's GRPOTrainer has no dynamic sampling, so the demo's default of it is off here).
+COMMON = ["learner.lr=1e-3", "algorithm.clip_high=0.2", "algorithm.dynamic_sampling=false",
+          "cluster.rollout_workers=1", "cluster.learner_ranks=1", "sampling.n=8", "sampling.max_new_tokens=8",
           "train.warm_start_steps=0", "train.eval_every=0", "train.save_every=0", "train.loggers=[]",
           "data.eval_limit=96"]
 # tiny: vlm/tiny.py's default 0.6M-parameter Qwen2-VL, overhead-bound; small: ~23M, the same build scaled up so

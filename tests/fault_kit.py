@@ -34,10 +34,11 @@ from tasks.order import EpochOrder
 
 # 2 rollout workers x chunks of 2 prompts, 4 prompts x 4 samples per step, 2 learner ranks: every actor is busy
 # every step, and a step takes about a second on a shared 2-core machine (the Job's start takes ~50 s).
+# no format warm start: no group has a right answer, so dynamic sampling (on by default) would only redraw
 BASE = ["train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0",
         "train.loggers=[]", "data.eval_limit=4", "sampling.n=4", "sampling.max_new_tokens=8",
         "learner.micro_batch_size=8", "rollout.prompts_per_call=2", "weight_sync.timeout_s=15",
-        "weight_sync.heartbeat_s=0.5"]
+        "weight_sync.heartbeat_s=0.5", "algorithm.dynamic_sampling=false"]
 
 
 def make_cfg(*extra: str) -> ExperimentConfig:

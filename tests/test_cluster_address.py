@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 # one GRPO step, one engine and one learner rank (the plan needs 2.5 CPUs)
 TINY = ["train.steps=1", "train.warm_start_steps=0", "train.prompts_per_step=2", "train.eval_every=0",
         "data.eval_limit=2", "sampling.n=2", "learner.micro_batch_size=4", "train.loggers=[]",
-        "cluster.rollout_workers=1", "cluster.learner_ranks=1"]
+        "cluster.rollout_workers=1", "cluster.learner_ranks=1", "algorithm.dynamic_sampling=false"]
 
 
 def _train(run_dir: Path, env: dict[str, str], *extra: str) -> str:

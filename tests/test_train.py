@@ -17,7 +17,7 @@ from protocol.overrides import load_config
 
 SMALL = ["train.steps=3", "train.warm_start_steps=2", "train.prompts_per_step=4", "train.eval_every=2",
          "train.save_every=1", "data.eval_limit=8", "sampling.n=4", "learner.micro_batch_size=4",
-         "weight_sync.timeout_s=15"]
+         "weight_sync.timeout_s=15", "algorithm.dynamic_sampling=false"]  # 2 warm-start steps: no signal to keep
 
 
 def _rows(run_dir):
