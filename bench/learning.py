@@ -47,14 +47,19 @@ ARMS = {
 DATASETS = ["shapes", "digits4", "digits10", "shapes12", "shapes_vqa"]
 CLASSIFICATION = {"shapes", "digits", "digits4", "digits10", "shapes12"}  # shapes_vqa: 2 choices, not classes
 TARGET_GAIN, ENTROPY_FLOOR = 0.30, 0.3
+# 2 warm-start steps leave no right answer to keep: dynamic sampling off, or it would only redraw
 QUICK = ["train.warm_start_steps=2", "data.eval_limit=8", "train.prompts_per_step=4", "sampling.n=4",
-         "learner.micro_batch_size=16"]
+         "learner.micro_batch_size=2", "algorithm.dynamic_sampling=false"]  # SFT: 2 sequences a rank
 
 
-def run_one(out: Path, dataset: str, arm: str, seed: int, steps: int, eval_every: int, extra: list[str]) -> dict:
-    """One training run (reused when its metrics are complete); its accuracy curve and health."""
+def run_one(out: Path, dataset: str, arm: str, seed: int, steps: int, eval_every: int, extra: list[str],
+            collect: bool = False) -> dict | None:
+    """One training run (reused when it finished before); its accuracy curve and health. `collect`: only
+    finished runs, None for the others."""
     run_dir = out / "runs" / f"{dataset}-{arm}-s{seed}"
     done = run_dir / "bench_done.json"
+    if collect and not done.is_file():
+        return None
     if not done.is_file():
         overrides = [*dataset_overrides(dataset, out / "data"), *ARMS[arm], f"train.steps={steps}",
                      f"train.eval_every={eval_every}", "train.save_every=0", "train.loggers=[]",
@@ -158,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="smoke test: 2 data sets, 2 arms, 1 seed, 4 steps")
     p.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    p.add_argument("--collect", action="store_true", help="tables and plots of the runs finished so far")
     args = p.parse_args(argv)
     extra = list(args.set)
     if args.quick:
@@ -172,15 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         for arm in arms:
             for seed in (int(s) for s in args.seeds.split(",")):
-                results.append(run_one(args.out, dataset, arm, seed, args.steps, args.eval_every, extra))
-                r = results[-1]
+                r = run_one(args.out, dataset, arm, seed, args.steps, args.eval_every, extra, args.collect)
+                if r is None:
+                    continue
+                results.append(r)
                 print(f"{dataset} {arm} seed {seed}: {r['start']:.3f} -> {r['final']:.3f} in "
                       f"{r['run_s']:.0f}s", file=sys.stderr, flush=True)
     summary = summarize(results)
     (args.out / "results.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=1))
     plots(results, args.out)
-    print(f"{args.steps} steps, eval every {args.eval_every}, seeds {args.seeds}; "
-          f"accuracy mean [min, max] over seeds\n")
+    print(f"{args.steps} steps, eval every {args.eval_every}; accuracy: mean [min, max] over the seeds run\n")
     print(tables(summary))
     return 0
 
