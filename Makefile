@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 VLLM_VENV ?= .venv-vllm
 PIP_FLAGS ?=
 
-.PHONY: setup demo test test-fast test-vllm lint bench clean
+.PHONY: setup demo test test-fast test-vllm gpu-check lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,10 @@ test-fast: setup
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m actors.vllm_compat  # an environment built before the .pth existed
 	$(VLLM_VENV)/bin/python -m pytest -q -rs tests/vllm_cpu tests/test_vlm.py tests/test_hf_engine.py tests/test_pixels.py
+
+# on a machine with a GPU: what only CUDA can show, written to docs/gpu-validation.md (bench/gpu_check.py)
+gpu-check:
+	timeout 480 $(PY) bench/gpu_check.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

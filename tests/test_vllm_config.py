@@ -96,3 +96,19 @@ def test_vllm_gets_one_image_no_video_and_the_data_pixel_bounds():
     assert mixed.rollout.max_pixels == mixed.data.max_pixels
     pinned = _load(*VLLM, "rollout.max_pixels=12544")
     assert pinned.rollout.max_pixels == 12544
+
+
+def test_the_gpu_extra_resolves_without_building_flash_attn():
+    """flash-attn is source-only on PyPI and needs torch and nvcc at build time: it has an extra of its own,
+    installed with --no-build-isolation after `clsrl[gpu]`, whose vLLM range matches the adapter's."""
+    import tomllib
+    from pathlib import Path
+
+    from actors.vllm_adapter import SUPPORTED
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert not any(d.startswith("flash-attn") for d in extras["gpu"]) and extras["flash"] == ["flash-attn>=2.7"]
+    (low, high) = SUPPORTED
+    assert f"vllm>={low[0]}.{low[1]},<{high[0]}.{high[1]}" in extras["gpu"]
+    assert "--no-build-isolation" in (Path(__file__).parent.parent / "docs" / "vllm.md").read_text()
