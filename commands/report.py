@@ -144,9 +144,11 @@ def health_section(run: Run) -> str | None:
     out = ["## Training health\n\n"]
     warnings = replay(run.rows)
     flagged = sum(bool(r.get(ENTROPY_FLAG) or r.get(NO_SIGNAL_FLAG)) for r in run.rows)
-    out += [f"- **collapse warning**: {md_cell(w)}\n" for w in warnings] or ["- no collapse detected\n"]
-    if flagged:
-        out.append(f"- steps flagged while training: {flagged}\n")
+    out += [f"- **collapse warning**: {md_cell(w)}\n" for w in warnings]
+    if flagged:  # the run's own flags (its window may have differed: CLSRL_COLLAPSE_WINDOW)
+        out.append(f"- **steps flagged as collapsed while training**: {flagged}\n")
+    elif not warnings:
+        out.append("- no collapse detected\n")
     last = rows[-1]
     for key, label in (("entropy", "entropy"), ("groups/equal_rewards", "groups with all rewards equal"),
                        ("groups/filtered", "groups dropped by dynamic sampling"),

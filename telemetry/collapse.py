@@ -12,6 +12,7 @@ recovers. `clsrl report` replays the same watcher over metrics.jsonl (`replay`).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ class CollapseWatch:
     """Flags entropy below `entropy_floor` for `window` consecutive steps that report entropy, and a share
     of groups without a gradient above `no_signal` for `window` consecutive steps."""
 
-    window: int = 10
+    # steps; CLSRL_COLLAPSE_WINDOW sets another for a whole run (a short test run)
+    window: int = field(default_factory=lambda: int(os.environ.get("CLSRL_COLLAPSE_WINDOW", "10")))
     entropy_floor: float = 0.3
     no_signal: float = 0.8
     log_warnings: bool = True  # False: only collect them (a report replaying a finished run)

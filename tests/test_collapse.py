@@ -133,3 +133,30 @@ def test_report_of_a_healthy_run(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grpo_rows([1.6] * 30, [0.3] * 30)))
     assert "- no collapse detected\n" in build_report(run).read_text()
+
+
+@pytest.mark.slow
+def test_clsrl_train_console_warns_when_no_group_carries_a_gradient(tmp_path):
+    """End to end through the driver: with no format warm start every answer is wrong, so every group's
+    rewards are equal; after 3 such steps (a window of 3) the console says so once and metrics.jsonl flags it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1", "CLSRL_COLLAPSE_WINDOW": "3"}
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "commands.cli", "train", "train.steps=4", "train.warm_start_steps=0",
+         "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0", "data.eval_limit=4",
+         "sampling.n=4", "learner.micro_batch_size=8", "train.loggers=[]", "algorithm.dynamic_sampling=false",
+         "--run-dir", str(run)], cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        timeout=900)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["groups/equal_rewards"] for r in rows] == [1.0] * 4
+    assert [r[NO_SIGNAL_FLAG] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    lines = [line for line in proc.stdout.splitlines() if "GRPO collapse" in line]
+    assert len(lines) == 1 and "step 3: GRPO collapse" in lines[0] and "learner.lr" in lines[0], proc.stdout[-3000:]
+    assert "steps flagged as collapsed while training**: 2" in build_report(run).read_text()
