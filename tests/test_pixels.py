@@ -64,3 +64,16 @@ def test_patches_need_the_processor_and_its_grid(tiny_policy):
     prompt.image_grid_thw = torch.tensor([[1, 2, 8]])  # not what this processor makes of a 56x56 image
     with pytest.raises(ValueError, match=r"made grid \[\[1, 4, 4\]\] from a \[56, 56, 3\] image"):
         image_patches(processor.image_processor, prompt)
+
+
+def test_an_image_already_on_the_grid_is_carried_as_the_processor_saw_it(tiny_policy):
+    """encode_prompt skips recovering the image from the patches when the processor kept its size: the
+    carried image must be exactly the one recovery would give."""
+    _, processor = tiny_policy
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8), mode="RGB")  # 2x3 merged patches
+    prompt = encode_prompt(processor, image, "what is it?")
+    enc = processor.image_processor(images=[image], return_tensors="pt")
+    recovered = patches_to_image(enc["pixel_values"], enc["image_grid_thw"], processor.image_processor)
+    assert torch.equal(prompt.image, torch.from_numpy(np.array(recovered)))
+    assert torch.equal(prompt.image, torch.from_numpy(np.array(image)))

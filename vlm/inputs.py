@@ -27,10 +27,15 @@ def chat_messages(text: str) -> list[dict]:
 def encode_prompt(processor, image: Image.Image, text: str) -> PromptInputs:
     prompt = processor.apply_chat_template(chat_messages(text), add_generation_prompt=True)
     enc = processor(text=[prompt], images=[image], return_tensors="pt")
-    # the processor's own resize, recovered exactly from its patches (vlm/pixels.py): the image to carry
-    resized = patches_to_image(enc["pixel_values"], enc["image_grid_thw"], processor.image_processor)
-    return PromptInputs(input_ids=enc["input_ids"][0], image=torch.from_numpy(np.asarray(resized).copy()),
-                        image_grid_thw=enc["image_grid_thw"])
+    grid = enc["image_grid_thw"]
+    side = int(processor.image_processor.patch_size)
+    on_grid = (image.height, image.width) == (int(grid[0, 1]) * side, int(grid[0, 2]) * side)
+    if image.mode == "RGB" and on_grid:
+        resized = image  # already on the processor's grid (tasks/images.py resizes to it): it kept the size
+    else:  # the processor's own resize, recovered exactly from its patches (vlm/pixels.py)
+        resized = patches_to_image(enc["pixel_values"], grid, processor.image_processor)
+    return PromptInputs(input_ids=enc["input_ids"][0], image=torch.from_numpy(np.array(resized)),
+                        image_grid_thw=grid)
 
 
 def image_patches(image_processor, inputs: PromptInputs) -> torch.Tensor:
