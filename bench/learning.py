@@ -99,7 +99,8 @@ def summarize(results: list[dict]) -> list[dict]:
     for (dataset, arm), runs in cells.items():
         gains = [r["final"] - r["start"] for r in runs]
         entropy = [r["entropy_end"] for r in runs if r["entropy_end"] is not None]
-        row = {"dataset": dataset, "arm": arm, "seeds": len(runs), "start": [r["start"] for r in runs],
+        row = {"dataset": dataset, "arm": arm, "seeds": len(runs), "steps": max(r["curve"][-1][0] for r in runs),
+               "start": [r["start"] for r in runs],
                "final": [r["final"] for r in runs], "gain": gains,
                "entropy_end": min(entropy) if entropy else None,
                "collapse_warnings": sum(r["collapse_warnings"] for r in runs),
@@ -119,12 +120,12 @@ def tables(summary: list[dict]) -> str:
     rows = []
     for s in summary:
         entropy = "-" if s["entropy_end"] is None else f"{s['entropy_end']:.2f}"
-        rows.append([f"{s['dataset']} ({CLASSES.get(s['dataset'], '?')})", s["arm"], s["seeds"],
+        rows.append([f"{s['dataset']} ({CLASSES.get(s['dataset'], '?')})", s["arm"], s["seeds"], s["steps"],
                      _spread(s["start"]), _spread(s["final"]), _spread(s["gain"]), entropy,
                      s["collapse_warnings"], f"{s['loop_s']:.0f}", f"{s['run_s']:.0f}", s.get("target", "")])
-    header = ["data set (classes)", "arm", "seeds", "acc. start", "acc. final", "gain", "entropy end (min)",
+    header = ["data set (classes)", "arm", "seeds", "steps", "acc. start", "acc. final", "gain", "entropy end (min)",
               "collapse warnings", "loop s", "run s", "target (defaults)"]
-    text = md_table(header, rows, "llrrrrrrrrl") + "\n"
+    text = md_table(header, rows, "llrrrrrrrrrl") + "\n"
     gaps = []
     by = {(s["dataset"], s["arm"]): s for s in summary}
     for dataset in dict.fromkeys(s["dataset"] for s in summary):

@@ -48,7 +48,7 @@ def test_summary_checks_the_targets_and_reports_the_gap_to_sft():
     assert summary[("shapes12", "grpo_default")]["target"] == "missed: entropy 0.10 <= 0.3"
     assert "target" not in summary[("digits10", "sft")]
     text = tables(list(summary.values()))
-    assert "| digits10 (10) | grpo_default | 3 | 0.100 [0.100, 0.100] | 0.510 [0.500, 0.520] |" in text
+    assert "| digits10 (10) | grpo_default | 3 | 300 | 0.100 [0.100, 0.100] | 0.510 [0.500, 0.520] |" in text
     assert "| digits10 | grpo_default | -0.260 |" in text
 
 
@@ -66,4 +66,4 @@ def test_learning_quick_runs_real_training_and_writes_plots(tmp_path):
         assert (r["entropy_end"] is None) == (r["arm"] == "sft")
     for name in ("accuracy_vs_step", "accuracy_vs_time"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
-    assert "| digits10 (10) | grpo_default | 1 |" in proc.stdout
+    assert "| digits10 (10) | grpo_default | 1 | 4 |" in proc.stdout
