@@ -1,6 +1,6 @@
 """The vLLM engine for real, on vLLM's CPU build (run in its own environment: `make test-vllm`).
 
-A tiny text-only Qwen2 (vLLM on CPU cannot host Qwen2-VL) runs inside a Ray actor. The test process plays
+A tiny text-only Qwen2 (Qwen2-VL with images: test_vllm_images.py) runs inside a Ray actor. The test process plays
 learner rank 0: it broadcasts changed weights over gloo through the worker extension, after which vLLM's
 greedy answers and log-probs must match the HF engine's holding the same weights, vision tokens must stay
 blocked although the new weights favour one, and sampled log-probs must be those of the tempered policy.
