@@ -71,6 +71,9 @@ class CollapseWatch:
 
     # steps; CLSRL_COLLAPSE_WINDOW sets another for a whole run (a short test run)
     window: int = field(default_factory=lambda: int(os.environ.get("CLSRL_COLLAPSE_WINDOW", "10")))
+    # a step whose mean reward is at least this has groups without a gradient because they are all right (the
+    # policy solved its training prompts), not a collapse; rewards of 0-1 per completion assumed
+    solved_reward: float = 0.9
     entropy_floor: float = 0.3
     no_signal: float = 0.8
     log_warnings: bool = True  # False: only collect them (a report replaying a finished run)
@@ -98,6 +101,9 @@ class CollapseWatch:
                              f"(now {entropy:.3f}): "
                              "the policy answers the same way every time")
         share = no_signal_share(row)
+        reward = row.get("reward/mean")
+        if share is not None and isinstance(reward, float | int) and reward >= self.solved_reward:
+            share = 0.0  # all-right groups: learned, not stuck
         if share is not None:
             self._signal.append(share)
             dead = len(self._signal) == self.window and min(self._signal) > self.no_signal

@@ -76,6 +76,14 @@ def test_dynamic_sampling_filtered_share_counts_as_no_signal():
     assert len(watch.warnings) == 1 and "(now 90%" in watch.warnings[0]
 
 
+def test_groups_all_right_are_not_a_collapse():
+    """Dynamic sampling drops groups all right as well as all wrong: a solved training set is no collapse."""
+    watch = CollapseWatch(window=3)
+    for step in range(1, 9):
+        watch.observe({"step": step, "entropy": 1.4, "groups/filtered": 0.9, "reward/mean": 0.95})
+    assert watch.warnings == []
+
+
 def test_bad_window_is_named():
     with pytest.raises(ValueError, match="window must be >= 1"):
         CollapseWatch(window=0)
