@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per size")
     args = ap.parse_args()
-    sizes = [50, 200] if args.quick else sorted(args.sizes)
+    sizes = [20, 60] if args.quick else sorted(args.sizes)
     root = Path(os.environ["CLSRL_CACHE"]) / "bench_data_500x375"
     results = []
     for n in sizes:

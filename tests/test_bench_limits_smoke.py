@@ -104,3 +104,16 @@ def test_scaling_model_reads_the_calibration_and_plots(tmp_path):
         assert all(a["steps_per_hour"] >= 0.99 * y["steps_per_hour"] for a, y in zip(async1, sync))
     assert (tmp_path / "scaling_model.png").stat().st_size > 1000
     assert len(rows) == 2 * (1 + len(report["scenarios"][0]["engines"]))
+
+
+@pytest.mark.slow
+def test_data_limits_measure_the_driver_through_a_whole_split_eval(tmp_path):
+    report, rows = run_bench("limits_data", tmp_path, timeout=1200)
+    results = report["results"]
+    assert [r["images"] for r in results] == [20, 60] and not any("failed" in r for r in results)
+    for r in results:
+        assert 0 < r["data_ready_s"] < r["startup_s"] < r["first_step_s"]
+        assert r["eval_images_per_s"] == pytest.approx(r["images"] / r["eval_s"])
+        assert r["driver_peak_rss_mb"] > 100
+    assert report["rss_growth_mb"] == pytest.approx(results[1]["driver_peak_rss_mb"] - results[0]["driver_peak_rss_mb"])
+    assert report["max_pixels"] == 401408 and rows[0].startswith("| test images |") and len(rows) == 3
