@@ -32,7 +32,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
                 MetricsLogger(job.run_dir, (), resumed_at, TRAINED_FILE, keep_rows=False) as trained:
             if first == 0:
                 metrics.log({"step": 0, **evaluate(job, 0)})
-            watch = CollapseWatch()  # warns on the console (and flags metrics) when GRPO stops learning
+            watch = CollapseWatch(window=cfg.train.collapse_window)  # warns when GRPO stops learning
             bar = tqdm(range(first + 1, cfg.train.steps + 1), desc=steps.name, initial=first,
                        total=cfg.train.steps)
             for step in bar:

@@ -142,10 +142,11 @@ def health_section(run: Run) -> str | None:
     if not rows:
         return None
     out = ["## Training health\n\n"]
-    warnings = replay(run.rows)
+    window = ((run.config or {}).get("train") or {}).get("collapse_window", 10)
+    warnings = replay(run.rows, window=window if isinstance(window, int) and window >= 1 else 10)
     flagged = sum(bool(r.get(ENTROPY_FLAG) or r.get(NO_SIGNAL_FLAG)) for r in run.rows)
     out += [f"- **collapse warning**: {md_cell(w)}\n" for w in warnings]
-    if flagged:  # the run's own flags (its window may have differed: CLSRL_COLLAPSE_WINDOW)
+    if flagged:  # the run's own flags
         out.append(f"- **steps flagged as collapsed while training**: {flagged}\n")
     elif not warnings:
         out.append("- no collapse detected\n")

@@ -192,12 +192,17 @@ class TrainConfig:
     keep_last: int = 0  # checkpoints kept: the newest K (0 = keep all) ...
     keep_best: int = 0  # ... plus the K with the best held-out accuracy at their step
     seed: int = 0
+    # GRPO collapse warning (telemetry/collapse.py): entropy or gradient-free groups past their bound for this
+    # many consecutive steps
+    collapse_window: int = 10
     # metric trackers mirroring metrics.jsonl: tensorboard | wandb | mlflow (telemetry/metrics.py; wandb and
     # mlflow: pip install 'clsrl[tracking]')
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
         check_fields(self, "train.")
+        if self.collapse_window < 1:
+            raise ValueError(f"train.collapse_window must be >= 1 step, got {self.collapse_window}")
         if self.steps < 1 or self.prompts_per_step < 1:
             raise ValueError(f"train.steps and train.prompts_per_step must be >= 1, "
                              f"got {self.steps}, {self.prompts_per_step}")

@@ -12,7 +12,6 @@ recovers. `clsrl report` replays the same watcher over metrics.jsonl (`replay`).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -69,8 +68,7 @@ class CollapseWatch:
     """Flags entropy below `entropy_floor` for `window` consecutive steps that report entropy, and a share
     of groups without a gradient above `no_signal` for `window` consecutive steps."""
 
-    # steps; CLSRL_COLLAPSE_WINDOW sets another for a whole run (a short test run)
-    window: int = field(default_factory=lambda: int(os.environ.get("CLSRL_COLLAPSE_WINDOW", "10")))
+    window: int = 10  # steps (train.collapse_window)
     # a step whose mean reward is at least this has groups without a gradient because they are all right (the
     # policy solved its training prompts), not a collapse; rewards of 0-1 per completion assumed
     solved_reward: float = 0.9

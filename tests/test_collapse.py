@@ -153,12 +153,13 @@ def test_clsrl_train_console_warns_when_no_group_carries_a_gradient(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1", "CLSRL_COLLAPSE_WINDOW": "3"}
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "commands.cli", "train", "train.steps=4", "train.warm_start_steps=0",
          "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0", "data.eval_limit=4",
          "sampling.n=4", "learner.micro_batch_size=8", "train.loggers=[]", "algorithm.dynamic_sampling=false",
+         "train.collapse_window=3",
          "--run-dir", str(run)], cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:]
