@@ -1,10 +1,9 @@
 """Rollout with vLLM, behind the same interface as the HF engine (actors/engine.py).
 
 Prompts arrive encoded (`PromptInputs`: token ids with the image's run of `<|image_pad|>`, and the resized
-image, or before that its patches). vLLM wants one placeholder per image plus the image, and expands the
-placeholder itself: the run is collapsed and the image handed over as the learner has it (or recovered from
-the patches, vlm/pixels.py), so vLLM sees the pixels the learner trains on; the number of image tokens it
-ran is checked against ours. After every weight load the prefix and encoder caches are dropped: both hold
+image in 8 bits). vLLM wants one placeholder per image plus the image, and expands the placeholder itself:
+the run is collapsed and the image handed over as the learner has it, so vLLM sees the pixels the learner
+trains on; the number of image tokens it ran is checked against ours. After every weight load the prefix and encoder caches are dropped: both hold
 results of the old weights, and vLLM's scheduler would otherwise still list images whose encoder outputs
 the reload threw away (the next request for such an image fails with "Encoder cache miss"). Weights arrive
 inside vLLM's workers (the worker extension joins the learners' weight group), or colocated through IPC
@@ -23,21 +22,14 @@ from actors import vllm_adapter as adapter
 from protocol.components import SamplingConfig, WeightSyncConfig
 from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
 from vlm.inputs import vision_token_ids
-from vlm.pixels import patches_to_image
 
 
-def prompt_image(inputs: PromptInputs, image_processor):
-    """The prompt's resized image as PIL: carried as uint8 [H, W, 3] (`inputs.image`), else rebuilt from
-    the patches the prompt carries."""
+def prompt_image(inputs: PromptInputs):
+    """The prompt's image as PIL, as the processor resized it (uint8 [H, W, 3]): its sides are multiples of
+    the patch grid, so vLLM's processor keeps its size and makes the learner's patches."""
     from PIL import Image
 
-    image = getattr(inputs, "image", None)
-    if image is not None:
-        return Image.fromarray(image.to(torch.uint8).cpu().numpy(), mode="RGB")
-    pixels = getattr(inputs, "pixel_values", None)
-    if pixels is None or pixels.numel() == 0:
-        return None
-    return patches_to_image(pixels, inputs.image_grid_thw, image_processor)
+    return Image.fromarray(inputs.image.to(torch.uint8).cpu().numpy(), mode="RGB")
 
 
 def collapse_image_runs(ids: list[int], image_token_id: int | None) -> list[int]:
@@ -74,11 +66,6 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(opts.model, trust_remote_code=trust_remote_code)
         vision = getattr(config, "vision_config", None) is not None
         self.image_token_id = getattr(config, "image_token_id", None) if vision else None
-        self.image_processor = None
-        if vision:
-            from vlm.processor import load_processor
-
-            self.image_processor = load_processor(opts.model, trust_remote_code).image_processor
         self.blocked = self.tokenizer.convert_ids_to_tokens(vision_token_ids(config))
         self.opts = dataclasses.replace(opts, vision=vision)
         self.llm = adapter.create_llm(self.opts)
@@ -90,14 +77,11 @@ class VLLMEngine:
 
     def _prompt(self, inputs: PromptInputs) -> dict:
         ids = inputs.input_ids.tolist()
-        if getattr(inputs, "image", None) is None and getattr(inputs, "pixel_values", None) is None:
+        if inputs.image is None:
             return adapter.prompt(ids)
-        if self.image_processor is None:
+        if self.image_token_id is None:
             raise ValueError(f"prompt has an image but {self.opts.model} is not a vision-language model")
-        image = prompt_image(inputs, self.image_processor)
-        if image is None:
-            return adapter.prompt(ids)
-        return adapter.prompt(collapse_image_runs(ids, self.image_token_id), image)
+        return adapter.prompt(collapse_image_runs(ids, self.image_token_id), prompt_image(inputs))
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, seed: int | None = None,
                  interruptible: bool = True) -> list[RolloutGroup]:

@@ -9,7 +9,7 @@ Every run is `clsrl train configs/cpu_demo.yaml` with the arm's and the data set
 `train.seed`; accuracy is the greedy held-out accuracy the run logs (eval/accuracy), wall time the driver's
 step and eval seconds summed (start-up and warm start excluded, reported apart). Per data set and arm: mean
 and spread (min-max over seeds) of the start and final accuracy, the gain, the entropy over the last 10
-steps and the collapse warnings (telemetry/collapse.py). Targets (issue 18), checked for GRPO with the
+steps and the collapse warnings (telemetry/collapse.py). Targets, checked for GRPO with the
 defaults on each classification set: a gain of at least 0.30 and entropy above 0.3 at the end.
 Writes OUT/results.json, OUT/accuracy_vs_step.png, OUT/accuracy_vs_time.png; prints markdown tables.
 """

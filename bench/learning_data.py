@@ -2,7 +2,7 @@
 would bring their own (root/train/<class>/*.png, root/test/<class>/*.png, class names as words).
 
 - `digits4`: scikit-learn's digit scans, classes zero..three (an easier real-image set);
-- `digits10`: all ten digit classes, 16 training and 40 test images per class (issue 18's set: where the old
+- `digits10`: all ten digit classes, 16 training and 40 test images per class (the set where the old
   defaults collapsed);
 - `shapes12`: a harder generated set, 12 classes = 4 colours x 3 shapes ("red circle", ...), so the answer
   needs colour and shape at once.

@@ -183,8 +183,8 @@ def test_rollout_worker_hosting_vllm_publishes_scored_groups_to_redis(ray_local,
         for g in groups:
             assert len(g.completions) == 4 and len(g.rewards) == 4 and set(g.reward_components) == {"cls_equality"}
             assert all(len(c.logprobs) == len(c.token_ids) > 0 for c in g.completions)
-            inputs = g.request.inputs  # a text prompt travels without image fields (before and after issue 15)
-            assert getattr(inputs, "pixel_values", None) is None and getattr(inputs, "image", None) is None
+            inputs = g.request.inputs  # a text prompt travels without image fields
+            assert inputs.image is None and inputs.image_grid_thw is None
         answers = ray.get(worker.evaluate.remote(requests[:2], 6))
         assert [a.prompt_id for a in answers] == ["p0", "p1"] and all(a.correct in (0.0, 1.0) for a in answers)
     finally:
