@@ -31,6 +31,13 @@ def evaluate(job: Job, step: int) -> dict[str, float]:
     return {**eval_metrics(answers), "time/eval": time.perf_counter() - start}
 
 
+def last_accuracy(steps, row: dict) -> str:
+    """The progress bar's accuracy: the latest eval's, kept between evals."""
+    if "eval/accuracy" in row:
+        steps.shown_accuracy = f"{row['eval/accuracy']:.3f}"
+    return getattr(steps, "shown_accuracy", "-")
+
+
 class GRPOSteps:
     name = "GRPO"
 
@@ -90,7 +97,7 @@ class GRPOSteps:
 
     def postfix(self, row: dict) -> dict[str, str]:
         reward = row.get("reward/mean", float("nan"))
-        return {"reward": f"{reward:.2f}", "acc": str(row.get("eval/accuracy", ""))}
+        return {"reward": f"{reward:.2f}", "acc": last_accuracy(self, row)}
 
 
 class SFTSteps:
@@ -116,4 +123,4 @@ class SFTSteps:
         return None
 
     def postfix(self, row: dict) -> dict[str, str]:
-        return {"loss": f"{row['sft_loss']:.3f}", "acc": str(row.get("eval/accuracy", ""))}
+        return {"loss": f"{row['sft_loss']:.3f}", "acc": last_accuracy(self, row)}
