@@ -3,9 +3,10 @@
 Prompts arrive encoded (`PromptInputs`: token ids with the image's run of `<|image_pad|>`, and the resized
 image in 8 bits). vLLM wants one placeholder per image plus the image, and expands the placeholder itself:
 the run is collapsed and the image handed over as the learner has it, so vLLM sees the pixels the learner
-trains on; the number of image tokens it ran is checked against ours. After every weight load the prefix and encoder caches are dropped: both hold
-results of the old weights, and vLLM's scheduler would otherwise still list images whose encoder outputs
-the reload threw away (the next request for such an image fails with "Encoder cache miss"). Weights arrive
+trains on; the number of image tokens it ran is checked against ours. After every weight load the prefix
+and encoder caches are dropped: both hold results of the old weights, and vLLM's scheduler would otherwise
+still list images whose encoder outputs the reload threw away (the next request for such an image fails
+with "Encoder cache miss"). Weights arrive
 inside vLLM's workers (the worker extension joins the learners' weight group), or colocated through IPC
 handles while the engine is awake.
 All vLLM calls go through actors/vllm_adapter.py.
