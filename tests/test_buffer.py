@@ -1,9 +1,7 @@
-"""stream.buffer against a real (private) Redis: delivery, redelivery, trimming, persistence, errors."""
+"""stream.buffer against a real (private) Redis: delivery, redelivery, trimming, client errors (the server's own
+failures and restarts are in tests/test_buffer_restart.py)."""
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 import uuid
 
@@ -14,21 +12,10 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from protocol.components import RedisConfig
-from protocol.rollout import Completion, PromptInputs, RolloutGroup, RolloutRequest
 from stream.buffer import BufferUnavailable, RolloutBuffer
 from stream.codec import FORMAT_VERSION
 from stream.server import PrivateRedis
-
-
-def group(i: int, patches: int = 2) -> RolloutGroup:
-    """A small group; patches=2 gives ~9 KB, above Redis' 4 KB node size, so MAXLEN ~ trims exactly."""
-    # an image of the float32 patches' byte count (4704 bytes a patch)
-    inputs = PromptInputs(input_ids=torch.arange(i, i + 20),
-                          image=torch.full((28 * patches, 56, 3), i % 256, dtype=torch.uint8),
-                          image_grid_thw=torch.tensor([[1, 2, 2]]))
-    comps = [Completion([i, 1, 2], [-0.5, -0.25, -0.125], f"answer {i}", "stop") for _ in range(2)]
-    return RolloutGroup(RolloutRequest(f"p{i}", inputs, solution="red", meta={"i": i}), comps, policy_version=i,
-                        rewards=[1.0, 0.0])
+from tests.buffer_kit import group, ids, prompts, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -52,31 +39,6 @@ def make(server):
     yield _make
     for b in made:
         b.close()
-
-
-def wait_until(cond, what: str, timeout_s: float = 10.0):
-    """Poll `cond` until it is truthy (returned) or the deadline passes (an assertion naming `what`)."""
-    deadline = time.monotonic() + timeout_s
-    while not (got := cond()):
-        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
-        time.sleep(0.01)
-    return got
-
-
-def wait_idle(buf: RolloutBuffer, ms: int) -> None:
-    """Until every entry pending in buf's group was delivered at least `ms` ago (what XAUTOCLAIM's min-idle reads)."""
-    def idle() -> bool:
-        pel = buf._r.xpending_range(buf.stream, buf.group, "-", "+", 1000)
-        return bool(pel) and min(p["time_since_delivered"] for p in pel) >= ms
-    wait_until(idle, f"pending entries idle for {ms} ms")
-
-
-def ids(entries) -> list[str]:
-    return [e for e, _ in entries]
-
-
-def prompts(entries) -> list[str]:
-    return [g.request.prompt_id for _, g in entries]
 
 
 def test_put_take_ack_round_trip(make):
@@ -277,34 +239,6 @@ def test_wrong_password_fails_fast(server):
     assert "wrong" not in str(err.value) and time.monotonic() - t0 < 2
 
 
-def test_out_of_memory_is_a_clear_error(tmp_path):
-    with PrivateRedis(RedisConfig(maxmemory="2mb"), tmp_path) as srv:
-        buf = RolloutBuffer(srv.url, "s", "g", "A")
-        with pytest.raises(MemoryError, match="out of memory"):
-            for i in range(200):
-                buf.put(group(i, patches=8))  # ~38 KB each
-
-
-def test_appendonly_survives_a_restart(tmp_path):
-    cfg = RedisConfig(appendonly=True)
-    with PrivateRedis(cfg, tmp_path) as srv:
-        a = RolloutBuffer(srv.url, "s", "g", "A", claim_idle_ms=50)
-        put = [a.put(group(i)) for i in range(5)]
-        taken = a.take(3)
-        a.ack([put[0]])
-        old_pid = srv.proc.pid
-    with PrivateRedis(cfg, tmp_path) as srv:  # same run dir, new port and password
-        assert srv.proc.pid != old_pid
-        b = RolloutBuffer(srv.url, "s", "g", "B", claim_idle_ms=50)
-        assert b.depth() == 4 and b.pending() == 2
-        pel = srv.client().xpending_range("s", "g", "-", "+", 10)
-        assert [(p["message_id"].decode(), p["consumer"]) for p in pel] == [(put[1], b"A"), (put[2], b"A")]
-        wait_idle(b, 50)
-        got = b.take(10)
-        assert ids(got) == put[1:] and prompts(got) == prompts(taken[1:]) + ["p3", "p4"]
-        assert b.ack(ids(got)) == 4 and b.depth() == 0
-
-
 def test_fault_injected_between_claim_and_read_loses_nothing(make, monkeypatch):
     """Fault injection: a connection error on XREADGROUP right after XAUTOCLAIM succeeded. A killed server
     (test_pending_and_unread_entries_survive_a_sigkilled_server) cannot be timed to land between the two calls
@@ -322,92 +256,3 @@ def test_fault_injected_between_claim_and_read_loses_nothing(make, monkeypatch):
     a.ack([put[2]])
     wait_idle(a, 400)
     assert ids(a.take(3)) == put[:2]  # back after claim_idle_ms, not stuck as "in flight"
-
-
-# ------------------------------------------------------------------------- the server crashes and comes back
-
-
-def test_pending_and_unread_entries_survive_a_sigkilled_server(tmp_path, caplog):
-    """appendonly + appendfsync always: kill -9 the server mid-run, bring it back on the same URL; the buffer's
-    calls made while it was down retry with backoff and succeed, nothing is lost and nothing is duplicated."""
-    cfg = RedisConfig(appendonly=True, retry_attempts=10, retry_backoff_s=0.02, retry_backoff_max_s=0.5)
-    assert cfg.appendfsync == "always"
-    with PrivateRedis(cfg, tmp_path) as srv:
-        producer = RolloutBuffer(srv.url, "s", "g", "P", cfg=cfg)
-        learner = RolloutBuffer(srv.url, "s", "g", "A", claim_idle_ms=60_000, cfg=cfg)
-        put = [producer.put(group(i)) for i in range(12)]
-        taken = learner.take(5)
-        assert learner.ack(ids(taken[:2])) == 2
-        pending_ids = ids(taken[2:])  # taken, trained on, not yet acked when the server dies
-        assert (learner.depth(), learner.pending()) == (10, 3)
-
-        os.kill(srv.proc.pid, signal.SIGKILL)
-        srv.proc.wait()
-        results, errors = {}, []
-
-        def learner_and_producer_carry_on():
-            try:
-                results["pending"] = learner.pending()  # issued while the server is down: retried until it is back
-                results["pel"] = [(p["message_id"].decode(), p["consumer"].decode())
-                                  for p in learner._r.xpending_range("s", "g", "-", "+", 100)]
-                results["acked"] = learner.ack(pending_ids)
-                results["unread"] = learner.take(100)
-                results["new"] = [producer.put(group(i)) for i in range(12, 14)]
-                results["after"] = learner.take(100)
-                results["acked_rest"] = learner.ack(ids(results["unread"]) + ids(results["after"]))
-                results["end"] = (learner.depth(), learner.pending())
-            except Exception as err:  # noqa: BLE001 - reported below
-                errors.append(err)
-
-        worker = threading.Thread(target=learner_and_producer_carry_on)
-        worker.start()
-        # restart once the worker's first call has failed and is backing off (well inside the ~3.1 s budget)
-        wait_until(lambda: "retry 1/9" in caplog.text or not worker.is_alive(), "the first retry while down")
-        srv.restart()  # from the main thread: the parent-death signal follows the starting thread
-        worker.join(30)
-        assert not worker.is_alive() and errors == []
-        assert srv.restarts == 1 and "retry 1/9" in caplog.text  # the backoff path was taken, not luck
-
-    assert results["pending"] == 3 and results["pel"] == [(e, "A") for e in pending_ids]
-    assert results["acked"] == 3  # still pending after the crash: XACK counts only pending ids
-    assert ids(results["unread"]) == put[5:] and prompts(results["unread"]) == [f"p{i}" for i in range(5, 12)]
-    assert torch.equal(results["unread"][0][1].request.inputs.image, group(5).request.inputs.image)
-    assert ids(results["after"]) == results["new"] and results["acked_rest"] == 9
-    assert results["end"] == (0, 0)
-    assert learner.lost == 0 and learner.corrupt == 0
-
-
-def test_buffer_reconnects_after_a_restart_on_its_stale_connections(tmp_path):
-    cfg = RedisConfig(appendonly=True, retry_attempts=5, retry_backoff_s=0.02)
-    with PrivateRedis(cfg, tmp_path) as srv:
-        buf = RolloutBuffer(srv.url, "s", "g", "A", cfg=cfg)
-        put = [buf.put(group(i)) for i in range(3)]
-        taken = buf.take(2)
-        for kill in (True, False):
-            srv.restart(kill=kill)
-            assert (buf.depth(), buf.pending()) == (3, 2)
-        assert buf.ack(ids(taken)) == 2 and ids(buf.take(5)) == put[2:]
-
-
-def test_without_appendonly_a_restart_loses_the_stream_and_says_so(tmp_path, caplog):
-    """What a user sees when the private server restarts without appendonly: the restart logs that the stream is
-    gone; a learner's next take raises (NOGROUP, naming appendonly) instead of quietly waiting on an empty stream;
-    ack of what it held returns 0 (none of it was pending any more); depth and pending read 0. Producers carry
-    on (XADD recreates the stream, without the group); recovery is ensure_group(), which recreates the group at
-    id 0 so the entries written since the restart are delivered. The entries from before are lost for good."""
-    cfg = RedisConfig(appendonly=False, retry_attempts=5, retry_backoff_s=0.02)
-    with PrivateRedis(cfg, tmp_path) as srv:
-        producer = RolloutBuffer(srv.url, "s", "g", "P", cfg=cfg)
-        learner = RolloutBuffer(srv.url, "s", "g", "A", cfg=cfg)
-        for i in range(5):
-            producer.put(group(i))
-        taken = learner.take(3)
-        srv.restart(kill=True)
-        assert "without appendonly" in caplog.text
-        new = [producer.put(group(i)) for i in range(5, 7)]
-        with pytest.raises(RuntimeError, match=r"group 'g' is gone .*restarted without appendonly"):
-            learner.take(10)
-        assert learner.ack(ids(taken)) == 0 and learner.pending() == 0 and learner.depth() == 2
-        learner.ensure_group()
-        got = learner.take(10)
-        assert ids(got) == new and prompts(got) == ["p5", "p6"] and learner.lost == 0  # the loss is not counted
