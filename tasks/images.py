@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -38,36 +40,40 @@ def smart_size(height: int, width: int, min_pixels: int, max_pixels: int,
     return h, w
 
 
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """The image file opened lazily; a missing file, or one PIL cannot read (here or while the caller reads
+    it), is an ImageLoadError naming the file."""
+    if not path.is_file():
+        raise ImageLoadError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            yield img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageLoadError(f"cannot read image {path}: {err}") from err
+
+
+def _grid_size(path: Path, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    try:
+        return smart_size(height, width, min_pixels, max_pixels)
+    except ValueError as err:
+        raise ImageLoadError(f"unusable image {path}: {err}") from err
+
+
 def check_image(path: str | Path, min_pixels: int, max_pixels: int) -> None:
     """The start-up scan: the file exists and its header opens as an image of usable size, without decoding
     the pixels (what `load_image` then does where the prompt is used)."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:  # lazy: reads the header only
-            width, height = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"cannot read image {path}: {err}") from err
-    try:
-        smart_size(height, width, min_pixels, max_pixels)
-    except ValueError as err:
-        raise ImageLoadError(f"unusable image {path}: {err}") from err
+    with _opened(path) as img:  # lazy: reads the header only
+        width, height = img.size
+    _grid_size(path, height, width, min_pixels, max_pixels)
 
 
 def load_image(path: str | Path, min_pixels: int, max_pixels: int) -> Image.Image:
     """RGB image resized once to the model's grid, so rollout and learner get the same pixels."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"cannot read image {path}: {err}") from err
-    try:
-        h, w = smart_size(rgb.height, rgb.width, min_pixels, max_pixels)
-    except ValueError as err:
-        raise ImageLoadError(f"unusable image {path}: {err}") from err
+    with _opened(path) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    h, w = _grid_size(path, rgb.height, rgb.width, min_pixels, max_pixels)
     return rgb if (h, w) == (rgb.height, rgb.width) else rgb.resize((w, h), Image.Resampling.BICUBIC)
