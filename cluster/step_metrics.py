@@ -14,16 +14,16 @@ def rollout_metrics(parts: list[RolloutSummary]) -> dict[str, float]:
         return {}
     lengths = [n for p in parts for n in p.lengths]
     spans = [s for p in parts for s in p.version_spans]  # > 0: continued under newer weights
+    filtered = sum(len(p.filtered) for p in parts)
     row = {
         "reward/mean": statistics.fmean(rewards),
         "reward/std": statistics.pstdev(rewards),
         "length/mean": statistics.fmean(lengths),
         "length/max": max(lengths),
         "length/truncated": sum(p.truncated for p in parts) / len(lengths),
-        "dropped/filtered": sum(len(p.filtered) for p in parts),
+        "dropped/filtered": filtered,
         # share of sampled groups dynamic sampling dropped (all rewards equal: no gradient)
-        "groups/filtered": sum(len(p.filtered) for p in parts)
-        / max(1, sum(len(p.filtered) + len(p.published) for p in parts)),
+        "groups/filtered": filtered / max(1, filtered + sum(len(p.published) for p in parts)),
         "rollout/partial_frac": sum(s > 0 for s in spans) / len(spans),
         "rollout/span_max": max(spans),
     }

@@ -142,8 +142,9 @@ def health_section(run: Run) -> str | None:
     if not rows:
         return None
     out = ["## Training health\n\n"]
-    window = ((run.config or {}).get("train") or {}).get("collapse_window", 10)
-    warnings = replay(run.rows, window=window if isinstance(window, int) and window >= 1 else 10)
+    window = ((run.config or {}).get("train") or {}).get("collapse_window")
+    # the run's own window; the default one for a config without it (or with a bad one)
+    warnings = replay(run.rows, **({"window": window} if isinstance(window, int) and window >= 1 else {}))
     flagged = sum(bool(r.get(ENTROPY_FLAG) or r.get(NO_SIGNAL_FLAG)) for r in run.rows)
     out += [f"- **collapse warning**: {md_cell(w)}\n" for w in warnings]
     if flagged:  # the run's own flags
