@@ -12,9 +12,10 @@ recovers. `clsrl report` replays the same watcher over metrics.jsonl (`replay`).
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from dataclasses import dataclass, field
+
+from rewards.parsing import extract_answer
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,10 @@ HELP = ("likely causes: a learning rate too high for the data, symmetric clippin
         "algorithm.beta > 0 (KL to the start) - see docs/defaults.md")
 
 
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
-
-
 def answer_key(text: str) -> str:
-    """What counts as one answer: the <answer> tag's content when there is one (thinking prompts), else the
-    whole text; case and surrounding white space ignored."""
-    m = _ANSWER.search(text)
-    return (m.group(1) if m else text).strip().lower()
+    """What counts as one answer: the graded part (rewards.parsing: the <answer> tag's content when there is
+    one, else the whole text); case and surrounding white space ignored."""
+    return extract_answer(text).strip().lower()
 
 
 def group_answer_shares(groups: list[tuple[list[str], list[float]]]) -> dict[str, float]:
