@@ -9,7 +9,7 @@ and cached, the sizes sharing files through hard links) trained on by `clsrl tra
 model with its processor at Qwen2-VL-2B's pixel settings (model.tiny.min/max_pixels 3136/12845056),
 data.max_pixels=401408 (936 patches an image), data.eval_limit=null (the step-0 eval covers the whole test
 split), two steps, no warm start. Measured from outside: the driver process's peak RSS (sampled every 0.1 s
-from /proc), start-up = launch until the step-0 eval begins (step 0's row time minus its time/eval: data
+with psutil), start-up = launch until the step-0 eval begins (step 0's row time minus its time/eval: data
 scan, model build, Ray, actors; "data ready" is its first part, launch until the driver's `data:` line), time
 to the first step = start-up plus step 1 (the eval excluded: it is the engines' work, reported as eval
 images/s). The run is stopped once step 1 is logged.
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import limits_common as lc
+import psutil
 
 CLASSES = ["apple", "boat", "cat", "dog", "house", "kite", "lamp", "tree"]
 TRAIN_IMAGES = 16
@@ -79,12 +80,9 @@ def data_set(root: Path, n: int) -> Path:
 
 def _rss_kb(pid: int) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+        return psutil.Process(pid).memory_info().rss // 1024
+    except psutil.NoSuchProcess:  # the run has ended
+        return 0
 
 
 def data_ready_s(run_dir: Path, launched: float) -> float | None:
