@@ -84,21 +84,21 @@ class LearnerActor:
             if left_ms <= 0:
                 raise TimeoutError(f"learner rank {self.rank}: {len(got)} of {n} rollout groups arrived in "
                                    f"the stream {self.buffer.stream!r} within {timeout_s:.0f}s")
-            fresh, drop, stale = [], [], []
-            for eid, g in self.buffer.take(n - len(got), block_ms=min(left_ms, 1000)):
+            taken = self.buffer.take(n - len(got), block_ms=min(left_ms, 1000))
+            # the first copy of a draw decides it, fresh or stale; a re-issued draw's second copy is dropped
+            firsts = self.buffer.claim([g.request.meta.get("draw", -1) for _, g in taken])
+            drop = [eid for (eid, _), first in zip(taken, firsts) if not first]
+            stale = []
+            for (eid, g), first in zip(taken, firsts):
+                if not first:
+                    continue
                 if version - g.version_span[0] <= max_staleness:  # from the oldest token (partial rollout)
-                    fresh.append((eid, g))
-                else:
-                    drop.append(eid)
-                    stale.append(g.request.meta.get("draw"))
-            firsts = self.buffer.claim([g.request.meta.get("draw", -1) for _, g in fresh])
-            for (eid, g), first in zip(fresh, firsts):  # not first: a re-issued request answered twice
-                if first:
                     got.append((eid, g))
                 else:
                     drop.append(eid)
+                    stale.append(g.request.meta.get("draw"))
             dropped["stale_draws"] += stale
-            dropped["duplicate"] += len(fresh) - sum(firsts)
+            dropped["duplicate"] += len(taken) - sum(firsts)
             if drop:
                 self.buffer.ack(drop)
                 # the driver issues replacements for stale slots (a duplicate's draw was trained already)

@@ -31,6 +31,7 @@ class DrawLedger:
         self.reissue: deque[Draw] = deque(reissue or [])
         self.held: dict[int, list[Draw]] = {}  # worker -> the chunk it is working on
         self.dead: set[int] = set()  # workers that died since the last weight-group re-form
+        self.again: set[int] = set()  # draws issued more than once (a dead worker's)
         self.filtered_in_a_row = 0
 
     def assign(self, version: int) -> list[tuple[int, list[Draw]]]:
@@ -56,8 +57,7 @@ class DrawLedger:
     def completed(self, worker: int, summary: RolloutSummary) -> None:
         """The worker's chunk is in the stream, except the groups dynamic sampling dropped at the source."""
         del self.held[worker]
-        self.settle(summary.filtered)
-        self.staleness.release(len(summary.filtered))  # their slots go to replacements
+        self.staleness.release(self.settle(summary.filtered, copies_ok=True))  # slots go to replacements
         if summary.published:
             self.filtered_in_a_row = 0
         else:
@@ -68,12 +68,14 @@ class DrawLedger:
                                f"reward and prompt, or set algorithm.dynamic_sampling=false")
 
     def died(self, worker: int) -> list[Draw]:
-        """The worker died mid-call: its chunk is queued to go out again; returns that chunk."""
-        draws = self.held.pop(worker)
+        """The worker died mid-call: the draws of its chunk not yet settled are queued to go out again
+        (those it got into the stream before dying may have been trained on already); returns them."""
+        draws = [(d, p) for d, p in self.held.pop(worker) if d in self.outstanding]
         self.staleness.release(len(draws))
         self.reissue.extend(draws)
         for draw, _ in draws:
-            self.outstanding.pop(draw, None)
+            del self.outstanding[draw]
+        self.again.update(d for d, _ in draws)
         self.dead.add(worker)
         return draws
 
@@ -83,16 +85,34 @@ class DrawLedger:
         self.dead.clear()
         return back
 
-    def settle(self, draws: list[int]) -> None:
-        """Draws that are done: trained on or dropped. A draw done twice is a bug worth stopping for."""
-        unknown = [d for d in draws if self.outstanding.pop(d, None) is None]
+    def settle(self, draws: list[int], copies_ok: bool = False) -> int:
+        """Draws that are done: trained on or dropped; returns how many were still open. A draw done twice
+        is a bug worth stopping for, except a second copy of a re-issued draw when `copies_ok` (dynamic
+        sampling dropped it at the source; the learners' claim keeps a second copy from being trained)."""
+        unknown, settled = [], 0
+        for d in draws:
+            queued = next((x for x in self.reissue if x[0] == d), None)
+            if self.outstanding.pop(d, None) is not None:
+                settled += 1
+            elif queued is not None:  # the dead worker's copy counted after all: no need to issue it again
+                self.reissue.remove(queued)
+                self.staleness.start(1)  # its slot was given back when the worker died
+                settled += 1
+            elif not (copies_ok and d in self.again):
+                unknown.append(d)
         if unknown:
             raise RuntimeError(f"draws {unknown[:5]} were trained on or dropped twice, or never issued")
+        return settled
 
     def forget_below(self) -> int:
-        """Smallest draw that may still arrive in the stream."""
+        """Smallest draw that may still arrive in the stream: open, queued, or held by a worker (a chunk
+        issued again may hold a draw whose first copy was trained already; its second copy must still meet
+        the learners' claim)."""
         live = list(self.outstanding) + [d for d, _ in self.reissue]
-        return min(live) if live else self.next_draw
+        live += [d for chunk in self.held.values() for d, _ in chunk]
+        low = min(live) if live else self.next_draw
+        self.again = {d for d in self.again if d >= low}
+        return low
 
     @property
     def busy(self) -> bool:

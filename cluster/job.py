@@ -19,13 +19,13 @@ from actors.reward_actor import RewardActor
 from actors.rollout_worker import RolloutWorker
 from cluster.checkpoint import (
     DriverState,
-    complete_tags,
     prune_checkpoints,
     read_checkpoint,
     tag_for,
     write_driver_state,
 )
 from cluster.draws import DrawLedger
+from cluster.learner_deaths import check_learners_alive, learner_results
 from cluster.nodes import check_storage, form_learner_group, placement_nodes, redis_host
 from cluster.placement import init_ray, release, reserve
 from cluster.scheduler import RolloutScheduler
@@ -55,17 +55,6 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "CLSRL_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
                          "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                          "TORCH_EXTENSIONS_DIR": extensions}}
-
-
-def _death(ref) -> ray.exceptions.RayActorError | None:
-    """Why the (finished) call `ref` failed, if it failed because its actor died."""
-    try:
-        ray.get(ref, timeout=0)
-    except ray.exceptions.RayActorError as err:
-        return err
-    except Exception:  # noqa: BLE001 - failed otherwise, or still running: not a death
-        return None
-    return None
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -286,25 +275,7 @@ class Job:
                 for a in self.learners]
 
     def finish_train(self, refs: list) -> list[LearnerStep] | list[SFTStep]:
-        try:
-            return ray.get(refs)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
-            # A dead rank's survivors fail too (their collective lost a peer) and may be the error ray.get
-            # raises: look at every rank to tell "a rank died" from a plain error.
-            deaths = {r: death for r, ref in enumerate(refs) if (death := _death(ref)) is not None}
-            if not deaths:
-                raise
-            why = next(iter(deaths.values()))
-            tags = complete_tags(self.ckpt_root)
-            if tags:
-                then = f"its last finished checkpoint is {self.ckpt_root / tags[-1]}: continue with --resume"
-            else:
-                then = (f"no checkpoint was finished yet under {self.ckpt_root} (train.save_every): start "
-                        f"the run again")
-            ranks = ", ".join(map(str, deaths))
-            reason = f"{type(why).__name__}: {str(why).splitlines()[0][:300]}"
-            raise RuntimeError(f"learner rank {ranks} died during the optimizer step ({reason}). The run "
-                               f"stops; {then}") from None
+        return learner_results(refs, "the optimizer step", self.ckpt_root)
 
     def sft_step(self, prompt_ids: list[str]) -> list[SFTStep]:
         """train.mode sft: one supervised step on these prompts' answers, in the task's answer format."""
@@ -335,12 +306,16 @@ class Job:
 
     def broadcast(self, version: int, rejoin: bool = False, attempts: int = 3) -> WeightUpdate:
         """The learners' weights into every engine (cluster/weight_push.py); engines then hold `version`."""
-        if self.cfg.rollout.colocate:
-            update = share_colocated(self.learners, self.rollout_workers, version)
-        else:
-            update, absent = broadcast_weights(self.cfg, self.learners, self.rollout_workers, version,
-                                               rejoin, attempts, self.absent, self.formed)
-            self._left_out(absent)
+        try:
+            if self.cfg.rollout.colocate:
+                update = share_colocated(self.learners, self.rollout_workers, version)
+            else:
+                update, absent = broadcast_weights(self.cfg, self.learners, self.rollout_workers, version,
+                                                   rejoin, attempts, self.absent, self.formed)
+                self._left_out(absent)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            check_learners_alive(self.learners, "the weight broadcast", self.ckpt_root)
+            raise
         self.state.policy_version = version
         return update
 
@@ -364,7 +339,8 @@ class Job:
         """Checkpoint learners + driver state (score: held-out accuracy at this step, for train.keep_best)."""
         tag = tag_for(step)
         start = time.perf_counter()
-        ray.get([a.save.remote(str(self.ckpt_root), tag, {"step": step}) for a in self.learners])
+        learner_results([a.save.remote(str(self.ckpt_root), tag, {"step": step}) for a in self.learners],
+                        "the checkpoint save", self.ckpt_root)
         self.state.step = step
         self.state.data_order = ledger.state_dict()
         self.state.score = score

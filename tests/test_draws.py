@@ -87,3 +87,51 @@ def test_state_dict_reissues_whatever_was_not_trained_and_forget_below_tracks_th
     assert state["next_draw"] == 4 and [tuple(x) for x in state["reissue"]] == chunks[1]
     resumed = _ledger(workers=2, next_draw=state["next_draw"], reissue=[tuple(x) for x in state["reissue"]])
     assert dict(resumed.assign(version=0))[0] == chunks[1]  # the same draws and prompts go out again
+
+
+def test_a_dead_workers_draws_trained_before_its_death_was_seen_are_not_issued_again():
+    # the worker got its groups into the stream and the learners trained them, then its node died before
+    # the call could return: only the draws still open go out again (a second copy would be trained twice
+    # once the claim filter forgot the first)
+    ledger = _ledger(workers=2, per_step=4)
+    chunks = dict(ledger.assign(version=0))
+    ledger.completed(0, _done(chunks[0]))
+    trained, lost = chunks[1][0], chunks[1][1]
+    ledger.settle([d for d, _ in chunks[0]] + [trained[0]])
+    assert ledger.died(1) == [lost]
+    started = ledger.staleness.started
+    assert ledger.assign(version=0) == [(0, [lost])]  # its slot only: the trained draw kept its own
+    assert ledger.staleness.started == started + 1 == 4
+    ledger.settle([lost[0]])
+    assert not ledger.outstanding and not ledger.reissue
+
+
+def test_a_queued_draw_whose_first_copy_is_trained_after_all_is_not_issued_again():
+    ledger = _ledger(workers=2, per_step=4)
+    ledger.assign(version=0)
+    lost = ledger.died(1)
+    ledger.settle([lost[0][0]])  # the dead worker's copy reached the stream and was trained
+    assert list(ledger.reissue) == lost[1:]
+    assert ledger.staleness.started == 3  # 2 live + the trained one; the queued one gave its slot back
+    with pytest.raises(RuntimeError, match="twice"):
+        ledger.settle([lost[0][0]])
+
+
+def test_forget_below_keeps_the_claims_of_draws_a_live_worker_still_holds_a_copy_of():
+    ledger = _ledger(workers=2, per_step=4, max_staleness=1)
+    chunks = dict(ledger.assign(version=0))  # 0: draws 0,1; 1: draws 2,3
+    lost = ledger.died(0)
+    ledger.completed(1, _done(chunks[1]))
+    ledger.settle([2, 3])
+    assert ledger.assign(version=0) == [(1, lost)]  # the copies go to worker 1
+    ledger.settle([d for d, _ in lost])  # the dead worker's own copies arrived first and were trained
+    assert not ledger.outstanding
+    # worker 1's copies may still reach the stream: the learners must still know draws 0 and 1 were taken
+    assert ledger.forget_below() == 0
+    # dynamic sampling may drop a second copy at the source: not an error, no slot given back twice
+    started = ledger.staleness.started
+    ledger.completed(1, _done(lost, filtered=[d for d, _ in lost]))
+    assert ledger.staleness.started == started
+    assert ledger.forget_below() == ledger.next_draw
+    with pytest.raises(RuntimeError, match="twice"):  # a draw never issued twice gets no such pass
+        ledger.settle([2], copies_ok=True)

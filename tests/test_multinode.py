@@ -127,8 +127,9 @@ def test_learner_node_lost_stops_with_the_named_error_and_resume_continues(tmp_p
         job.wait(timeout=400)
         out = (tmp_path / "job.out").read_text(errors="replace")
         assert job.returncode != 0, out[-3000:]
-        assert re.search(r"learner rank 1 died during the optimizer step .*continue with --resume", out), \
-            out[-3000:]
+        # n1 may die in any call the learners make together: the step, a checkpoint save, a broadcast
+        during = "(the optimizer step|the checkpoint save|the weight broadcast)"
+        assert re.search(rf"learner rank 1 died during {during} .*continue with --resume", out), out[-3000:]
         stopped_at = max(json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
                          if x.endswith("}"))
         # resume on the nodes left: learners no longer ask for learner_slot (the head has one), so both
