@@ -1,6 +1,7 @@
 """A learner rank that dies (its node lost, killed) stops the run with one named error, whatever the learners
 were doing: the optimizer step, a checkpoint save, a weight broadcast. The survivors fail too (their
-collective lost a peer) and their error may be the one ray.get raises first, so every rank is looked at."""
+collective lost a peer) and their error may be the one ray.get raises first, so every rank is looked at, after
+waiting for Ray to mark a lost node's actors dead (its health check takes seconds to tens of seconds)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,8 @@ from pathlib import Path
 import ray
 
 from cluster.checkpoint import complete_tags
+
+DEATH_NOTICE_S = 60.0  # how long a lost node's actors may take to be reported dead
 
 
 def _death(ref) -> ray.exceptions.RayActorError | None:
@@ -41,18 +44,20 @@ def learner_death(deaths: dict[int, BaseException], during: str, ckpt_root: Path
     return RuntimeError(f"learner rank {ranks} died during {during} ({reason}). The run stops; {then}")
 
 
-def learner_results(refs: list, during: str, ckpt_root: Path) -> list:
+def learner_results(refs: list, during: str, ckpt_root: Path, notice_s: float = DEATH_NOTICE_S) -> list:
     """ray.get of one call per learner rank; a rank's death becomes learner_death's error."""
     try:
         return ray.get(refs)
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+        ray.wait(refs, num_returns=len(refs), timeout=notice_s)  # a dead peer's call fails once Ray knows
         deaths = {r: death for r, ref in enumerate(refs) if (death := _death(ref)) is not None}
         if not deaths:
             raise
         raise learner_death(deaths, during, ckpt_root) from None
 
 
-def check_learners_alive(learners: list, during: str, ckpt_root: Path, timeout_s: float = 10.0) -> None:
+def check_learners_alive(learners: list, during: str, ckpt_root: Path,
+                         timeout_s: float = DEATH_NOTICE_S) -> None:
     """After a failure the learners took part in through other actors (a broadcast): a dead rank is the
     cause worth naming, so raise learner_death's error; a live group returns and the caller re-raises."""
     deaths = _probe(learners, timeout_s)
