@@ -107,28 +107,30 @@ def check_nccl_broadcast() -> dict:
 
 
 def check_deepspeed() -> dict:
-    import importlib.util
-
     import deepspeed
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from learner.kernels import adam_params, attention
+    from protocol.components import LearnerConfig
     from vlm.inputs import build_sequence_batch
     from vlm.processor import load_processor
 
     data, model_dir = _tiny()
-    attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    attn = attention(LearnerConfig(), cuda=True, bf16=True)  # the learner's own choice: auto
+    adam = adam_params(LearnerConfig(), cuda=True)
     processor = load_processor(model_dir)
     prompts = [r.inputs for r in _requests(processor, data, 4)]
-    out = {"attention": attn}
+    out = {"attention": attn, "adam": "torch AdamW (fused)" if adam["torch_adam"] else "DeepSpeed FusedAdam"}
     for stage in (2, 3):
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                             attn_implementation=attn)
         ds_cfg = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
                   "zero_optimization": {"stage": stage},
-                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, **adam}}}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
-        batch = build_sequence_batch(prompts, [[1, 2, 3]] * 4, 0, model.config.image_token_id)
+        batch = build_sequence_batch(prompts, [[1, 2, 3]] * 4, 0, model.config.image_token_id,
+                                     processor.image_processor)
         kwargs = {k: v.to(engine.device) for k, v in batch.model_kwargs().items()}
         start = time.perf_counter()
         loss = engine(**kwargs).logits.float().logsumexp(-1).mean()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from learner.kernels import adam_params, attention
 from learner.objective import grpo_objective, pad_rows, sft_objective
 from protocol.components import GRPOConfig, LearnerConfig
 from vlm.inputs import build_sequence_batch, vision_token_ids
@@ -31,7 +32,7 @@ def lr_lambda(cfg: LearnerConfig, total_steps: int):
     return factor
 
 
-def deepspeed_config(cfg: LearnerConfig, grad_accum: int, world_size: int, bf16: bool) -> dict:
+def deepspeed_config(cfg: LearnerConfig, grad_accum: int, world_size: int, bf16: bool, cuda: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -39,7 +40,7 @@ def deepspeed_config(cfg: LearnerConfig, grad_accum: int, world_size: int, bf16:
         "gradient_clipping": cfg.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
-            "torch_adam": not torch.cuda.is_available()}},  # the CPU fused Adam needs a 1-2 min op build
+            **adam_params(cfg, cuda)}},
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
@@ -72,7 +73,8 @@ class LearnerWorker:
             raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple "
                              f"of learner.micro_batch_size={cfg.micro_batch_size}")
         self.grad_accum = samples_per_rank // cfg.micro_batch_size
-        ds_config = deepspeed_config(cfg, self.grad_accum, world_size, self.bf16)
+        ds_config = deepspeed_config(cfg, self.grad_accum, world_size, self.bf16, cuda)
+        self.attn = attention(cfg, cuda, self.bf16)
         # ZeRO-3: while this object lives, transformers builds models under deepspeed.zero.Init, so a rank
         # materialises only its shard of each parameter, never the whole fp32 model (nor the reference)
         self._zero3_init = None
@@ -81,6 +83,7 @@ class LearnerWorker:
 
             self._zero3_init = HfDeepSpeedConfig(ds_config)
         model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32,
+                                                            attn_implementation=self.attn,
                                                             trust_remote_code=trust_remote_code)
         if cfg.freeze_vision:
             model.model.visual.requires_grad_(False)
@@ -93,7 +96,7 @@ class LearnerWorker:
         if algo.beta > 0:  # the frozen reference exists only when the KL term does
             ref = AutoModelForImageTextToText.from_pretrained(
                 model_path, dtype=torch.bfloat16 if self.bf16 else torch.float32,
-                trust_remote_code=trust_remote_code)
+                attn_implementation=self.attn, trust_remote_code=trust_remote_code)
             ref.requires_grad_(False).eval()
             if cfg.zero_stage == 3:  # sharded like the policy: a ZeRO-3 engine with no optimizer
                 unused = ("optimizer", "gradient_clipping")
@@ -206,6 +209,11 @@ class LearnerWorker:
     def load_checkpoint(self, ckpt_dir: str, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
         return client_state or {}
+
+    def kernels(self) -> dict[str, str]:
+        """The attention kernel the policy runs and the optimizer DeepSpeed built (learner/kernels.py)."""
+        return {"attention": self.engine.module.config._attn_implementation,
+                "optimizer": type(self.engine.basic_optimizer).__qualname__}
 
     def held_parameters(self) -> dict[str, int]:
         """Parameter elements this rank holds (its ZeRO-3 shards, else whole tensors), policy and reference,

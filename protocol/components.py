@@ -18,6 +18,10 @@ LRSchedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]  # auto = bf16 on GPU, fp32 on CPU
 AppendFsync = Literal["always", "everysec", "no"]
 RedisListen = Literal["auto", "loopback", "cluster"]
+# auto = flash-attention 2 on CUDA in bf16 when installed, else sdpa (learner/kernels.py)
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+# auto = DeepSpeed's FusedAdam on CUDA when prebuilt or nvcc is there, else torch's AdamW (fused on CUDA)
+Optimizer = Literal["auto", "torch", "deepspeed"]
 WeightSyncBackend = Literal["auto", "gloo", "nccl"]  # auto = nccl when CUDA is available, else gloo
 
 ADV_SCALES: tuple[str, ...] = get_args(AdvantageScale)
@@ -114,6 +118,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     freeze_vision: bool = False  # train the language model only; only trainable weights are then synced
     precision: Precision = "auto"
+    attn_implementation: AttnImplementation = "auto"
+    optimizer: Optimizer = "auto"
     collective_timeout_s: float = 600.0  # a dead rank fails the step with an error instead of a 30-min hang
 
     def __post_init__(self) -> None:

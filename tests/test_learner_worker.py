@@ -38,10 +38,14 @@ def test_two_rank_train_step(ray_local, tiny_model_dir, tiny_policy, shapes_data
     ray = ray_local
     Worker = ray.remote(num_cpus=1)(LearnerWorker)
     port = _free_port()
-    cfg = LearnerConfig(zero_stage=stage, micro_batch_size=4, lr=1e-3)
+    # learner.attn_implementation reaches the model: sdpa (auto on CPU) for ZeRO-2, eager for ZeRO-3
+    attn = "auto" if stage == 2 else "eager"
+    cfg = LearnerConfig(zero_stage=stage, micro_batch_size=4, lr=1e-3, attn_implementation=attn)
     workers = [Worker.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, GRPOConfig(beta=beta),
                              samples_per_rank=8, total_steps=3) for r in range(2)]
     try:
+        assert ray.get(workers[0].kernels.remote()) == {"attention": "sdpa" if stage == 2 else "eager",
+                                                        "optimizer": "AdamW"}  # torch's: no op build on CPU
         held = ray.get([w.held_parameters.remote() for w in workers])
         for h in held:  # ZeRO-3 (built under zero.Init): each rank holds about half of each model, never all
             share = h["policy"] / h["policy_total"], h["reference"] / h["reference_total"]

@@ -95,9 +95,9 @@ def _literal_keys(cls=ExperimentConfig, prefix=""):
 def test_every_fixed_choice_key_is_a_literal():
     assert set(_literal_keys()) == {
         "model.tiny.kind", "data.format", "data.classes", "task.prompt", "algorithm.advantage_scale", "algorithm.kl",
-        "algorithm.loss_agg", "algorithm.off_policy", "learner.lr_schedule", "learner.precision", "rollout.engine",
-        "rollout.dtype", "cluster.strategy", "redis.appendfsync", "redis.listen", "weight_sync.backend",
-        "train.mode"}
+        "algorithm.loss_agg", "algorithm.off_policy", "learner.lr_schedule", "learner.precision",
+        "learner.attn_implementation", "learner.optimizer", "rollout.engine", "rollout.dtype", "cluster.strategy",
+        "redis.appendfsync", "redis.listen", "weight_sync.backend", "train.mode"}
 
 
 @pytest.mark.parametrize("key", sorted(_literal_keys()))
