@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 
 from protocol.components import WeightSyncConfig
 from tests.weight_sync_data import FAST, HOST, bits, make_weights, sent
-from weights.group import Packer, WeightSyncError, check_header, resolve_backend
+from weights.group import Packer, WeightSyncError, check_header, connected, resolve_backend
 from weights.receiver import WeightReceiver
 from weights.sender import WeightSender
 
@@ -117,3 +118,30 @@ def test_empty_broadcast_and_misfit_receiver():
     with WeightSender(HOST, 0, 2, FAST, connect=False) as sender:
         with pytest.raises(WeightSyncError, match="expects world 4"):
             WeightReceiver(HOST, sender.port, 1, 3, FAST, "wrong-size")
+
+
+class _LazyBackendStandIn:
+    """Stands in for a GPU-only ProcessGroupNCCL whose peer was lost between joining and the first
+    collective: constructing it returned at once, its first collective never completes."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def broadcast(self, tensor, root):
+        return self
+
+    def is_completed(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_forming_a_group_runs_one_collective_within_the_deadline_lazy_nccl_stand_in():
+    # on NCCL the rendezvous happens in the first collective; formation must include it, within its deadline
+    pg = _LazyBackendStandIn()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        connected(pg, "gloo", timeout_s=0.5)
+    assert 0.5 <= time.monotonic() - start < 5 and pg.aborted
+

@@ -64,7 +64,8 @@ def backend_device(backend: str) -> torch.device:
 
 
 def new_backend(host: str, port: int, rank: int, world: int, backend: str, timeout_s: float):
-    """The collective backend; blocks until every rank has constructed its own (or the timeout).
+    """The collective backend, connected: returns once every rank has joined and one collective went through
+    (or raises at the timeout).
 
     It gets its own store connection: a TCPStore client serialises its calls, so a backend thread waiting on
     a key (NCCL's lazy init, its watchdog) would otherwise stall our polling, and vice versa.
@@ -75,7 +76,7 @@ def new_backend(host: str, port: int, rank: int, world: int, backend: str, timeo
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = gloo_devices(host)
         opts._timeout = timedelta(seconds=timeout_s)
-        return dist.ProcessGroupGloo(store, rank, world, opts)
+        return connected(dist.ProcessGroupGloo(store, rank, world, opts), backend, timeout_s)
     if backend == "nccl":
         bind_collectives(route_source(host))  # NCCL_SOCKET_IFNAME, unless the user set it
         nccl = getattr(dist, "ProcessGroupNCCL", None)
@@ -85,8 +86,21 @@ def new_backend(host: str, port: int, rank: int, world: int, backend: str, timeo
         # We time every collective ourselves and abort() on our deadline; NCCL's own watchdog (which by
         # default tears the process down) is only a backstop, so it gets a longer fuse than ours.
         opts._timeout = timedelta(seconds=timeout_s + 60)
-        return nccl(store, rank, world, opts)
+        return connected(nccl(store, rank, world, opts), backend, timeout_s)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def connected(pg, backend: str, timeout_s: float):
+    """One 1-element broadcast from rank 0 before the group counts as formed. NCCL builds its communicators
+    lazily, inside the first collective: without this the rendezvous would happen in the first weight
+    broadcast, outside the formation deadline, and an engine lost in between would hang rank 0 there."""
+    probe = torch.zeros(1, device=backend_device(backend))
+    try:
+        wait_work(pg.broadcast(probe, 0), time.monotonic() + timeout_s)
+    except Exception:
+        abort_backend(pg)
+        raise
+    return pg
 
 
 def abort_backend(pg) -> None:
@@ -109,6 +123,10 @@ def release_backend(box: list, failed: bool) -> None:
         box.clear()
         return
     if not failed:
+        try:
+            box[0].shutdown()  # NCCL: frees its communicators now, not whenever the object is collected
+        except Exception:  # noqa: BLE001 - best effort; the object is dropped either way
+            pass
         box.clear()
         return
     abort_backend(box[0])
