@@ -84,3 +84,19 @@ def test_clsrl_train_with_vllm_and_images_asynchronous(ray_local, tmp_path, monk
                               "rollout.prompts_per_call=2")
     _check(result, rows, seen, 3)
     assert max(r["staleness/max"] for r in rows[1:]) <= 1
+
+
+@pytest.mark.slow
+def test_clsrl_eval_with_vllm_gives_the_hf_engines_greedy_answers(ray_local, tmp_path):
+    from commands.evaluation import run_eval
+
+    results = {}
+    for engine in ("vllm", "hf"):
+        cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, VLLM_LOOP + [f"rollout.engine={engine}"])
+        results[engine] = run_eval(cfg, tmp_path / engine)
+    answers = {e: [(a["prompt_id"], a["text"]) for r in results[e]["datasets"].values() for a in r["answers"]]
+               for e in results}
+    assert len(answers["vllm"]) == 8  # data.eval_limit
+    assert answers["vllm"] == answers["hf"]
+    assert results["vllm"]["mean_accuracy"] == results["hf"]["mean_accuracy"]
+    assert "| **mean** |" in (tmp_path / "vllm" / "eval.md").read_text()
