@@ -68,6 +68,8 @@ class LearnerActor:
         self.algo = algo
         self.worker = LearnerWorker(self.rank, self.world_size, master_addr, master_port, model_path, cfg,
                                     algo, samples_per_rank, total_steps, trust_remote_code)
+        if torch.cuda.is_available():  # loading's scratch blocks: free before a colocated engine measures
+            torch.cuda.empty_cache()
         # a stable consumer name: a restarted rank finds its own unacked entries again
         self.buffer = RolloutBuffer.from_config(redis_cfg, redis_url, consumer=f"learner-{self.rank}")
         self.buffer.ensure_group()
@@ -197,6 +199,8 @@ class LearnerActor:
         # sending only the trainable ones would wake it with a garbage vision tower
         params = self.worker.sync_parameters(trainable_only=False)
         handles, self.shared = share(params)
+        if torch.cuda.is_available():  # the engine wakes next: the step's freed blocks go back to it
+            torch.cuda.empty_cache()
         return handles, sum(t.numel() * t.element_size() for t in self.shared)
 
     def release_shared(self) -> None:

@@ -173,25 +173,8 @@ class Job:
         rewards = {name: t.rewards for name, t in self.tasks.items()}
         self.reward_actors = [Reward.options(**p.options("reward", i)).remote(terms_by_dataset=rewards)
                               for i in range(cfg.cluster.reward_actors)]
-        # no task retries: the scheduler re-issues a dead worker's prompts, the learners drop duplicates
-        Rollout = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)
-        concurrency = 2 if cfg.rollout.partial_rollout else 1  # partial: receive_weights beside rollout()
-        self.rollout_workers = [
-            Rollout.options(max_concurrency=concurrency, **p.options("rollout", i)).remote(
-                rank=i,
-                model_path=self.model_path,
-                sampling=cfg.sampling,
-                rollout=cfg.rollout,
-                redis_url=self.redis_url,
-                redis_cfg=cfg.redis,
-                reward_actors=self.reward_actors,
-                correct_reward={name: t.correct_reward for name, t in self.tasks.items()},
-                trust_remote_code=cfg.model.trust_remote_code,
-                drop_equal_groups=cfg.algorithm.dynamic_sampling,
-                seed=cfg.train.seed,
-            )
-            for i in range(cfg.cluster.rollout_workers)
-        ]
+        if not cfg.rollout.colocate:
+            self._start_rollout_workers()  # engines load beside the learners
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks
         self.learners = [Learner.options(**p.options("learner", r)).remote(rank=r, world_size=n)
@@ -213,15 +196,46 @@ class Job:
             ): f"learner rank {r}"
             for r, a in enumerate(self.learners)
         }
-        starting.update({w.info.remote(): f"rollout worker {i}" for i, w in enumerate(self.rollout_workers)})
         starting.update({a.ping.remote(): f"reward actor {i}" for i, a in enumerate(self.reward_actors)})
-        timeout = cfg.cluster.ready_timeout_s
+        if cfg.rollout.colocate:
+            # engines start once the learners hold their GPU memory: vLLM sizes its cache from the free
+            # memory it measures at start, which a learner still loading would change under it
+            self._await_started(starting)
+            starting = {}
+            self._start_rollout_workers()
+        starting.update({w.info.remote(): f"rollout worker {i}" for i, w in enumerate(self.rollout_workers)})
+        self._await_started(starting)
+
+    def _await_started(self, starting: dict) -> None:
+        timeout = self.cfg.cluster.ready_timeout_s
         ready, late = ray.wait(list(starting), num_returns=len(starting), timeout=timeout)
         ray.get(ready)  # an actor that failed to start raises here with its own traceback
         if late:
             raise TimeoutError(f"not started within cluster.ready_timeout_s={timeout:.0f}s: "
                                f"{', '.join(starting[r] for r in late)} (see the Ray logs under "
                                f"/tmp/ray/session_latest/logs)")
+
+    def _start_rollout_workers(self) -> None:
+        cfg, p = self.cfg, self.placement
+        # no task retries: the scheduler re-issues a dead worker's prompts, the learners drop duplicates
+        Rollout = ray.remote(max_restarts=-1, max_task_retries=0)(RolloutWorker)
+        concurrency = 2 if cfg.rollout.partial_rollout else 1  # partial: receive_weights beside rollout()
+        self.rollout_workers = [
+            Rollout.options(max_concurrency=concurrency, **p.options("rollout", i)).remote(
+                rank=i,
+                model_path=self.model_path,
+                sampling=cfg.sampling,
+                rollout=cfg.rollout,
+                redis_url=self.redis_url,
+                redis_cfg=cfg.redis,
+                reward_actors=self.reward_actors,
+                correct_reward={name: t.correct_reward for name, t in self.tasks.items()},
+                trust_remote_code=cfg.model.trust_remote_code,
+                drop_equal_groups=cfg.algorithm.dynamic_sampling,
+                seed=cfg.train.seed,
+            )
+            for i in range(cfg.cluster.rollout_workers)
+        ]
 
     def _check_storage(self) -> None:
         """Every node hosting an actor reads the model, run dir and cache; learner nodes write the run dir.

@@ -39,10 +39,25 @@ def test_colocated_run_keeps_engines_equal_to_their_learner_after_every_step(ray
     def no_weight_group(job: Job) -> None:
         raise AssertionError("a colocated run must not form the broadcast group")
 
+    events, await_started, start_rollout = [], Job._await_started, Job._start_rollout_workers
+
+    def awaited(job: Job, starting: dict) -> None:
+        await_started(job, starting)
+        events.append(sorted(label.rsplit(" ", 1)[0] for label in starting.values()))
+
+    def started_rollout(job: Job) -> None:
+        events.append("rollout workers created")
+        start_rollout(job)
+
+    monkeypatch.setattr(Job, "_await_started", awaited)
+    monkeypatch.setattr(Job, "_start_rollout_workers", started_rollout)
     monkeypatch.setattr(cluster.job, "share_colocated", checked)
     monkeypatch.setattr(Job, "form_weight_group", no_weight_group)
     monkeypatch.setattr(Job, "sleep_engines", counted_sleep)
     train(cfg, tmp_path)
+    # engines are created only once the learners on their GPUs are up (vLLM measures free memory at start)
+    assert events == [["learner rank", "learner rank", "reward actor"], "rollout workers created",
+                      ["rollout worker", "rollout worker"]], events
     assert checks == [(v, [True, True], [v, v]) for v in range(4)]  # the start, then after each of 3 steps
     assert slept == [0, 1, 2]  # once a step, after its samples were in (a later rollout would have raised: asleep)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
