@@ -21,8 +21,10 @@ def test_colocated_run_keeps_engines_equal_to_their_learner_after_every_step(ray
     cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, [
         "rollout.colocate=true", "train.steps=3", "train.warm_start_steps=0", "train.prompts_per_step=4",
         "train.eval_every=0", "train.save_every=0", "data.eval_limit=4", "sampling.n=4", "learner.micro_batch_size=4",
-        "algorithm.dynamic_sampling=false"])  # no warm start: every group all wrong, nothing to keep
-    checks, share, sleep, slept = [], cluster.job.share_colocated, Job.sleep_engines, []
+        "algorithm.dynamic_sampling=false",  # no warm start: every group all wrong, nothing to keep
+        # frozen vision tower: still sent every time (a GPU engine's level-2 sleep drops all its weights)
+        "learner.freeze_vision=true"])
+    checks, share, sleep, slept, sent = [], cluster.job.share_colocated, Job.sleep_engines, [], []
 
     def checked(learner_actors: list, workers: list, version: int):
         stats = share(learner_actors, workers, version)
@@ -30,6 +32,7 @@ def test_colocated_run_keeps_engines_equal_to_their_learner_after_every_step(ray
         engines = ray.get([w.checksums.remote() for w in workers])
         infos = ray.get([w.info.remote() for w in workers])
         checks.append((version, [e == learners[0] for e in engines], [i["policy_version"] for i in infos]))
+        sent.append((stats.tensors, len(learners[0])))
         return stats
 
     def counted_sleep(job: Job) -> None:
@@ -59,6 +62,7 @@ def test_colocated_run_keeps_engines_equal_to_their_learner_after_every_step(ray
     assert events == [["learner rank", "learner rank", "reward actor"], "rollout workers created",
                       ["rollout worker", "rollout worker"]], events
     assert checks == [(v, [True, True], [v, v]) for v in range(4)]  # the start, then after each of 3 steps
+    assert all(n == every for n, every in sent) and len(sent) == 4, sent  # every weight, frozen ones too
     assert slept == [0, 1, 2]  # once a step, after its samples were in (a later rollout would have raised: asleep)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
