@@ -91,10 +91,11 @@ class DrawLedger:
         sampling dropped it at the source; the learners' claim keeps a second copy from being trained)."""
         unknown, settled = [], 0
         for d in draws:
-            queued = next((x for x in self.reissue if x[0] == d), None)
             if self.outstanding.pop(d, None) is not None:
                 settled += 1
-            elif queued is not None:  # the dead worker's copy counted after all: no need to issue it again
+                continue
+            queued = next((x for x in self.reissue if x[0] == d), None)
+            if queued is not None:  # the dead worker's copy counted after all: no need to issue it again
                 self.reissue.remove(queued)
                 self.staleness.start(1)  # its slot was given back when the worker died
                 settled += 1
@@ -107,7 +108,7 @@ class DrawLedger:
     def forget_below(self) -> int:
         """Smallest draw that may still arrive in the stream: open, queued, or held by a worker (a chunk
         issued again may hold a draw whose first copy was trained already; its second copy must still meet
-        the learners' claim)."""
+        the learners' claim). Re-issued draws below it are forgotten too: no copy of them is left to come."""
         live = list(self.outstanding) + [d for d, _ in self.reissue]
         live += [d for chunk in self.held.values() for d, _ in chunk]
         low = min(live) if live else self.next_draw

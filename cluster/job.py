@@ -133,7 +133,8 @@ class Job:
         self._check_storage()
         self._start_actors()
         if resume_tag:
-            ray.get([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners])
+            learner_results([a.load.remote(str(self.ckpt_root), resume_tag) for a in self.learners],
+                            "loading the checkpoint", self.ckpt_root)
             epochs = ", ".join(f"{name} {e:.2f}" for name, e in self.order.epochs().items())
             announce(f"resumed from {self.ckpt_root / resume_tag}: step {self.state.step}, "
                      f"policy version {self.state.policy_version}, epochs done: {epochs}")

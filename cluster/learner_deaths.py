@@ -1,5 +1,5 @@
 """A learner rank that dies (its node lost, killed) stops the run with one named error, whatever the learners
-were doing: the optimizer step, a checkpoint save, a weight broadcast. The survivors fail too (their
+were doing: the optimizer step, a checkpoint save or load, a weight broadcast. The survivors fail too (their
 collective lost a peer) and their error may be the one ray.get raises first, so every rank is looked at, after
 waiting for Ray to mark a lost node's actors dead (its health check takes seconds to tens of seconds)."""
 from __future__ import annotations
