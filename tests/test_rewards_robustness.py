@@ -1,4 +1,4 @@
-"""Adversarial inputs (time bounds: must not be quadratic) and hypothesis property tests
+"""Adversarial inputs (cost must grow at most linearly with their size) and hypothesis property tests
 (every reward: right length, floats in range, never raises, on any text)."""
 
 from __future__ import annotations
@@ -52,54 +52,72 @@ def test_solution_table_covers_every_reward():
 # --- adversarial inputs ----------------------------------------------------------------------
 
 _PROSE = "the bird has a red crest and long tail feathers, so it could be a cardinal. "
+# case -> (head, repeated unit, repeats, tail): the text is head + unit * repeats + tail
 ADVERSARIAL = {
-    "answer_x20k": "<answer>" * 20_000,
-    "answer_pairs_x20k": "<answer></answer>" * 20_000,
-    "paren_1mb": "(" * MB,
-    "think_closed_1mb": "<think>" + (_PROSE * (MB // len(_PROSE))) + "</think><answer>cardinal</answer>",
-    "think_unclosed_1mb": "<think>" + (_PROSE * (MB // len(_PROSE))),
-    "think_x50k": "<think>" * 50_000,
-    "think_close_x50k": "<think>" + "</think>" * 50_000 + "</answer>",
-    "think_close_ws_x50k": "<think>" + "</think>   \n" * 50_000 + "<answer" + "</answer>",
-    "bracket_1mb": "[" * MB,
-    "brace_1mb": "{" * MB,
-    "position_repeat": "'Position': [" * (MB // 13),
-    "det_prefix_repeat": "<answer>[{'Position': [" * (MB // 23),
-    "digits_1mb": "1" * MB,
-    "digits_in_answer": "<answer>[" + "9" * MB + ", 1, 2, 3]</answer>",
-    "square_pairs": "[]" * (MB // 2),
-    "box_fragments": "[1, 2, 3," * (MB // 9),
-    "point_fragments": "(1,2),(" * (MB // 7),
-    "quote_1mb": "<answer>['" + "x" * MB,
-    "whitespace_1mb": " \n\t" * (MB // 3),
-    "underscores_1mb": "_" * MB,
-    "nul_and_controls": ("\x00\x01\x1b[0m\x7f\ud7ff\U0001f600" * (MB // 7)),
-    "valid_det_repeat": "<answer>[" + "{'Position': [1, 2, 30, 40], 'Confidence': 0.5}, " * 1300,
+    "answer_x20k": ("", "<answer>", 20_000, ""),
+    "answer_pairs_x20k": ("", "<answer></answer>", 20_000, ""),
+    "paren_1mb": ("", "(", MB, ""),
+    "think_closed_1mb": ("<think>", _PROSE, MB // len(_PROSE), "</think><answer>cardinal</answer>"),
+    "think_unclosed_1mb": ("<think>", _PROSE, MB // len(_PROSE), ""),
+    "think_x50k": ("", "<think>", 50_000, ""),
+    "think_close_x50k": ("<think>", "</think>", 50_000, "</answer>"),
+    "think_close_ws_x50k": ("<think>", "</think>   \n", 50_000, "<answer</answer>"),
+    "bracket_1mb": ("", "[", MB, ""),
+    "brace_1mb": ("", "{", MB, ""),
+    "position_repeat": ("", "'Position': [", MB // 13, ""),
+    "det_prefix_repeat": ("", "<answer>[{'Position': [", MB // 23, ""),
+    "digits_1mb": ("", "1", MB, ""),
+    "digits_in_answer": ("<answer>[", "9", MB, ", 1, 2, 3]</answer>"),
+    "square_pairs": ("", "[]", MB // 2, ""),
+    "box_fragments": ("", "[1, 2, 3,", MB // 9, ""),
+    "point_fragments": ("", "(1,2),(", MB // 7, ""),
+    "quote_1mb": ("<answer>['", "x", MB, ""),
+    "whitespace_1mb": ("", " \n\t", MB // 3, ""),
+    "underscores_1mb": ("", "_", MB, ""),
+    "nul_and_controls": ("", "\x00\x01\x1b[0m\x7f\ud7ff\U0001f600", MB // 7, ""),
+    "valid_det_repeat": ("<answer>[", "{'Position': [1, 2, 30, 40], 'Confidence': 0.5}, ", 1300, ""),
 }
-TIME_LIMIT_S = 0.5  # per reward per case; real cost is a few ms (see bench/bench_rewards.py)
+
+
+def adversarial(case: str, scale: float = 1.0) -> str:
+    head, unit, repeats, tail = ADVERSARIAL[case]
+    return head + unit * max(1, int(repeats * scale)) + tail
+
+
+def _cost(key: str, text: str) -> float:
+    """Seconds of one call, the least of three (a scheduler or GC pause is not the reward's cost)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run(key, [text])
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# Growth, not speed (speed is bench/bench_rewards.py's): a quarter of the input against all of it must cost at
+# most 8x (linear: 4x; quadratic: 16x), beyond a 50 ms floor under which nothing matters at these sizes.
+GROWTH, FLOOR_S = 8.0, 0.05
 
 
 @pytest.mark.parametrize("case", sorted(ADVERSARIAL))
-def test_adversarial_inputs_are_fast_and_safe(case):
-    text = ADVERSARIAL[case]
-    slow = []
+def test_adversarial_inputs_cost_at_most_linear_time_and_are_safe(case):
+    quarter, whole = adversarial(case, 0.25), adversarial(case)
+    superlinear = []
     for key in REWARDS:
-        t0 = time.perf_counter()
-        run(key, [text])
-        dt = time.perf_counter() - t0
-        if dt > TIME_LIMIT_S:
-            slow.append((key, round(dt, 3)))
-    assert not slow, f"{case}: {slow}"
+        small, big = _cost(key, quarter), _cost(key, whole)
+        if big > GROWTH * small + FLOOR_S:
+            superlinear.append((key, round(small, 4), round(big, 4)))
+    assert not superlinear, f"{case}: (reward, quarter s, whole s) {superlinear}"
 
 
 def test_adversarial_scores_are_sane():
     # A well-formed answer after a megabyte of thinking is still graded.
-    assert run("cls_accuracy", [ADVERSARIAL["think_closed_1mb"]]) == [0.0]
+    assert run("cls_accuracy", [adversarial("think_closed_1mb")]) == [0.0]
     text = "<think>" + "x " * MB + "</think>\n<answer>Golden_Retriever</answer>"
     assert run("cls_accuracy", [text]) == [1.0]
     assert run("format", [text]) == [1.0]
-    assert run("det_iou", [ADVERSARIAL["bracket_1mb"]]) == [0.0]
-    assert run("grounding_giou", [ADVERSARIAL["paren_1mb"]]) == [0.0]
+    assert run("det_iou", [adversarial("bracket_1mb")]) == [0.0]
+    assert run("grounding_giou", [adversarial("paren_1mb")]) == [0.0]
 
 
 # --- property tests ---------------------------------------------------------------------------
