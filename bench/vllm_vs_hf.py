@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
+    import torch
+
     from actors.hf_engine import HFEngine
     from actors.vllm_adapter import LLMOptions
     from actors.vllm_engine import VLLMEngine
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"prompts": len(requests), "n": args.n, "max_new_tokens": args.max_new_tokens,
               "hf_tokens_per_s": round(hf_rate, 1), "vllm_tokens_per_s": round(vllm_rate, 1),
               "speedup": round(vllm_rate / hf_rate, 2), "hf_tokens": hf_tokens, "vllm_tokens": vllm_tokens,
-              "vllm_startup_s": round(startup, 1), "threads": __import__("torch").get_num_threads()}
+              "vllm_startup_s": round(startup, 1), "threads": torch.get_num_threads()}
     print("| engine | completion tokens/s | tokens in last call |\n|---|---|---|")
     print(f"| HF generate | {hf_rate:.1f} | {hf_tokens} |\n| vLLM (CPU build) | {vllm_rate:.1f} | {vllm_tokens} |")
     print(result)

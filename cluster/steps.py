@@ -32,10 +32,10 @@ def evaluate(job: Job, step: int) -> dict[str, float]:
 
 
 def last_accuracy(steps, row: dict) -> str:
-    """The progress bar's accuracy: the latest eval's, kept between evals."""
+    """The progress bar's accuracy: the latest eval's, kept between evals (in steps.shown_accuracy)."""
     if "eval/accuracy" in row:
         steps.shown_accuracy = f"{row['eval/accuracy']:.3f}"
-    return getattr(steps, "shown_accuracy", "-")
+    return steps.shown_accuracy
 
 
 class GRPOSteps:
@@ -48,6 +48,7 @@ class GRPOSteps:
         self.colocate = job.cfg.rollout.colocate
         self.staleness: Counter[int] = Counter()  # trained groups by policy versions behind
         self.trained: list[LearnerStep] = []  # this step's, for the exactly-once audit (trained.jsonl)
+        self.shown_accuracy = "-"  # the progress bar's, until the first eval
 
     def run(self, step: int) -> dict[str, float]:
         timer = StageTimer()
@@ -107,6 +108,7 @@ class SFTSteps:
         self.job = job
         self.ledger: DrawLedger = job.ledger()  # carries the data order into checkpoints
         self.staleness: Counter[int] = Counter()
+        self.shown_accuracy = "-"  # the progress bar's, until the first eval
 
     def run(self, step: int) -> dict[str, float]:
         timer = StageTimer()
