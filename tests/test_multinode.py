@@ -19,7 +19,8 @@ import pytest
 from fault_kit import BASE
 from netns_cluster import REPO, Node, available, netns_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available()))]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(available() is not None, reason=str(available())),
+              pytest.mark.xdist_group("netns")]  # one netns cluster at a time under pytest -n
 
 STEPS = 10
 PROMPTS = 4  # train.prompts_per_step in fault_kit.BASE
