@@ -118,7 +118,8 @@ def test_packages_are_pyprojects():
 
 FAST = ["train.steps=2", "train.warm_start_steps=1", "train.prompts_per_step=4", "train.eval_every=0",
         "data.eval_limit=4", "sampling.n=4", "learner.micro_batch_size=8", "train.loggers=[]",
-        "algorithm.dynamic_sampling=false"]  # 1 warm-start step: groups all wrong, dynamic sampling would redraw
+        "algorithm.dynamic_sampling=false",  # 1 warm-start step: groups all wrong, dynamic sampling would redraw
+        "cluster.rollout_workers=1", "cluster.learner_ranks=1"]  # one actor of each kind shows every logger
 # what Ray, DeepSpeed, Transformers and the actors print on a CPU run when nobody stops them
 NOISE = ["Setting accelerator to CPU", "Started a local Ray instance", "Token authentication", "core_worker.cc",
          "pid=", "Loading weights", "[transformers]", "Warning", "WARNING"]
