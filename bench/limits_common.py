@@ -21,7 +21,8 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("CLSRL_CACHE", str(ROOT / ".cache" / "clsrl"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# DeepSpeed's CPU build compiles its shared-memory op once per directory: the one clsrl's actors use
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.environ["CLSRL_CACHE"], "torch_extensions"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at `import ray`: loopback-only local cluster
 
 from telemetry import tables  # noqa: E402

