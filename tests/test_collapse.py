@@ -159,7 +159,7 @@ def test_clsrl_train_console_warns_when_no_group_carries_a_gradient(tmp_path):
         [sys.executable, "-m", "commands.cli", "train", "train.steps=4", "train.warm_start_steps=0",
          "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0", "data.eval_limit=4",
          "sampling.n=4", "learner.micro_batch_size=8", "train.loggers=[]", "algorithm.dynamic_sampling=false",
-         "train.collapse_window=3",
+         "train.collapse_window=3", "cluster.rollout_workers=1", "cluster.learner_ranks=1",
          "--run-dir", str(run)], cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:]

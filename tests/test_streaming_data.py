@@ -82,7 +82,8 @@ def test_an_image_that_fails_in_the_worker_is_skipped_counted_and_the_run_goes_o
     run = tmp_path / "run"
     cfg = _cfg(root, tiny_model_dir, "data.skip_bad_images=true", "train.steps=3", "train.prompts_per_step=4",
                "train.eval_every=3", "train.save_every=0", "train.warm_start_steps=0", "sampling.n=4",
-               "learner.micro_batch_size=4", "algorithm.dynamic_sampling=false", "weight_sync.timeout_s=15")
+               "learner.micro_batch_size=4", "algorithm.dynamic_sampling=false", "weight_sync.timeout_s=15",
+               "cluster.rollout_workers=1", "cluster.learner_ranks=1")
     train(cfg, run)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]  # the run went on
