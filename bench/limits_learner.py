@@ -8,8 +8,10 @@ on CPU, gloo, AdamW with torch_adam, fp32, no KL as in configs/cpu_demo.yaml), t
 groups (the tiny model's `shapes` prompts with G=8 sampled completions; the larger models share its tokenizer,
 so the token ids are valid for all). One warm-up step, then timed GRPO steps; samples/s = sequences trained by
 both ranks / median step time. Peak memory = the process's max RSS (getrusage), which is why each configuration
-gets new processes; "model state" is what ZeRO predicts per rank for fp32 Adam: 4 B weights + 4 B gradients +
-8 B moments per parameter, the moments split over ranks from stage 1, gradients from 2, weights from 3.
+gets new processes; "start" is after the learner's libraries (DeepSpeed included) are imported, so peak - start
+is what the model and its training add; "model state" is what ZeRO predicts per rank for fp32 Adam: 4 B weights
++ 4 B gradients + 8 B moments per parameter, the moments split over ranks from stage 1, gradients from 2,
+weights from 3.
 """
 from __future__ import annotations
 
@@ -51,10 +53,11 @@ def rank_main(rank: int, port: int, model_dir: str, stage: int, blobs: list[byte
 
     torch.set_num_threads(1)
     from learner.grpo import group_advantages
-    from learner.worker import LearnerWorker
+    from learner.worker import LearnerWorker, import_deepspeed
     from protocol.components import GRPOConfig, LearnerConfig
     from stream.codec import decode_group
 
+    import_deepspeed()  # LearnerWorker imports it at construction: a library's memory, not the model's
     rss_start = rss_mib()
     groups = [decode_group(b) for b in blobs]
     # alternate 1/0 rewards: the random tiny model is almost never right, and all-equal rewards give no gradient

@@ -21,6 +21,22 @@ from vlm.logprobs import completion_logprobs
 from vlm.processor import load_processor, save_processor
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import its autotuner makes when MLflow is installed (about 1 s
+    of CPU and 100 MiB per learner rank): learners never log to MLflow, the driver does."""
+    import sys
+
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError inside DeepSpeed's import
+        try:
+            import deepspeed
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
+
+
 def lr_lambda(cfg: LearnerConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -52,7 +68,7 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  cfg: LearnerConfig, algo: GRPOConfig, samples_per_rank: int, total_steps: int,
                  trust_remote_code: bool = False) -> None:
-        import deepspeed
+        deepspeed = import_deepspeed()
         from transformers import AutoModelForImageTextToText
 
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
