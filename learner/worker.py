@@ -15,6 +15,7 @@ import torch
 
 from learner.kernels import adam_params, attention
 from learner.objective import grpo_objective, pad_rows, sft_objective
+from learner.zero_buckets import model_hidden_size, zero_buckets
 from protocol.components import GRPOConfig, LearnerConfig
 from vlm.inputs import build_sequence_batch, vision_token_ids
 from vlm.logprobs import completion_logprobs
@@ -48,7 +49,8 @@ def lr_lambda(cfg: LearnerConfig, total_steps: int):
     return factor
 
 
-def deepspeed_config(cfg: LearnerConfig, grad_accum: int, world_size: int, bf16: bool, cuda: bool) -> dict:
+def deepspeed_config(cfg: LearnerConfig, grad_accum: int, world_size: int, bf16: bool, cuda: bool,
+                     hidden_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -57,7 +59,7 @@ def deepspeed_config(cfg: LearnerConfig, grad_accum: int, world_size: int, bf16:
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
             **adam_params(cfg, cuda)}},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **zero_buckets(hidden_size, cfg.zero_stage)},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -89,7 +91,8 @@ class LearnerWorker:
             raise ValueError(f"each learner rank gets {samples_per_rank} sequences per step, not a multiple "
                              f"of learner.micro_batch_size={cfg.micro_batch_size}")
         self.grad_accum = samples_per_rank // cfg.micro_batch_size
-        ds_config = deepspeed_config(cfg, self.grad_accum, world_size, self.bf16, cuda)
+        ds_config = deepspeed_config(cfg, self.grad_accum, world_size, self.bf16, cuda,
+                                     model_hidden_size(model_path, trust_remote_code))
         self.attn = attention(cfg, cuda, self.bf16)
         # ZeRO-3: while this object lives, transformers builds models under deepspeed.zero.Init, so a rank
         # materialises only its shard of each parameter, never the whole fp32 model (nor the reference)
