@@ -8,11 +8,11 @@ from protocol.components import LearnerConfig
 
 
 def test_buckets_are_the_hidden_size_squared_with_a_floor():
-    assert zero_buckets(1536, 2) == {"reduce_bucket_size": 1536**2}  # Qwen2-VL-2B
+    assert zero_buckets(1536, 2) == {"reduce_bucket_size": MIN_BUCKET}  # Qwen2-VL-2B: 2.4M, under the floor
     assert zero_buckets(3584, 3) == {"reduce_bucket_size": 3584**2,  # Qwen2-VL-7B
                                      "stage3_prefetch_bucket_size": int(0.9 * 3584**2),
                                      "stage3_param_persistence_threshold": 35840}
-    assert zero_buckets(64, 1) == {"reduce_bucket_size": MIN_BUCKET}
+    assert zero_buckets(64, 1) == {"reduce_bucket_size": MIN_BUCKET} and MIN_BUCKET < 5e8 / 100
 
 
 def test_the_learners_deepspeed_config_carries_them(tiny_model_dir):
