@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from learner.grpo import group_advantages
-from learner.worker import LearnerWorker
+from learner.worker import LearnerWorker, import_deepspeed
 from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSyncConfig
 from protocol.results import LearnerStep, SFTStep, WeightUpdate
 from stream.buffer import RolloutBuffer
@@ -55,7 +55,7 @@ class LearnerActor:
         """Form the learners' default group (DeepSpeed's), so a rendezvous that cannot complete shows on its
         own, within the driver's bound, not as a model load that never ends. LearnerWorker then finds the
         group formed (deepspeed.init_distributed is a no-op the second time)."""
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
                           LOCAL_WORLD_SIZE="1", MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,10 +25,17 @@ from vlm.processor import load_processor, save_processor
 
 
 def import_deepspeed():
-    """`import deepspeed`, without the MLflow import its autotuner makes when MLflow is installed (about 1 s
-    of CPU and 100 MiB per learner rank): learners never log to MLflow, the driver does."""
-    import sys
-
+    """`import deepspeed` in a learner process, after two settings that keep it cheap:
+    - no MLflow import by DeepSpeed's autotuner when MLflow is installed (about 1 s of CPU and 100 MiB per
+      rank): learners never log to MLflow, the driver does;
+    - this environment's `ninja` first on PATH: DeepSpeed compiles its CPU shared-memory op with whichever
+      `ninja` PATH finds, and two versions (a system 1.11, the 1.13 pip installs beside DeepSpeed) read each
+      other's build log as a changed command, so each recompiled the op (about a minute of CPU) whenever the
+      other had built it last."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
     if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
         sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError inside DeepSpeed's import
         try:
