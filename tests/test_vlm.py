@@ -128,3 +128,42 @@ def test_training_forward_backpropagates(tiny_model_dir, shapes_dataset):
     loss.backward()
     vision_grad = model.model.visual.patch_embed.proj.weight.grad
     assert torch.isfinite(loss) and vision_grad is not None and vision_grad.abs().sum() > 0
+
+
+def test_training_forward_encodes_each_image_once(tiny_model_dir, shapes_dataset):
+    """Rows repeating a prompt (a group's G completions) share one vision-tower pass: the same log-probs bit
+    for bit and the same gradients (to summation order) as encoding every row's copy of the image."""
+    import vlm.logprobs as logprobs
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    processor = load_processor(tiny_model_dir)
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
+    rows = [prompts[0]] * 3 + [prompts[1]] * 2
+    completions = [[10, 11, 12], [13], [14, 15], [10], [11, 12]]
+    pad, image_id = model.generation_config.pad_token_id, model.config.image_token_id
+    batch = build_sequence_batch(rows, completions, pad, image_id, processor.image_processor)
+    assert batch.image_index.tolist() == [0, 0, 0, 1, 1]
+    # each image's patches once
+    assert batch.pixel_values.shape[0] == sum(int(p.image_grid_thw.prod()) for p in prompts)
+    encoded = []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0]))
+
+    def run(apart: bool):
+        model.zero_grad()
+        if not apart:  # the plain call: every row's patches through the vision tower
+            logprobs._encodes_apart = lambda model_type: False
+        try:
+            lp, mask = completion_logprobs(model, batch, 1.0, vision_token_ids(model.config))
+        finally:
+            logprobs._encodes_apart = encodes_apart
+        (lp * mask).sum().backward()
+        return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    encodes_apart = logprobs._encodes_apart
+    shared, per_row = run(True), run(False)
+    hook.remove()
+    assert encoded == [batch.pixel_values.shape[0], batch.row_pixel_values().shape[0]]
+    assert torch.equal(shared[0], per_row[0])
+    assert shared[1].keys() == per_row[1].keys()
+    for name, grad in per_row[1].items():
+        torch.testing.assert_close(shared[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -57,14 +57,23 @@ def image_patches(image_processor, inputs: PromptInputs) -> torch.Tensor:
     return enc["pixel_values"]
 
 
-def _patches(prompts: Sequence[PromptInputs], image_processor) -> torch.Tensor:
-    """All prompts' patches in row order, each distinct prompt object processed once (rows repeat a prompt
-    G times)."""
-    built: dict[int, torch.Tensor] = {}
+def _distinct_patches(prompts: Sequence[PromptInputs],
+                      image_processor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each distinct prompt object's patches once, in order of first appearance (rows repeat a prompt G
+    times), and each row's index into them."""
+    slots: dict[int, int] = {}
+    patches = []
     for p in prompts:
-        if id(p) not in built:
-            built[id(p)] = image_patches(image_processor, p)
-    return torch.cat([built[id(p)] for p in prompts])
+        if id(p) not in slots:
+            slots[id(p)] = len(patches)
+            patches.append(image_patches(image_processor, p))
+    return patches, torch.tensor([slots[id(p)] for p in prompts], dtype=torch.long)
+
+
+def _row_patches(prompts: Sequence[PromptInputs], image_processor) -> torch.Tensor:
+    """Every row's patches in row order (generate takes one image per row)."""
+    patches, index = _distinct_patches(prompts, image_processor)
+    return torch.cat([patches[i] for i in index.tolist()])
 
 
 def vision_token_ids(config) -> list[int]:
@@ -80,15 +89,32 @@ class SequenceBatch:
     input_ids: torch.Tensor  # [N, L]
     attention_mask: torch.Tensor  # [N, L]
     mm_token_type_ids: torch.Tensor  # [N, L], 1 on image tokens (Qwen2-VL's 3-D positions need it)
-    pixel_values: torch.Tensor  # all rows' patches, concatenated in row order
-    image_grid_thw: torch.Tensor  # [N, 3]
+    # each distinct image's patches once, concatenated in order of first appearance: the G rows of a group
+    # share one image, so the vision tower need not encode it G times (vlm/logprobs.py model_outputs)
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor  # [N, 3], per row (the 3-D positions need every row's grid)
     prompt_lens: torch.Tensor  # [N]
     completion_lens: torch.Tensor  # [N]
+    image_index: torch.Tensor  # [N], row i's image among the distinct ones in pixel_values
 
-    def model_kwargs(self) -> dict:
-        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                    mm_token_type_ids=self.mm_token_type_ids, pixel_values=self.pixel_values,
-                    image_grid_thw=self.image_grid_thw)
+    def distinct_grid_thw(self) -> torch.Tensor:
+        """[D, 3]: the grid of each distinct image, in pixel_values' order."""
+        grids = torch.zeros((int(self.image_index.max()) + 1, 3), dtype=self.image_grid_thw.dtype,
+                            device=self.image_grid_thw.device)
+        return grids.index_copy(0, self.image_index.to(grids.device), self.image_grid_thw)
+
+    def row_pixel_values(self) -> torch.Tensor:
+        """Every row's patches in row order, the layout a plain model call takes."""
+        sizes = self.distinct_grid_thw().prod(-1).tolist()
+        chunks = self.pixel_values.split(sizes)
+        return torch.cat([chunks[i] for i in self.image_index.tolist()])
+
+    def model_kwargs(self, pixels: bool = True) -> dict:
+        """The model's inputs; `pixels=False` leaves the images out for a caller that passes their encoder
+        outputs instead."""
+        out = dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                   mm_token_type_ids=self.mm_token_type_ids, image_grid_thw=self.image_grid_thw)
+        return {**out, "pixel_values": self.row_pixel_values()} if pixels else out
 
 
 def build_sequence_batch(prompts: Sequence[PromptInputs], completions: Sequence[Sequence[int]],
@@ -105,13 +131,13 @@ def build_sequence_batch(prompts: Sequence[PromptInputs], completions: Sequence[
     for i, r in enumerate(rows):
         input_ids[i, : len(r)] = r
         attention_mask[i, : len(r)] = 1
+    patches, image_index = _distinct_patches(prompts, image_processor)
     return SequenceBatch(
         input_ids=input_ids, attention_mask=attention_mask,
         mm_token_type_ids=(input_ids == image_token_id).long() * attention_mask,
-        pixel_values=_patches(prompts, image_processor),
-        image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
+        pixel_values=torch.cat(patches), image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]),
         prompt_lens=torch.tensor([len(p) for p in prompts]),
-        completion_lens=torch.tensor([len(c) for c in completions]))
+        completion_lens=torch.tensor([len(c) for c in completions]), image_index=image_index)
 
 
 def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_token_id: int | None,
@@ -128,5 +154,5 @@ def left_pad_prompts(prompts: Sequence[PromptInputs], pad_token_id: int, image_t
         return dict(input_ids=input_ids, attention_mask=attention_mask)
     return dict(input_ids=input_ids, attention_mask=attention_mask,
                 mm_token_type_ids=(input_ids == image_token_id).long() * attention_mask,
-                pixel_values=_patches(prompts, image_processor),
+                pixel_values=_row_patches(prompts, image_processor),
                 image_grid_thw=torch.cat([p.image_grid_thw for p in prompts]))
