@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from learner.heap import return_freed_memory
 from learner.kernels import adam_params, attention
 from learner.objective import grpo_objective, pad_rows, sft_objective
 from learner.zero_buckets import model_hidden_size, zero_buckets
@@ -79,7 +78,6 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  cfg: LearnerConfig, algo: GRPOConfig, samples_per_rank: int, total_steps: int,
                  trust_remote_code: bool = False) -> None:
-        return_freed_memory()  # before the model: its buffers are mmapped and unmapped when freed
         deepspeed = import_deepspeed()
         from transformers import AutoModelForImageTextToText
 
