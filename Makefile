@@ -33,7 +33,7 @@ demo: setup
 # (pytest.mark.xdist_group). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup -m "not slow"

@@ -19,6 +19,18 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read at `impo
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm_cpu"]
 
 
+def pytest_collection_modifyitems(items):
+    """Long tests first (grouped ones, then the rest of the slow tier), so that under two xdist workers the
+    multi-node group does not start last and leave one worker idle for its minutes."""
+    def order(item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        if group:
+            return 0 if group.args == ("netns",) else 1  # the multi-node tests, minutes together, go first
+        return 2 if item.get_closest_marker("slow") else 3
+
+    items.sort(key=order)  # stable: file order within each tier
+
+
 @pytest.fixture(scope="session")
 def shapes_dataset():
     from tasks.bundled import ensure_bundled

@@ -200,7 +200,9 @@ def test_redis_killed_and_restarted_mid_run_loses_no_pending_sample(ray_local, t
 
 
 def test_stalled_weight_broadcast_names_the_engine_which_is_replaced(ray_local, tmp_path, monkeypatch):
-    cfg = make_cfg("train.steps=4")
+    # 40 s: the replacement must be back within the timeout for the claim "replaced at version 2"; a restart
+    # (imports, model load) took over 15 s with another test run beside it (CI's two workers)
+    cfg = make_cfg("train.steps=4", "weight_sync.timeout_s=40")
     rec = Recorder(monkeypatch, after_broadcast=True)
     frozen: dict = {}
 
