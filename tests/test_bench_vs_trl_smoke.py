@@ -11,14 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("vs_trl")  # the two slow tests read one module-scoped run
 SYSTEMS = ["trl", "clsrl-sync", "clsrl-async"]
 TARGETS = {("tiny", "clsrl-sync"): 0.8, ("small", "clsrl-sync"): 1.0, ("small", "clsrl-async"): 1.3}
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> tuple[dict, str, Path]:
-    out = tmp_path_factory.mktemp("vs-trl")
+def quick_run(out: Path) -> tuple[dict, str, Path]:
     # one thread each: the smoke test often shares its cores, where two threads only contend
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "vs_trl.py"), "--quick", "--models", "tiny",
                            "--trl-threads", "1",
@@ -28,7 +25,14 @@ def quick_run(tmp_path_factory) -> tuple[dict, str, Path]:
 
 
 @pytest.mark.slow
-def test_every_model_and_system_trains_the_same_samples(quick_run):
+def test_quick_run_trains_the_same_samples_and_reports_ratios_targets_table_and_plot(tmp_path):
+    """One run read by both checks (as two tests, pytest -n ran it twice when they landed on two workers)."""
+    run = quick_run(tmp_path)
+    every_model_and_system_trains_the_same_samples(run)
+    ratios_targets_table_and_plot(run)
+
+
+def every_model_and_system_trains_the_same_samples(quick_run):
     report, _, _ = quick_run
     assert report["quick"] and report["skip"] == 1
     assert report["threads"] == {"trl": 1, "clsrl-sync": 1, "clsrl-async": 1}
@@ -56,8 +60,7 @@ def test_every_model_and_system_trains_the_same_samples(quick_run):
         assert len(starts) == 1, starts
 
 
-@pytest.mark.slow
-def test_ratios_targets_table_and_plot(quick_run):
+def ratios_targets_table_and_plot(quick_run):
     report, stdout, out = quick_run
     for name, m in report["models"].items():
         trl = m["systems"]["trl"]["samples_per_s"]
