@@ -67,9 +67,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "CLSRL_CACHE": os.environ["CLSRL_CACHE"],
-                                           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                                           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}})
+        from cluster.job import local_runtime_env  # what `clsrl train` gives the actors of its own cluster
+
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env=local_runtime_env())
     yield ray
     ray.shutdown()

@@ -19,5 +19,5 @@ def test_the_learners_deepspeed_config_carries_them(tiny_model_dir):
     hidden = model_hidden_size(tiny_model_dir)
     assert hidden > 0
     for stage in (1, 2, 3):
-        cfg = deepspeed_config(LearnerConfig(zero_stage=stage), 2, 2, False, False, 1536)
-        assert cfg["zero_optimization"] == {"stage": stage, **zero_buckets(1536, stage)}
+        cfg = deepspeed_config(LearnerConfig(zero_stage=stage), 2, 2, False, False, hidden)
+        assert cfg["zero_optimization"] == {"stage": stage, **zero_buckets(hidden, stage)}
