@@ -49,7 +49,8 @@ CLASSIFICATION = {"shapes", "digits", "digits4", "digits10", "shapes12"}  # shap
 TARGET_GAIN, ENTROPY_FLOOR = 0.30, 0.3
 # 2 warm-start steps leave no right answer to keep: dynamic sampling off, or it would only redraw
 QUICK = ["train.warm_start_steps=2", "data.eval_limit=8", "train.prompts_per_step=4", "sampling.n=4",
-         "learner.micro_batch_size=2", "algorithm.dynamic_sampling=false"]  # SFT: 2 sequences a rank
+         "learner.micro_batch_size=2", "algorithm.dynamic_sampling=false",  # micro-batches of 2 sequences
+         "cluster.rollout_workers=1", "cluster.learner_ranks=1"]  # the smoke test: one actor of each kind
 
 
 def run_one(out: Path, dataset: str, arm: str, seed: int, steps: int, eval_every: int, extra: list[str],

@@ -32,6 +32,8 @@ TRAIN_IMAGES = 16
 QWEN2_VL_2B_PIXELS = (3136, 12845056)  # the checkpoint's processor min/max pixels
 MAX_PIXELS = 401408  # the papers' data.max_pixels
 TARGETS = {"rss_growth_mb": 200.0, "first_step_s_at_50k": 30.0}
+# the smoke test: one engine and one learner rank (the driver, which is what is measured, is the same)
+QUICK = ["cluster.rollout_workers=1", "cluster.learner_ranks=1"]
 
 
 def _image(i: int, cls: int):
@@ -97,12 +99,12 @@ def data_ready_s(run_dir: Path, launched: float) -> float | None:
     return None
 
 
-def run_one(folder: Path, n: int, run_dir: Path, timeout_s: float) -> dict:
+def run_one(folder: Path, n: int, run_dir: Path, timeout_s: float, extra: list[str]) -> dict:
     overrides = [f"data.root={folder}", f"data.max_pixels={MAX_PIXELS}", "data.eval_limit=null",
                  f"model.tiny.min_pixels={QWEN2_VL_2B_PIXELS[0]}", f"model.tiny.max_pixels={QWEN2_VL_2B_PIXELS[1]}",
                  "train.steps=2", "train.eval_every=0", "train.warm_start_steps=0", "train.prompts_per_step=4",
                  "train.save_every=0", "sampling.n=2", "learner.micro_batch_size=4", "rollout.eval_max_new_tokens=4",
-                 "algorithm.dynamic_sampling=false"]
+                 "algorithm.dynamic_sampling=false", *extra]
     env = {**os.environ, "PYTHONPATH": str(lc.ROOT), "PYTHONUNBUFFERED": "1"}
     metrics = run_dir / "metrics.jsonl"
     start, launched = time.perf_counter(), time.time()
@@ -158,7 +160,7 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(run_dir)
-        results.append(run_one(folder, n, run_dir, args.timeout))
+        results.append(run_one(folder, n, run_dir, args.timeout, QUICK if args.quick else []))
         lc.progress(json.dumps(results[-1]))
     ok = [r for r in results if "failed" not in r]
     growth = ok[-1]["driver_peak_rss_mb"] - ok[0]["driver_peak_rss_mb"] if len(ok) > 1 else None

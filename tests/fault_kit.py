@@ -32,8 +32,7 @@ from protocol.overrides import load_config
 from tasks.mixture import dataset_seed
 from tasks.order import EpochOrder
 
-# 2 rollout workers x chunks of 2 prompts, 4 prompts x 4 samples per step, 2 learner ranks: every actor is busy
-# every step, and a step takes about a second on a shared 2-core machine (the Job's start takes ~50 s).
+# chunks of 2 prompts, 4 prompts x 4 samples per step: a step takes about a second on a shared 2-core machine.
 # no format warm start: no group has a right answer, so dynamic sampling (on by default) would only redraw
 BASE = ["train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_every=0", "train.save_every=0",
         "train.loggers=[]", "data.eval_limit=4", "sampling.n=4", "sampling.max_new_tokens=8",
@@ -41,8 +40,11 @@ BASE = ["train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_ever
         "weight_sync.heartbeat_s=0.5", "algorithm.dynamic_sampling=false"]
 
 
-def make_cfg(*extra: str) -> ExperimentConfig:
-    return load_config(ExperimentConfig, DEFAULT_CONFIG, BASE + list(extra))
+def make_cfg(*extra: str, rollout_workers: int = 1, learner_ranks: int = 1) -> ExperimentConfig:
+    """BASE on the demo config, one actor of each kind unless the fault needs a second (a worker or rank to
+    kill while the other goes on): each actor costs ~5 s of CPU to start (torch, transformers, DeepSpeed)."""
+    cluster = [f"cluster.rollout_workers={rollout_workers}", f"cluster.learner_ranks={learner_ranks}"]
+    return load_config(ExperimentConfig, DEFAULT_CONFIG, BASE + cluster + list(extra))
 
 
 def read_rows(run_dir: Path) -> list[dict]:

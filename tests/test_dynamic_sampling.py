@@ -18,7 +18,7 @@ def test_equal_reward_groups_are_dropped_and_topped_up(ray_local, tmp_path):
     cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, [
         "algorithm.dynamic_sampling=true", "train.steps=3", "train.prompts_per_step=8", "train.warm_start_steps=60",
         "train.eval_every=0", "train.save_every=0", "data.eval_limit=8", "sampling.n=4", "learner.micro_batch_size=4",
-        "rollout.prompts_per_call=4", "weight_sync.timeout_s=15"])
+        "rollout.prompts_per_call=4", "weight_sync.timeout_s=15", "cluster.rollout_workers=1", "cluster.learner_ranks=1"])
     train(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][1:]
     trained = [json.loads(line) for line in (tmp_path / TRAINED_FILE).read_text().splitlines()]

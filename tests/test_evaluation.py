@@ -79,7 +79,7 @@ def test_answer_all_keeps_request_order_and_names_a_dead_worker(ray_local):
 @pytest.mark.slow
 def test_eval_two_datasets_base_to_new_over_ray(ray_local, tmp_path):
     cfg = load_config(ExperimentConfig, REPO_ROOT / "configs" / "cpu_multi.yaml",
-                      ["rollout.prompts_per_call=8"])
+                      ["rollout.prompts_per_call=8", "cluster.rollout_workers=1"])
     result = run_eval(cfg, tmp_path, protocol="visual_rft", base_to_new=True, max_new_tokens=6)
     assert set(result["datasets"]) == {"shapes/base", "shapes/new", "digits/base", "digits/new"}
     digits_new = result["datasets"]["digits/new"]

@@ -53,7 +53,7 @@ def _engines_hold_the_learners_weights(rec: Recorder) -> None:
 
 
 def test_rollout_worker_killed_mid_generation_is_restarted_and_its_prompts_reissued(ray_local, tmp_path, monkeypatch):
-    cfg = make_cfg("train.steps=6", "sampling.max_new_tokens=192")  # long generations: the kill lands inside one
+    cfg = make_cfg("train.steps=6", "sampling.max_new_tokens=192", rollout_workers=2)  # long generations: the kill lands inside one
     rec = Recorder(monkeypatch, after_broadcast=True)
 
     def kill_worker_1_while_generating() -> int:
@@ -131,7 +131,8 @@ def test_reward_actor_killed_during_a_scoring_call_is_restarted_and_the_call_ret
 
 def test_learner_rank_killed_stops_with_a_resume_hint_and_resume_trains_each_draw_once(ray_local, tmp_path, monkeypatch):
     # asynchronous (rollout one version ahead): the checkpoint holds issued-but-untrained draws to re-issue
-    cfg = make_cfg("train.steps=5", "train.save_every=1", "rollout.max_staleness=1", "sampling.max_new_tokens=64")
+    cfg = make_cfg("train.steps=5", "train.save_every=1", "rollout.max_staleness=1", "sampling.max_new_tokens=64",
+                   learner_ranks=2)
     rec = Recorder(monkeypatch)
 
     def kill_learner_rank_1_while_training() -> int:
@@ -202,7 +203,7 @@ def test_redis_killed_and_restarted_mid_run_loses_no_pending_sample(ray_local, t
 def test_stalled_weight_broadcast_names_the_engine_which_is_replaced(ray_local, tmp_path, monkeypatch):
     # 40 s: the replacement must be back within the timeout for the claim "replaced at version 2"; a restart
     # (imports, model load) took over 15 s with another test run beside it (CI's two workers)
-    cfg = make_cfg("train.steps=4", "weight_sync.timeout_s=40")
+    cfg = make_cfg("train.steps=4", "weight_sync.timeout_s=40", rollout_workers=2)
     rec = Recorder(monkeypatch, after_broadcast=True)
     frozen: dict = {}
 

@@ -123,7 +123,8 @@ def test_job_submit_runs_clsrl_train(head, tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["train.steps=2", "train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_every=0",
                  "data.eval_limit=4", "sampling.n=4", "learner.micro_batch_size=8", "train.loggers=[]",
-                 "algorithm.dynamic_sampling=false"]  # no warm start: no group with a signal to keep
+                 "algorithm.dynamic_sampling=false",  # no warm start: no group with a signal to keep
+                 "cluster.rollout_workers=1", "cluster.learner_ranks=1"]
     entry = ["python", "-m", "commands.cli", "train", "configs/cpu_demo.yaml", *overrides, "--run-dir", str(run_dir)]
     status, logs = submit_job(head, entry, job_runtime_env(), timeout_s=400)
     assert status == "SUCCEEDED", logs[-6000:]

@@ -28,6 +28,7 @@ def _config(steps: int) -> ExperimentConfig:
     data["train"].update(steps=steps, prompts_per_step=PROMPTS, warm_start_steps=2, eval_every=1, save_every=1,
                          keep_last=2, keep_best=1)
     data["weight_sync"] = {"timeout_s": 15}
+    data["cluster"].update(rollout_workers=1, learner_ranks=1)  # the mixture does not depend on them
     return from_dict(ExperimentConfig, data)
 
 

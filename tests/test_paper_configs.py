@@ -26,7 +26,7 @@ BOX_DATA = {"visual_rft_coco.yaml": ["data.format=coco", "data.bundled=shapes_bo
 ON_CPU = ["rollout.engine=hf", "model.path=null", "data.root=null", "data.format=auto", "data.bundled=shapes",
           "data.eval_limit=4",
           "cluster.gpus_per_engine=0", "cluster.gpus_per_learner=0", "cluster.rollout_workers=1",
-          "cluster.learner_ranks=2", "cluster.cpus_per_engine=1", "cluster.cpus_per_learner=1",
+          "cluster.learner_ranks=1", "cluster.cpus_per_engine=1", "cluster.cpus_per_learner=1",
           "cluster.cpus_per_reward_actor=0.5", "train.steps=2", "train.prompts_per_step=2", "train.eval_every=0",
           "train.save_every=0", "sampling.max_new_tokens=8", "rollout.eval_max_new_tokens=8", "learner.micro_batch_size=4",
           "learner.gradient_checkpointing=false", "weight_sync.timeout_s=30"]

@@ -199,7 +199,7 @@ def test_partial_rollout_through_the_loop(ray_local, tmp_path):
         "train.save_every=0", "data.eval_limit=4", "sampling.n=4", "sampling.max_new_tokens=32",
         "learner.micro_batch_size=8", "weight_sync.timeout_s=15", "rollout.prompts_per_call=1",
         "rollout.max_staleness=1", "rollout.partial_rollout=true", "algorithm.off_policy=tis",
-        "algorithm.dynamic_sampling=false"])  # no warm start: no group with a signal to keep
+        "algorithm.dynamic_sampling=false", "cluster.learner_ranks=1"])  # no warm start: no signal to keep
     result = train(cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][1:]
     assert [r["step"] for r in rows] == [1, 2, 3]

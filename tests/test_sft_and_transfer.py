@@ -24,6 +24,7 @@ def _multi(**train_keys) -> ExperimentConfig:
     data["learner"]["micro_batch_size"] = 4
     data["train"].update(SMALL_TRAIN, **train_keys)
     data["weight_sync"] = {"timeout_s": 15}
+    data["cluster"].update(rollout_workers=1, learner_ranks=1)  # the claims here are not about actor counts
     return from_dict(ExperimentConfig, data)
 
 

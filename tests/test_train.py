@@ -60,7 +60,8 @@ def test_asynchronous_run_respects_the_staleness_bound(ray_local, tmp_path):
     """Rollout runs ahead by up to 2 versions: some trained groups were sampled with older weights (a
     synchronous run trains only on version-0-behind groups), nothing older than 2 is trained on, and every
     draw is trained on once."""
-    cfg = _cfg("rollout.max_staleness=2", "rollout.prompts_per_call=2", "train.steps=4", "train.save_every=0")
+    cfg = _cfg("rollout.max_staleness=2", "rollout.prompts_per_call=2", "train.steps=4", "train.save_every=0",
+               "cluster.learner_ranks=1")  # two engines to run ahead, one rank to train
     result = train(cfg, tmp_path)
     rows = _rows(tmp_path)[1:]
     assert max(r["staleness/max"] for r in rows) <= 2
@@ -94,7 +95,8 @@ def _check_report_of_a_real_run(run_dir, rows):
 
 @pytest.mark.slow
 def test_engines_match_learners_and_a_killed_engine_is_named(ray_local, tmp_path):
-    cfg = _cfg("train.warm_start_steps=0", "weight_sync.timeout_s=8", "weight_sync.heartbeat_s=0.5")
+    cfg = _cfg("train.warm_start_steps=0", "weight_sync.timeout_s=8", "weight_sync.heartbeat_s=0.5",
+               "cluster.learner_ranks=1")  # two engines (one to kill), one rank to compare them with
     with Job(cfg, tmp_path) as job:
         def same_weights() -> bool:
             learner = ray.get(job.learners[0].checksums.remote())
