@@ -205,12 +205,15 @@ class LoadSampler:
         return {"mean": round(statistics.fmean(vals), 2), "max": round(max(vals), 2)}
 
 
-def machine() -> dict:
+def machine(probe: bool = True) -> dict:
+    """The machine and its load; `probe`: also its overlap capacity (~10 s: two timed torch processes), which
+    smoke tests skip."""
     import torch
 
     load = os.getloadavg()
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "loadavg": [round(x, 2) for x in load], "overlap_capacity": overlap_capacity()}
+            "torch": torch.__version__, "loadavg": [round(x, 2) for x in load],
+            "overlap_capacity": overlap_capacity() if probe else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, overrides)
     samples_per_step = cfg.train.prompts_per_step * cfg.sampling.n
     args.out.mkdir(parents=True, exist_ok=True)
-    before, t0 = machine(), time.time()
+    before, t0 = machine(probe=not args.quick), time.time()
     import ray
 
     from cluster.job import local_runtime_env
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                         "loadavg_1m": load.stop()})
     ray.shutdown()
     report = {"machine": before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-              "overlap_capacity_after": overlap_capacity(), "overrides": overrides,
+              "overlap_capacity_after": overlap_capacity() if not args.quick else None, "overrides": overrides,
               "samples_per_step": samples_per_step, "skip": skip, "wall_s": time.time() - t0, "modes": results}
     sync = next((r for r in results if r["mode"] == "sync"), None)
     if sync:

@@ -185,16 +185,6 @@ def compare(systems: dict[str, dict], name: str) -> dict:
     return {"ratio_vs_trl": ratios, "targets": targets}
 
 
-def quick_machine() -> dict:
-    """machine() without its overlap-capacity probe (two timed torch processes): the smoke test skips it."""
-    import platform
-
-    import torch
-
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()], "overlap_capacity": None}
-
-
 def prepare(models: list[str], steps: int | None, quick: bool) -> dict:
     """Per model: the overrides every system runs with, after the shared starting checkpoint is made."""
     plan = {}
@@ -256,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = 1 if args.quick else args.skip
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    before = quick_machine() if args.quick else machine()
+    before = machine(probe=not args.quick)
     plan = prepare(models, args.steps, args.quick)  # every starting checkpoint first: no system pays for it
     for name, p in plan.items():  # TRL before Ray exists: no idle Ray processes beside it
         print(f"== {name} / trl: {p['steps']} steps x {p['samples_per_step']} samples, {args.trl_threads} threads",

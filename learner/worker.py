@@ -24,13 +24,16 @@ from vlm.processor import load_processor, save_processor
 
 
 def import_deepspeed():
-    """`import deepspeed` in a learner process, after two settings that keep it cheap:
+    """`import deepspeed` in a learner process, with three settings that keep it cheap:
     - no MLflow import by DeepSpeed's autotuner when MLflow is installed (about 1 s of CPU and 100 MiB per
       rank): learners never log to MLflow, the driver does;
-    - this environment's `ninja` first on PATH: DeepSpeed compiles its CPU shared-memory op with whichever
-      `ninja` PATH finds, and two versions (a system 1.11, the 1.13 pip installs beside DeepSpeed) read each
-      other's build log as a changed command, so each recompiled the op (about a minute of CPU) whenever the
-      other had built it last."""
+    - no shared-memory all-reduce op: DeepSpeed compiles it when a CPU process group starts (about a minute
+      of CPU on each new machine, and a C++ compiler on every node) for DeepSpeed-inference's all-reduce,
+      which a learner never calls; marked incompatible, DeepSpeed skips it (its own path for an op it cannot
+      build) and any inference all-reduce falls back to torch.distributed;
+    - this environment's `ninja` first on PATH, for the ops DeepSpeed still compiles: two versions (a system
+      1.11, the 1.13 pip installs beside DeepSpeed) read each other's build log as a changed command, so each
+      recompiled (about a minute of CPU) whenever the other had built last."""
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.path.isfile(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
@@ -43,6 +46,7 @@ def import_deepspeed():
             del sys.modules["mlflow"]
     import deepspeed
 
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # ShareMemCommBuilder.NAME
     return deepspeed
 
 
