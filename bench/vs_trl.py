@@ -200,9 +200,10 @@ def prepare(models: list[str], steps: int | None, quick: bool) -> dict:
     return plan
 
 
-def run_clsrl_all(plan: dict, system: str, threads: int, out: Path, skip: int) -> float:
+def run_clsrl_all(plan: dict, system: str, threads: int, out: Path, skip: int, extra: list[str]) -> float:
     """One clsrl mode on every model, under a local Ray whose actors run `threads` torch threads each (the actors
-    read OMP_NUM_THREADS); returns Ray's start-up seconds (not in any run's numbers)."""
+    read OMP_NUM_THREADS); returns Ray's start-up seconds (not in any run's numbers). `extra`: overrides for
+    clsrl's runs only (--clsrl-set)."""
     import ray
 
     from cluster.job import local_runtime_env
@@ -218,7 +219,7 @@ def run_clsrl_all(plan: dict, system: str, threads: int, out: Path, skip: int) -
             print(f"== {name} / {system}: {p['steps']} steps x {p['samples_per_step']} samples, {threads} thread(s) "
                   f"per actor", flush=True)
             load_avg = LoadSampler()
-            p["systems"][system] = {**run_clsrl(p["overrides"], STALENESS[system], out / name / system, skip),
+            p["systems"][system] = {**run_clsrl(p["overrides"] + extra, STALENESS[system], out / name / system, skip),
                                     "threads": threads, "loadavg_1m": load_avg.stop()}
     finally:
         ray.shutdown()
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads per clsrl-async actor (rollout worker and learner run at once: 2 busy)")
     ap.add_argument("--quick", action="store_true", help="2 steps per system on a minimal batch (smoke test)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-vs-trl")
+    ap.add_argument("--clsrl-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for clsrl's runs only, e.g. learner.zero_stage=0 (TRL's side unchanged)")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
@@ -254,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         load_avg = LoadSampler()
         p["systems"]["trl"] = {**run_trl(p["overrides"], p["steps"], args.trl_threads, args.out / name / "trl", skip),
                                "loadavg_1m": load_avg.stop()}
-    ray_init_s = {system: run_clsrl_all(plan, system, threads, args.out, skip)
+    ray_init_s = {system: run_clsrl_all(plan, system, threads, args.out, skip, args.clsrl_set)
                   for system, threads in (("clsrl-sync", args.sync_threads), ("clsrl-async", args.async_threads))}
     for name, p in plan.items():
         p.update(compare(p["systems"], name))
     report = {"machine": before, "loadavg_after": [round(x, 2) for x in os.getloadavg()], "quick": args.quick,
+              "clsrl_overrides": args.clsrl_set,
               "skip": skip, "threads": {"trl": args.trl_threads, "clsrl-sync": args.sync_threads,
                                         "clsrl-async": args.async_threads},
               "ray_init_s": ray_init_s, "wall_s": time.time() - t0, "models": plan}
