@@ -36,11 +36,11 @@ def broadcast_weights(cfg: ExperimentConfig, learners: list, workers: list, vers
     absent = set(absent or ())
     formed = {} if formed is None else formed
     members = [i for i in range(len(workers)) if i not in absent]
-    force = False
+    force, silent = False, set()
     for attempt in range(1, attempts + 1):
         try:
             if rejoin:
-                live = await_engines(cfg, workers, absent)
+                live = await_engines(cfg, workers, absent, silent)
                 members = sorted(live)
                 if force or live != formed:
                     formed.clear()
@@ -58,7 +58,24 @@ def broadcast_weights(cfg: ExperimentConfig, learners: list, workers: list, vers
                      f"{str(err).splitlines()[-1][:500]}\nrestarting the engines that do not answer and "
                      f"re-forming the group", "clsrl.job", logging.WARNING)
             rejoin = force = True
+            silent = silent_engines(err, members, cfg.rollout.tensor_parallel_size)
     raise AssertionError("unreachable")
+
+
+def silent_engines(err: Exception, members: list[int], per_engine: int) -> set[int]:
+    """The engines (indices into the workers) whose heartbeat the failed broadcast saw stop: group rank r
+    is tensor-parallel worker (r - 1) % per_engine of members[(r - 1) // per_engine]."""
+    ranks = getattr(getattr(err, "cause", None), "silent_ranks", ())
+    return {members[(r - 1) // per_engine] for r in ranks if 0 < r <= len(members) * per_engine}
+
+
+def _kill_unanswering(workers: list, probes: dict, timeout_s: float, why: str) -> None:
+    """Kill (for Ray to restart) the engines whose probe ({ref: index}) is not answered within timeout_s."""
+    _, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s) if probes else ([], [])
+    for ref in stuck:
+        announce(f"rollout worker {probes[ref]} {why}: killing it so Ray restarts it", "clsrl.job",
+                 logging.WARNING)
+        ray.kill(workers[probes[ref]], no_restart=False)
 
 
 def share_colocated(learners: list, workers: list, version: int) -> WeightUpdate:
@@ -76,17 +93,20 @@ def share_colocated(learners: list, workers: list, version: int) -> WeightUpdate
                         mb_per_s=nbytes / 2**20 / max(seconds, 1e-9))
 
 
-def await_engines(cfg: ExperimentConfig, workers: list, absent: set[int] = frozenset()) -> dict[int, int]:
-    """The engines that answer, as {index: pid} (Ray restarts dead ones): a stuck one is killed so Ray
-    restarts it; one that is not back within weight_sync.timeout_s (its node died and no capacity replaced
-    it; `absent` ones get one short probe) is left out, and rejoins at a later broadcast once Ray has placed
-    it again. Raises when no engine is left."""
+def await_engines(cfg: ExperimentConfig, workers: list, absent: set[int] = frozenset(),
+                  silent: set[int] = frozenset()) -> dict[int, int]:
+    """The engines that answer, as {index: pid} (Ray restarts dead ones). A stuck one is killed so Ray
+    restarts it: after a few heartbeats (weight_sync.stale_s) for the `silent` ones, whose heartbeat the
+    failed broadcast saw stop, after weight_sync.timeout_s for the others. One that is not back within
+    weight_sync.timeout_s (its node died and no capacity replaced it; `absent` ones get one short probe) is
+    left out, and rejoins at a later broadcast once Ray has placed it again. Raises when no engine is left."""
     probes = {w.info.remote(): i for i, w in enumerate(workers) if i not in absent}
-    _, stuck = ray.wait(list(probes), num_returns=len(probes), timeout=cfg.weight_sync.timeout_s)
-    for ref in stuck:
-        announce(f"rollout worker {probes[ref]} did not answer within weight_sync.timeout_s: killing it so "
-                 f"Ray restarts it", "clsrl.job", logging.WARNING)
-        ray.kill(workers[probes[ref]], no_restart=False)
+    # silent and not answering for a few heartbeats: frozen (a dead engine fails the call at once)
+    sync = cfg.weight_sync
+    _kill_unanswering(workers, {r: i for r, i in probes.items() if i in silent}, sync.stale_s,
+                      "stopped its heartbeat during the broadcast and does not answer")
+    _kill_unanswering(workers, {r: i for r, i in probes.items() if i not in silent}, sync.timeout_s,
+                      "did not answer within weight_sync.timeout_s")
     # While Ray restarts an actor, calls to it fail at once (ActorUnavailableError): ask until it is back.
     deadline = time.monotonic() + cfg.weight_sync.timeout_s
     live: dict[int, int] = {}

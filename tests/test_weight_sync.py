@@ -145,3 +145,22 @@ def test_forming_a_group_runs_one_collective_within_the_deadline_lazy_nccl_stand
         connected(pg, "gloo", timeout_s=0.5)
     assert 0.5 <= time.monotonic() - start < 5 and pg.aborted
 
+
+
+def test_engines_whose_heartbeat_stopped_reach_the_driver_by_index():
+    """The learner's error carries the silent group ranks through Ray (pickled, as a task error's cause); the
+    driver maps them to engine indices, so it replaces a frozen engine without waiting out the timeout."""
+    import pickle
+
+    import ray
+
+    from cluster.weight_push import silent_engines
+
+    err = pickle.loads(pickle.dumps(WeightSyncError("engine rank 3 is gone", silent_ranks=[3, 4])))
+    assert (str(err), err.silent_ranks) == ("engine rank 3 is gone", (3, 4))
+    from_task = ray.exceptions.RayTaskError("broadcast", "traceback", err).as_instanceof_cause()
+    assert isinstance(from_task, WeightSyncError)
+    # two tensor-parallel ranks per engine: ranks 3 and 4 are both the second member, engine 2
+    assert silent_engines(from_task, members=[0, 2, 5], per_engine=2) == {2}
+    assert silent_engines(from_task, members=[0, 2, 5], per_engine=1) == {5}  # rank 4 is past the group
+    assert silent_engines(ray.exceptions.RayTaskError("broadcast", "tb", ValueError("x")), [0], 1) == set()

@@ -44,8 +44,16 @@ HEALTH_EVERY_S = 0.2  # how often heartbeats and failure reports are read while 
 class WeightSyncError(RuntimeError):
     """The weight broadcast cannot complete; the message names the engine(s) at fault.
 
-    After it is raised the group is unusable on every side: close it and form a new one.
+    After it is raised the group is unusable on every side: close it and form a new one. `silent_ranks`: the
+    group ranks whose heartbeat had stopped (dead or frozen), so the caller can replace those engines at once.
     """
+
+    def __init__(self, message: str, silent_ranks: Iterable[int] = ()) -> None:
+        super().__init__(message)
+        self.silent_ranks = tuple(silent_ranks)
+
+    def __reduce__(self):  # crosses Ray as the cause of a RayTaskError: keep the ranks
+        return type(self), (str(self), self.silent_ranks)
 
 
 # ---- the one place that knows about backends ----
@@ -295,7 +303,7 @@ class Watch:
         if dead:
             silent = max(self.silent_for(r) for r in dead)
             return WeightSyncError(f"weight sync {during}: engine {self.who(dead)} is gone "
-                                   f"(no heartbeat for {silent:.1f}s: dead or frozen)")
+                                   f"(no heartbeat for {silent:.1f}s: dead or frozen)", dead)
         return WeightSyncError(f"weight sync {during}: " + "; ".join(
             f"engine {self.who([r])} failed: {msg}" for r, msg in failed.items()))
 
@@ -320,7 +328,7 @@ class Watch:
 
         wait_for(someone_dead, time.monotonic() + self.cfg.stale_s + 2 * self.cfg.heartbeat_s, max_sleep=0.1)
         if found[0] or found[1]:
-            return WeightSyncError(f"{self.error(during, *found)} [backend error: {exc}]")
+            return WeightSyncError(f"{self.error(during, *found)} [backend error: {exc}]", found[1])
         return WeightSyncError(f"weight sync {during} failed: {type(exc).__name__}: {exc}; no engine "
                                f"reported a failure or stopped its heartbeat; "
                                f"unconfirmed: {self.who(suspects)}")
