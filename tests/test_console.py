@@ -128,10 +128,10 @@ NOISE = ["Setting accelerator to CPU", "Started a local Ray instance", "Token au
 BAR = re.compile(r"^[^|]+: +\d+%\|")  # tqdm: "GRPO:  50%|#####     | 1/2 [...]"
 
 
-def clsrl_train(run_dir: Path, *extra: str) -> str:
+def clsrl_train(run_dir: Path, *overrides: str, verbose: bool = False) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "commands.cli", "train", str(DEFAULT_CONFIG), *FAST,
-                           "--run-dir", str(run_dir), *extra], cwd=REPO_ROOT, env=env, text=True,
+    proc = subprocess.run([sys.executable, "-m", "commands.cli", "train", str(DEFAULT_CONFIG), *FAST, *overrides,
+                           "--run-dir", str(run_dir), *["--verbose"] * verbose], cwd=REPO_ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:]
     return proc.stdout
@@ -155,7 +155,9 @@ def test_clsrl_train_console_quiet_and_verbose(tmp_path):
     errs = "".join(p.read_text(errors="replace") for p in (run / "ray-logs").glob("worker-*.err"))
     assert ":actor_name:LearnerActor" in errs and ":actor_name:RolloutWorker" in errs
 
-    out = clsrl_train(tmp_path / "verbose", "--verbose")
+    # the noise comes from starting Ray and the actors: one step, no warm start, no eval is enough
+    out = clsrl_train(tmp_path / "verbose", "train.steps=1", "train.warm_start_steps=0", "data.eval_limit=1",
+                      verbose=True)
     for noise in ("Setting accelerator to CPU", "Started a local Ray instance", "pid="):
         assert noise in out, out[-5000:]
     assert not (tmp_path / "verbose" / STDERR_FILE).exists()
