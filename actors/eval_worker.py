@@ -1,7 +1,8 @@
 """Greedy evaluation: answers for held-out prompts, scored by each data set's correctness protocol.
 
 `greedy_answers` is what a rollout worker runs for the in-training evals; `EvalWorker` is the engine-only
-actor that `clsrl eval` spreads over the cluster (no Redis, no weight group: weights come from model_path).
+actor that `clsrl eval` spreads over the cluster (no Redis, no weight group: weights come from model_path,
+and `load` moves one to another checkpoint of the same model, as `clsrl transfer` does for each of its runs).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import torch
 
-from actors.engine import RolloutEngine, make_engine
+from actors.engine import RolloutEngine, engine_dtype, make_engine
 from protocol.components import SamplingConfig
 from protocol.config import RolloutConfig
 from protocol.results import EvalAnswer
@@ -62,6 +63,25 @@ class EvalWorker:
         self.correct = correctness_rewards(correct_reward)
         self.prompts_per_call = rollout.prompts_per_call
         self.encode = RequestEncoder(model_path, trust_remote_code)
+        self.model_path, self.trust_remote_code = model_path, trust_remote_code
+        self.dtype = engine_dtype(rollout.dtype)
+        self.loads = 0  # checkpoints loaded since the engine started (its policy version)
+
+    def load(self, model_path: str) -> int:
+        """Answer with the weights of `model_path` from now on: another checkpoint of the same model, copied
+        into the running engine through its weight-update path (an engine start costs far more: on a GPU,
+        minutes for vLLM). A parameter that does not fit is an error naming it, before anything is copied.
+        Returns the number of tensors loaded (0: that checkpoint is already loaded)."""
+        if model_path == self.model_path:
+            return 0
+        from actors.hf_engine import load_policy
+
+        model = load_policy(model_path, self.dtype, self.trust_remote_code)[0]
+        self.loads += 1
+        loaded = self.engine.update_weights(model.named_parameters(), self.loads)
+        self.encode = RequestEncoder(model_path, self.trust_remote_code)
+        self.model_path = model_path
+        return loaded
 
     def answer(self, requests: list[RolloutRequest], max_new_tokens: int) -> list[EvalAnswer]:
         return greedy_answers(self.engine, self.correct, requests, max_new_tokens, self.prompts_per_call,

@@ -7,10 +7,12 @@ classes and reported with their harmonic mean H, as CoOp-style papers do.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -23,7 +25,7 @@ from cluster.checkpoint import complete_tags
 from cluster.placement import init_ray
 from protocol.config import ExperimentConfig
 from protocol.rollout import RolloutRequest
-from tasks.data import load_run_data
+from tasks.data import RunData, load_run_data
 from telemetry.logs import announce
 from telemetry.tables import md_table
 
@@ -73,11 +75,40 @@ def _with_classes(cfg: ExperimentConfig, classes: str) -> list:
             for e in cfg.dataset_entries()]
 
 
-def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = None,
-             base_to_new: bool = False, max_new_tokens: int | None = None) -> dict:
+def _check_protocol(protocol: str | None) -> None:
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} (or none: each task's "
                          f"correct_reward), got {protocol!r}")
+
+
+@contextlib.contextmanager
+def eval_workers(cfg: ExperimentConfig, data: RunData, protocol: str | None = None) -> Iterator[list]:
+    """`cluster.rollout_workers` engine actors on Ray for data's model and data sets, killed on exit;
+    run_eval(workers=...) reuses them for other checkpoints of that model (loaded into running engines)."""
+    from cluster.job import local_runtime_env
+
+    _check_protocol(protocol)
+    scorers = {name: PROTOCOLS[protocol] if protocol else t.correct_reward for name, t in data.tasks.items()}
+    announce(f"ray: {init_ray(cfg.cluster, local_runtime_env())}")
+    Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine,
+                        num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
+    rollout = dataclasses.replace(cfg.rollout, colocate=False)  # nothing trains here: engines keep their GPUs
+    seeds = [cfg.train.seed + i for i in range(cfg.cluster.rollout_workers)]
+    workers = [Worker.remote(data.model_path, rollout, scorers, cfg.model.trust_remote_code, seed)
+               for seed in seeds]
+    try:
+        yield workers
+    finally:
+        for w in workers:
+            ray.kill(w)
+
+
+def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = None,
+             base_to_new: bool = False, max_new_tokens: int | None = None,
+             workers: list | None = None) -> dict:
+    """Evaluate cfg's model: on `workers` from eval_workers (made for the same data sets and protocol)
+    when given, else on engines of its own."""
+    _check_protocol(protocol)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_new_tokens = max_new_tokens or cfg.rollout.eval_max_new_tokens
@@ -85,17 +116,13 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
     loaded = {h: load_run_data(cfg, _with_classes(cfg, h) if h else None) for h in halves}
     first = loaded[halves[0]]
     scorers = {name: PROTOCOLS[protocol] if protocol else t.correct_reward for name, t in first.tasks.items()}
-    from cluster.job import local_runtime_env
-
-    announce(f"ray: {init_ray(cfg.cluster, local_runtime_env())}")
-    Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine,
-                        num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
-    rollout = dataclasses.replace(cfg.rollout, colocate=False)  # nothing trains here: engines keep their GPUs
-    workers = [Worker.remote(first.model_path, rollout, scorers, cfg.model.trust_remote_code,
-                             cfg.train.seed + i) for i in range(cfg.cluster.rollout_workers)]
-    t0 = time.perf_counter()
     result: dict = {"model": first.model_path, "max_new_tokens": max_new_tokens, "datasets": {}}
-    try:
+    with contextlib.ExitStack() as own:
+        if workers is None:
+            workers = own.enter_context(eval_workers(cfg, first, protocol))
+        else:
+            ray.get([w.load.remote(first.model_path) for w in workers])
+        t0 = time.perf_counter()
         for half in halves:
             # references only: each eval worker reads and encodes its chunk's images (bounded memory)
             requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset},
@@ -110,9 +137,6 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
                     "correct": int(sum(r["correct"] for r in answers)),
                     "accuracy": statistics.fmean(r["correct"] for r in answers),
                     "truncated": sum(r["truncated"] for r in answers), "answers": answers}
-    finally:
-        for w in workers:
-            ray.kill(w)
     accs = {k: v["accuracy"] for k, v in result["datasets"].items()}
     result["mean_accuracy"] = statistics.fmean(accs.values())
     if base_to_new:

@@ -4,7 +4,8 @@ model as a trained-on x tested-on heatmap (transfer.png), with the numbers in tr
 
 Every run starts from the same model: `model.path`, or for the tiny model one build whose vocabulary covers
 all the data sets, after one shared format warm start when `train.warm_start_steps` is set (so "zero-shot" is
-the model every run starts from, and the per-run warm start is off).
+the model every run starts from, and the per-run warm start is off). The runs train first; one set of eval
+engines then answers for the zero-shot model and each trained one in turn, loading each checkpoint.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from commands.evaluation import resolve_model, run_eval
+from commands.evaluation import eval_workers, resolve_model, run_eval
 from learner.warm_start import format_warm_start
 from protocol.config import ExperimentConfig
 from tasks.data import load_run_data
@@ -45,16 +46,18 @@ def run_transfer(cfg: ExperimentConfig, out_dir: str | Path, checkpoints: dict[s
                                       t.warm_start_steps, t.warm_start_lr, t.prompts_per_step, t.seed,
                                       cfg.model.trust_remote_code))
     base = _with(cfg, model={"path": start}, train={"warm_start_steps": 0})
-    zero_shot = run_eval(base, out_dir / "zero_shot", protocol)
-    models, evals = {}, {}
-    for name, entry in zip(names, entries):
+    models = {}
+    for name, entry in zip(names, entries):  # every training run first: the eval engines then start once
         if name in checkpoints:
             models[name] = str(resolve_model(checkpoints[name]))
         else:
             run_dir = out_dir / "runs" / name
             train(dataclasses.replace(base, datasets=[entry]), run_dir)
             models[name] = str(resolve_model(run_dir))
-        evals[name] = run_eval(_with(base, model={"path": models[name]}), out_dir / "eval" / name, protocol)
+    with eval_workers(base, dataclasses.replace(data, model_path=start), protocol) as workers:
+        zero_shot = run_eval(base, out_dir / "zero_shot", protocol, workers=workers)
+        evals = {name: run_eval(_with(base, model={"path": models[name]}), out_dir / "eval" / name, protocol,
+                                workers=workers) for name in names}
     acc0 = {n: zero_shot["datasets"][n]["accuracy"] for n in names}
     accuracy = {t: {s: evals[t]["datasets"][s]["accuracy"] for s in names} for t in names}
     delta = {t: {s: accuracy[t][s] - acc0[s] for s in names} for t in names}

@@ -99,3 +99,37 @@ def test_eval_two_datasets_base_to_new_over_ray(ray_local, tmp_path):
 def test_cli_eval_names_a_bad_model_path(tmp_path, capsys):
     assert main(["eval", str(DEFAULT_CONFIG), "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "is not a model folder" in capsys.readouterr().err
+
+
+def test_eval_worker_loads_another_checkpoint_into_its_running_engine(tmp_path):
+    """`clsrl transfer` evaluates each trained model on the same engines: after load(B) a worker started on
+    A holds B's exact bytes and answers as a worker started on B does."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from actors.eval_worker import EvalWorker
+    from tasks.data import load_run_data
+    from vlm.processor import load_processor, save_processor
+
+    cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, ["rollout.prompts_per_call=4"])
+    data = load_run_data(cfg)
+    other = tmp_path / "other"
+    model = AutoModelForImageTextToText.from_pretrained(data.model_path, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(other)
+    save_processor(load_processor(data.model_path), other)
+
+    scorers = {"shapes": "cls_equality"}
+    worker = EvalWorker(data.model_path, cfg.rollout, scorers)
+    fresh = EvalWorker(str(other), cfg.rollout, scorers)
+    before = worker.engine.checksums()
+    assert before != fresh.engine.checksums()
+    assert worker.load(str(other)) == len(before) and worker.load(str(other)) == 0  # the second: no-op
+    assert worker.engine.checksums() == fresh.engine.checksums()  # SHA-256 of every parameter's bytes
+
+    requests = [RolloutRequest(e.id, e.inputs, e.solution, meta={"dataset": e.dataset}, source=e.source)
+                for e in data.test_examples[:6]]
+    assert [a.text for a in worker.answer(requests, 6)] == [a.text for a in fresh.answer(requests, 6)]
