@@ -1,19 +1,26 @@
-"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 (see tests/job_cluster.py).
+"""`ray job submit` against a real `ray start --head` cluster on 127.0.0.1 (see tests/job_cluster.py), and
+which cluster `clsrl train` runs on when such a head runs on the machine.
 
 One job is a probe (imports project packages from the uploaded working dir, schedules actors that import torch,
-checks what was uploaded); the other is a short `clsrl train` run of the whole distributed loop.
+checks what was uploaded); the other is a short `clsrl train` run of the whole distributed loop. The tests
+share one head cluster (a module fixture: one start and one teardown).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from commands.cli import DEFAULT_CONFIG
 from tests.job_cluster import REPO, UPLOAD_EXCLUDES, head_cluster, job_runtime_env, submit_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("head_cluster")]  # one module-scoped head cluster
@@ -133,3 +140,56 @@ def test_job_submit_runs_clsrl_train(head, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval/accuracy" in rows[-1]
     assert (run_dir / "checkpoints" / "step-000002" / "driver.json").is_file()
+
+
+# one GRPO step, one engine and one learner rank (the plan needs 2.5 CPUs)
+TINY = ["train.steps=1", "train.warm_start_steps=0", "train.prompts_per_step=2", "train.eval_every=0",
+        "data.eval_limit=2", "sampling.n=2", "learner.micro_batch_size=4", "train.loggers=[]",
+        "cluster.rollout_workers=1", "cluster.learner_ranks=1", "algorithm.dynamic_sampling=false"]
+
+
+def _train(run_dir: Path, env: dict[str, str], *extra: str) -> str:
+    """`clsrl train` in a subprocess; its `ray: ...` start-up line."""
+    proc = subprocess.run([sys.executable, "-m", "commands.cli", "train", str(DEFAULT_CONFIG), *TINY, *extra,
+                           "--run-dir", str(run_dir)], cwd=REPO, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ray: ")]
+    assert len(lines) == 1, proc.stdout[-5000:]
+    return lines[0]
+
+
+def test_train_starts_its_own_cluster_beside_a_running_one_and_joins_it_when_told(head, tmp_path):
+    """Ray was used on the machine before: a `ray start --head` runs and Ray's current-cluster file holds its
+    address. Without cluster.address (or $RAY_ADDRESS) `clsrl train` starts a cluster of its own beside it;
+    with cluster.address=auto it joins it. (A stale file pointing at a cluster that is gone:
+    tests/test_placement.py::test_init_ray_starts_a_local_cluster_sized_for_the_plan.)"""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="clsrl-cur-", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        # `ray start` recorded its address in its temp dir; put that file where ray.init() looks for it
+        # (the default temp dir, here $RAY_TMPDIR/ray), as a plain `ray start --head` leaves it in /tmp/ray
+        recorded = head.temp_dir / "ray_current_cluster"  # written a little after the job server is up
+        deadline = time.monotonic() + 60
+        while not recorded.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert recorded.read_text() == head.gcs_address
+        (ray_tmp / "ray").mkdir()
+        shutil.copy(recorded, ray_tmp / "ray" / "ray_current_cluster")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
+        env |= {k: v for k, v in head.env.items() if k.startswith("RAY_AUTH_")}  # the head's token
+        env |= {"RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+        jobs = len(head.client().list_jobs())  # the other tests' jobs on this head
+        own = _train(tmp_path / "own", env)
+        assert own.startswith("ray: local 127.0.0.1:") and "started for this run" in own, own
+        assert head.gcs_address not in own
+        assert len(head.client().list_jobs()) == jobs  # no driver of ours connected to the head
+
+        joined = _train(tmp_path / "joined", env, "cluster.address=auto")
+        assert joined == f"ray: joined {head.gcs_address} (cluster.address 'auto'; 6 CPUs on 1 node)"
+        assert len(head.client().list_jobs()) == jobs + 1  # the head lists our driver as one more job
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
