@@ -86,6 +86,10 @@ class GRPOSteps:
             rollouts += self.scheduler.poll(timeout_s=0)
             self.ledger.staleness.release(self.job.newly_released())  # stale groups the learners dropped
             pending = ray.wait(training, num_returns=len(training), timeout=0)[1]
+        # a worker whose chunk came back with the step's last groups starts its next one now, ahead of the
+        # broadcast (which it then takes after that chunk), when the staleness budget allows: else it would
+        # idle through the broadcast whenever training ended before the driver saw the chunk return
+        self.scheduler.fill(version)
         return self.job.finish_train(training), rollouts
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -196,7 +196,7 @@ def test_partial_rollout_through_the_loop(ray_local, tmp_path):
     (from the oldest token) stays within the bound, and the driver logs how many groups spanned versions."""
     cfg = load_config(ExperimentConfig, DEFAULT_CONFIG, [
         "train.steps=3", "train.warm_start_steps=0", "train.prompts_per_step=4", "train.eval_every=0",
-        "train.save_every=0", "data.eval_limit=4", "sampling.n=4", "sampling.max_new_tokens=32",
+        "train.save_every=0", "data.eval_limit=4", "sampling.n=4", "sampling.max_new_tokens=64",
         "learner.micro_batch_size=8", "weight_sync.timeout_s=15", "rollout.prompts_per_call=1",
         "rollout.max_staleness=1", "rollout.partial_rollout=true", "algorithm.off_policy=tis",
         "algorithm.dynamic_sampling=false", "cluster.learner_ranks=1"])  # no warm start: no signal to keep
