@@ -75,10 +75,12 @@ def _with_classes(cfg: ExperimentConfig, classes: str) -> list:
             for e in cfg.dataset_entries()]
 
 
-def _check_protocol(protocol: str | None) -> None:
+def _scorers(tasks: dict, protocol: str | None) -> dict[str, str]:
+    """Each data set's scoring reward: the one protocol, else its task's correct_reward."""
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)} (or none: each task's "
                          f"correct_reward), got {protocol!r}")
+    return {name: PROTOCOLS[protocol] if protocol else t.correct_reward for name, t in tasks.items()}
 
 
 @contextlib.contextmanager
@@ -87,8 +89,7 @@ def eval_workers(cfg: ExperimentConfig, data: RunData, protocol: str | None = No
     run_eval(workers=...) reuses them for other checkpoints of that model (loaded into running engines)."""
     from cluster.job import local_runtime_env
 
-    _check_protocol(protocol)
-    scorers = {name: PROTOCOLS[protocol] if protocol else t.correct_reward for name, t in data.tasks.items()}
+    scorers = _scorers(data.tasks, protocol)
     announce(f"ray: {init_ray(cfg.cluster, local_runtime_env())}")
     Worker = ray.remote(num_cpus=cfg.cluster.cpus_per_engine,
                         num_gpus=cfg.cluster.gpus_per_engine)(EvalWorker)
@@ -108,14 +109,14 @@ def run_eval(cfg: ExperimentConfig, out_dir: str | Path, protocol: str | None = 
              workers: list | None = None) -> dict:
     """Evaluate cfg's model: on `workers` from eval_workers (made for the same data sets and protocol)
     when given, else on engines of its own."""
-    _check_protocol(protocol)
+    _scorers({}, protocol)  # a bad protocol fails before any data is read
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_new_tokens = max_new_tokens or cfg.rollout.eval_max_new_tokens
     halves = ["base", "new"] if base_to_new else [None]
     loaded = {h: load_run_data(cfg, _with_classes(cfg, h) if h else None) for h in halves}
     first = loaded[halves[0]]
-    scorers = {name: PROTOCOLS[protocol] if protocol else t.correct_reward for name, t in first.tasks.items()}
+    scorers = _scorers(first.tasks, protocol)
     result: dict = {"model": first.model_path, "max_new_tokens": max_new_tokens, "datasets": {}}
     with contextlib.ExitStack() as own:
         if workers is None:
