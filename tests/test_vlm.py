@@ -167,3 +167,39 @@ def test_training_forward_encodes_each_image_once(tiny_model_dir, shapes_dataset
     assert shared[1].keys() == per_row[1].keys()
     for name, grad in per_row[1].items():
         torch.testing.assert_close(shared[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_training_forward_projects_only_completion_positions(tiny_model_dir, shapes_dataset):
+    """The lm_head sees one position per completion token (not the prompt's image and text tokens), and the
+    log-probs and gradients equal those taken from the full-sequence logits."""
+    import vlm.logprobs as logprobs
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    processor = load_processor(tiny_model_dir)
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
+    completions = [[10, 11, 12], [13], [14, 15, 16, 17]]
+    batch = build_sequence_batch([prompts[0], prompts[0], prompts[1]], completions,
+                                 model.generation_config.pad_token_id, model.config.image_token_id,
+                                 processor.image_processor)
+    projected = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: projected.append(tuple(args[0].shape[:2])))
+
+    def run(keep: bool):
+        model.zero_grad()
+        if not keep:
+            logprobs._keeps_positions = lambda model_type: False
+        try:
+            lp, mask = completion_logprobs(model, batch, 1.0, vision_token_ids(model.config))
+        finally:
+            logprobs._keeps_positions = keeps_positions
+        (lp * mask).sum().backward()
+        return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    keeps_positions = logprobs._keeps_positions
+    kept, full = run(True), run(False)
+    hook.remove()
+    assert projected == [(3, 4), tuple(batch.input_ids.shape)]
+    torch.testing.assert_close(kept[0], full[0], rtol=1e-5, atol=1e-6)
+    assert kept[1].keys() == full[1].keys()
+    for name, grad in full[1].items():
+        torch.testing.assert_close(kept[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -44,33 +44,46 @@ def _encodes_apart(model_type: type) -> bool:
         model_type.forward).parameters
 
 
-def model_outputs(model, batch: SequenceBatch):
+@cache
+def _keeps_positions(model_type: type) -> bool:
+    """The model's forward projects only the positions it is given onto the vocabulary (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
+def model_outputs(model, batch: SequenceBatch, **kwargs):
     """The model's forward on a batch, the vision tower run once per distinct image rather than once per
     row: a group's G rows share their prompt's image, and encoding it G times cost the learner ~9% of its
     step on the 23M bench model. The rows then take the same features, so their gradients sum into one
     vision backward. `model` may be a DeepSpeed engine (its module is the transformers model)."""
     core = getattr(getattr(model, "module", model), "model", None)
     if core is None or not _encodes_apart(type(core)):
-        return model(**batch.model_kwargs())
+        return model(**batch.model_kwargs(), **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     distinct = core.get_image_features(batch.pixel_values, batch.distinct_grid_thw(), return_dict=True)
     rows = tuple(distinct.pooler_output[i] for i in batch.image_index.tolist())
     return model(**batch.model_kwargs(pixels=False),
-                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=rows)})
+                 mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=rows)}, **kwargs)
 
 
 def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits that predict each completion token: ([N, T, V], targets [N, T], mask [N, T]) for T = longest."""
-    logits = model_outputs(model, batch).logits
+    width = batch.input_ids.shape[1]
     steps = int(batch.completion_lens.max()) if len(batch.completion_lens) else 0
-    offsets = torch.arange(steps, device=logits.device)
-    mask = offsets[None, :] < batch.completion_lens[:, None].to(logits.device)
+    offsets = torch.arange(steps)
+    mask = offsets[None, :] < batch.completion_lens[:, None].cpu()
     # the logit at position t predicts token t+1, so completion token j is predicted at prompt_len + j - 1
-    pos = (batch.prompt_lens[:, None].to(logits.device) - 1 + offsets[None, :]).clamp(max=logits.shape[1] - 1)
-    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-    targets = batch.input_ids.to(logits.device).gather(1, (pos + 1).clamp(max=logits.shape[1] - 1))
-    return picked, targets * mask, mask
+    pos = (batch.prompt_lens[:, None].cpu() - 1 + offsets[None, :]).clamp(max=width - 1)
+    targets = batch.input_ids.cpu().gather(1, (pos + 1).clamp(max=width - 1))
+    device = batch.input_ids.device
+    if _keeps_positions(type(getattr(model, "module", model))):
+        # only the completion positions meet the lm_head: with a real vocabulary (152k) and a few hundred
+        # image tokens per prompt, the full [N, L, V] logits were most of a micro-batch's memory
+        picked = model_outputs(model, batch, logits_to_keep=pos.to(device)).logits
+    else:
+        logits = model_outputs(model, batch).logits
+        picked = logits.gather(1, pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))
+    return picked, (targets * mask).to(device), mask.to(device)
 
 
 def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0,
