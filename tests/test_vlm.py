@@ -170,8 +170,8 @@ def test_training_forward_encodes_each_image_once(tiny_model_dir, shapes_dataset
 
 
 def test_training_forward_projects_only_completion_positions(tiny_model_dir, shapes_dataset):
-    """The lm_head sees one position per completion token (not the prompt's image and text tokens), and the
-    log-probs and gradients equal those taken from the full-sequence logits."""
+    """The lm_head sees only the span of completion positions (not the prompts' image and text tokens), and
+    the log-probs and gradients equal those taken from the full-sequence logits."""
     import vlm.logprobs as logprobs
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -198,7 +198,9 @@ def test_training_forward_projects_only_completion_positions(tiny_model_dir, sha
     keeps_positions = logprobs._keeps_positions
     kept, full = run(True), run(False)
     hook.remove()
-    assert projected == [(3, 4), tuple(batch.input_ids.shape)]
+    span = int((batch.prompt_lens + batch.completion_lens).max() - batch.prompt_lens.min())
+    assert span < batch.input_ids.shape[1] // 2
+    assert projected == [(3, span), tuple(batch.input_ids.shape)]
     torch.testing.assert_close(kept[0], full[0], rtol=1e-5, atol=1e-6)
     assert kept[1].keys() == full[1].keys()
     for name, grad in full[1].items():

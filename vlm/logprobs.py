@@ -76,13 +76,17 @@ def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.
     pos = (batch.prompt_lens[:, None].cpu() - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = batch.input_ids.cpu().gather(1, (pos + 1).clamp(max=width - 1))
     device = batch.input_ids.device
-    if _keeps_positions(type(getattr(model, "module", model))):
-        # only the completion positions meet the lm_head: with a real vocabulary (152k) and a few hundred
-        # image tokens per prompt, the full [N, L, V] logits were most of a micro-batch's memory
-        picked = model_outputs(model, batch, logits_to_keep=pos.to(device)).logits
+    if steps and _keeps_positions(type(getattr(model, "module", model))):
+        # only the span of completion positions meets the lm_head: with a real vocabulary (152k) and a few
+        # hundred image tokens per prompt, the full [N, L, V] logits were most of a micro-batch's memory. A 1-D
+        # range: transformers 5.19 (vLLM's pin) takes no per-row 2-D positions
+        first = int(pos.min())
+        span = torch.arange(first, int(pos.max()) + 1, device=device)
+        logits = model_outputs(model, batch, logits_to_keep=span).logits
+        pos = pos - first
     else:
         logits = model_outputs(model, batch).logits
-        picked = logits.gather(1, pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))
+    picked = logits.gather(1, pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))
     return picked, (targets * mask).to(device), mask.to(device)
 
 
