@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from learner.allocator import check_allocator, loaded_allocator
 from learner.grpo import group_advantages
 from learner.worker import LearnerWorker, import_deepspeed
 from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSyncConfig
@@ -51,6 +52,10 @@ class LearnerActor:
         interface, source = bind_collectives(node_ip)
         return {"rank": self.rank, "node": node_ip, "interface": interface, "source": source}
 
+    def allocator(self) -> str:
+        """The malloc this rank's process runs on (learner.allocator)."""
+        return loaded_allocator()
+
     def rendezvous(self, master_addr: str, master_port: int, collective_timeout_s: float) -> None:
         """Form the learners' default group (DeepSpeed's), so a rendezvous that cannot complete shows on its
         own, within the driver's bound, not as a model load that never ends. LearnerWorker then finds the
@@ -65,6 +70,9 @@ class LearnerActor:
     def setup(self, master_addr: str, master_port: int, model_path: str, cfg: LearnerConfig, algo: GRPOConfig,
               samples_per_rank: int, total_steps: int, redis_url: str, redis_cfg: RedisConfig,
               trust_remote_code: bool = False) -> None:
+        import ray
+
+        check_allocator(cfg.allocator, f"learner rank {self.rank} on node {ray.util.get_node_ip_address()}")
         self.algo = algo
         self.worker = LearnerWorker(self.rank, self.world_size, master_addr, master_port, model_path, cfg,
                                     algo, samples_per_rank, total_steps, trust_remote_code)

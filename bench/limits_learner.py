@@ -2,6 +2,8 @@
 
     python bench/limits_learner.py --out runs/bench-limits          # ~4 min idle
     python bench/limits_learner.py --quick                          # tiny model, ZeRO 1 and 3, one step
+    python bench/limits_learner.py --sizes large --stages 2,3       # a part of the table
+    python bench/limits_learner.py --allocator jemalloc             # the ranks on learner.allocator=jemalloc
 
 For every (model size, ZeRO stage): two fresh processes, each a real `learner.worker.LearnerWorker` (DeepSpeed
 on CPU, gloo, AdamW with torch_adam, fp32, no KL as in configs/cpu_demo.yaml), train on the same real rollout
@@ -52,6 +54,7 @@ def rank_main(rank: int, port: int, model_dir: str, stage: int, blobs: list[byte
     import torch
 
     torch.set_num_threads(1)
+    from learner.allocator import loaded_allocator
     from learner.grpo import group_advantages
     from learner.worker import LearnerWorker, import_deepspeed
     from protocol.components import GRPOConfig, LearnerConfig
@@ -78,6 +81,7 @@ def rank_main(rank: int, port: int, model_dir: str, stage: int, blobs: list[byte
     results.put({"rank": rank, "samples": samples, "init_s": init_s, "step_s": step_s[1:], "warmup_s": step_s[0],
                  "rss_start_mib": rss_start, "rss_after_init_mib": rss_init, "rss_after_steps_mib": rss_mib(),
                  "peak_rss_mib": peak_rss_mib(), "local_params": params,
+                 "allocator": loaded_allocator(),
                  "grad_norm": stats["grad_norm"], "loss_finite": bool(torch.isfinite(torch.tensor(stats["pg_loss"])))})
     worker.close()
     # Skip the interpreter's teardown: a rank process once aborted there ("terminate called without an active
@@ -150,7 +154,7 @@ def summarize(size: str, params: int, stage: int, ranks: list[dict]) -> dict:
             "predicted_state_mib": predicted_state_mib(params, stage),
             "local_params": [r["local_params"] for r in ranks], "init_s": max(r["init_s"] for r in ranks),
             "loss_finite": all(r["loss_finite"] for r in ranks), "exit_codes": [r["exit_code"] for r in ranks],
-            "grad_norm": ranks[0]["grad_norm"],
+            "grad_norm": ranks[0]["grad_norm"], "allocator": sorted({r["allocator"] for r in ranks}),
             "per_rank": ranks}
 
 
@@ -166,8 +170,19 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = lc.arg_parser(__doc__)
     ap.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward (2 per step per rank)")
+    ap.add_argument("--sizes", help="comma-separated model sizes (default: all of the plan's)")
+    ap.add_argument("--stages", help="comma-separated ZeRO stages (default: 1,2,3)")
+    ap.add_argument("--allocator", choices=["system", "jemalloc"], default="system",
+                    help="the ranks' malloc, as learner.allocator sets it (the spawned ranks inherit LD_PRELOAD)")
     args = ap.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    from learner.allocator import allocator_env
+
+    os.environ.update(allocator_env(args.allocator))
+    plan = dict(QUICK if args.quick else FULL)
+    if args.sizes:
+        plan["sizes"] = args.sizes.split(",")
+    if args.stages:
+        plan["stages"] = [int(s) for s in args.stages.split(",")]
     from stream.codec import encode_group
 
     lc.progress("learner: sampling real rollout groups from the tiny model")
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                      plan["steps"])))
             r = results[-1]
             lc.progress(f"  {r['samples_per_s']:.2f} samples/s, peak RSS {r['peak_rss_mib']:,.0f} MiB per rank")
-    path = lc.write_report(args.out, "limits_learner", {"quick": args.quick, "ranks": 2, "micro_batch": args.micro_batch,
+    path = lc.write_report(args.out, "limits_learner", {"quick": args.quick, "ranks": 2, "allocator": args.allocator, "micro_batch": args.micro_batch,
                                                          "steps": plan["steps"], "results": results})
     print("\n" + table(results) + f"\n\nwrote {path}")
     return 0

@@ -31,6 +31,7 @@ from cluster.placement import init_ray, release, reserve
 from cluster.scheduler import RolloutScheduler
 from cluster.staleness import StalenessManager
 from cluster.weight_push import broadcast_weights, form_weight_group, share_colocated
+from learner.allocator import allocator_env
 from learner.warm_start import format_warm_start
 from protocol.config import ExperimentConfig
 from protocol.overrides import to_dict
@@ -178,7 +179,9 @@ class Job:
             self._start_rollout_workers()  # engines load beside the learners
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks
-        self.learners = [Learner.options(**p.options("learner", r)).remote(rank=r, world_size=n)
+        env = allocator_env(cfg.learner.allocator)
+        extra = {"runtime_env": {"env_vars": env}} if env else {}
+        self.learners = [Learner.options(**p.options("learner", r), **extra).remote(rank=r, world_size=n)
                          for r in range(n)]
         addr, port = form_learner_group(self.learners, cfg.cluster.rendezvous_timeout_s,
                                         cfg.learner.collective_timeout_s)

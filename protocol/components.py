@@ -16,6 +16,7 @@ LossAgg = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"
 OffPolicy = Literal["ppo", "tis"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]  # auto = bf16 on GPU, fp32 on CPU
+Allocator = Literal["system", "jemalloc"]  # the learner ranks' malloc (learner/allocator.py)
 AppendFsync = Literal["always", "everysec", "no"]
 RedisListen = Literal["auto", "loopback", "cluster"]
 # auto = flash-attention 2 on CUDA in bf16 when installed, else sdpa (learner/kernels.py)
@@ -121,6 +122,8 @@ class LearnerConfig:
     attn_implementation: AttnImplementation = "auto"
     optimizer: Optimizer = "auto"
     collective_timeout_s: float = 600.0  # a dead rank fails the step with an error instead of a 30-min hang
+    # jemalloc: less host memory held per rank (ZeRO-3 on CPU: -40% peak RSS) for a slower CPU step
+    allocator: Allocator = "system"
 
     def __post_init__(self) -> None:
         check_fields(self, "learner.")

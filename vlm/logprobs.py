@@ -78,8 +78,8 @@ def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.
     device = batch.input_ids.device
     if steps and _keeps_positions(type(getattr(model, "module", model))):
         # only the span of completion positions meets the lm_head: with a real vocabulary (152k) and a few
-        # hundred image tokens per prompt, the full [N, L, V] logits were most of a micro-batch's memory. A 1-D
-        # range: transformers 5.19 (vLLM's pin) takes no per-row 2-D positions
+        # hundred image tokens per prompt, the full [N, L, V] logits were most of a micro-batch's memory.
+        # A 1-D range: transformers 5.19 (vLLM's pin) takes no per-row 2-D positions
         first = int(pos.min())
         span = torch.arange(first, int(pos.max()) + 1, device=device)
         logits = model_outputs(model, batch, logits_to_keep=span).logits
