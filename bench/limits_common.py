@@ -88,6 +88,9 @@ SIZES: dict[str, dict] = {
                    vision_depth=4, vision_hidden_size=192),
     "large": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=10,
                   vision_depth=4, vision_hidden_size=320),
+    # where ZeRO's model state, not the process's fixed ~130 MiB or the activations, sets a rank's memory
+    "xlarge": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+                   num_key_value_heads=4, vision_depth=4, vision_hidden_size=512),
 }
 
 

@@ -1,6 +1,6 @@
 """Learner: samples/s and peak memory per rank against model size and ZeRO stage, 2 DeepSpeed ranks over gloo.
 
-    python bench/limits_learner.py --out runs/bench-limits          # ~4 min idle
+    python bench/limits_learner.py --out runs/bench-limits          # ~10 min idle, half of it xlarge
     python bench/limits_learner.py --quick                          # tiny model, ZeRO 1 and 3, one step
     python bench/limits_learner.py --sizes large --stages 2,3       # a part of the table
     python bench/limits_learner.py --allocator jemalloc             # the ranks on learner.allocator=jemalloc
@@ -28,7 +28,7 @@ import time
 import limits_common as lc
 
 QUICK = {"sizes": ["tiny"], "stages": [1, 3], "steps": 1}
-FULL = {"sizes": ["tiny", "small", "medium", "large"], "stages": [1, 2, 3], "steps": 2}
+FULL = {"sizes": ["tiny", "small", "medium", "large", "xlarge"], "stages": [1, 2, 3], "steps": 2}
 MiB = 2**20
 
 
