@@ -12,7 +12,9 @@ split), two steps, no warm start. Measured from outside: the driver process's pe
 with psutil), start-up = launch until the step-0 eval begins (step 0's row time minus its time/eval: data
 scan, model build, Ray, actors; "data ready" is its first part, launch until the driver's `data:` line), time
 to the first step = start-up plus step 1 (the eval excluded: it is the engines' work, reported as eval
-images/s). The run is stopped once step 1 is logged.
+images/s). The run is stopped once step 1 is logged. From --no-eval-from images on (default 20k: the whole
+split's eval would take this machine hours), the run skips the step-0 eval (train.eval_at_start=false): the
+driver still reads and scans every test image, and first step = launch until step 1 is logged.
 """
 from __future__ import annotations
 
@@ -99,8 +101,8 @@ def data_ready_s(run_dir: Path, launched: float) -> float | None:
     return None
 
 
-def run_one(folder: Path, n: int, run_dir: Path, timeout_s: float, extra: list[str]) -> dict:
-    overrides = [f"data.root={folder}", f"data.max_pixels={MAX_PIXELS}", "data.eval_limit=null",
+def run_one(folder: Path, n: int, run_dir: Path, timeout_s: float, extra: list[str], eval_at_start: bool) -> dict:
+    overrides = [f"train.eval_at_start={str(eval_at_start).lower()}",f"data.root={folder}", f"data.max_pixels={MAX_PIXELS}", "data.eval_limit=null",
                  f"model.tiny.min_pixels={QWEN2_VL_2B_PIXELS[0]}", f"model.tiny.max_pixels={QWEN2_VL_2B_PIXELS[1]}",
                  "train.steps=2", "train.eval_every=0", "train.warm_start_steps=0", "train.prompts_per_step=4",
                  "train.save_every=0", "sampling.n=2", "learner.micro_batch_size=4", "rollout.eval_max_new_tokens=4",
@@ -111,15 +113,13 @@ def run_one(folder: Path, n: int, run_dir: Path, timeout_s: float, extra: list[s
     proc = subprocess.Popen([sys.executable, "-m", "commands.cli", "train", *overrides, "--run-dir", str(run_dir)],
                             cwd=lc.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, text=True)
-    peak_kb, rss_at_ready, seen = 0, None, {}
+    peak_kb, seen = 0, {}
     try:
         while proc.poll() is None and time.perf_counter() - start < timeout_s:
             peak_kb = max(peak_kb, _rss_kb(proc.pid))
             rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
             for r in rows:
                 seen.setdefault(r["step"], (time.perf_counter() - start, r))
-            if 0 in seen and rss_at_ready is None:
-                rss_at_ready = _rss_kb(proc.pid)
             if 1 in seen:
                 break
             time.sleep(0.1)
@@ -134,11 +134,15 @@ def run_one(folder: Path, n: int, run_dir: Path, timeout_s: float, extra: list[s
         err = proc.stderr.read()[-2000:] if proc.stderr else ""
         return {"images": n, "failed": f"no step 1 within {timeout_s:.0f} s (rc {proc.returncode}): {err}",
                 "driver_peak_rss_mb": peak_kb / 1024}
+    t1, _ = seen[1]
+    ready = data_ready_s(run_dir, launched)
+    if not eval_at_start:
+        return {"images": n, "driver_peak_rss_mb": peak_kb / 1024, "data_ready_s": ready, "startup_s": None,
+                "eval_s": None, "eval_images_per_s": None, "step1_s": None, "first_step_s": t1}
     t0, row0 = seen[0]
-    t1, row1 = seen[1]
     eval_s = row0["time/eval"]
     startup = t0 - eval_s
-    return {"images": n, "driver_peak_rss_mb": peak_kb / 1024, "data_ready_s": data_ready_s(run_dir, launched),
+    return {"images": n, "driver_peak_rss_mb": peak_kb / 1024, "data_ready_s": ready,
             "startup_s": startup, "eval_s": eval_s,
             "eval_images_per_s": n / eval_s, "step1_s": t1 - t0, "first_step_s": startup + (t1 - t0),
             "eval_accuracy": row0.get("eval/accuracy")}
@@ -148,19 +152,24 @@ def main() -> None:
     ap = lc.arg_parser(__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per size")
+    ap.add_argument("--no-eval-from", type=int, default=20000, help="sizes from this many images on skip the "
+                    "step-0 eval (train.eval_at_start=false)")
     args = ap.parse_args()
     sizes = [20, 60] if args.quick else sorted(args.sizes)
+    no_eval_from = 60 if args.quick else args.no_eval_from
     root = Path(os.environ["CLSRL_CACHE"]) / "bench_data_500x375"
     results = []
     for n in sizes:
         folder = data_set(root, n)
-        lc.progress(f"{n} test images: clsrl train (step-0 eval over all of them, then one GRPO step)")
+        evals = n < no_eval_from
+        lc.progress(f"{n} test images: clsrl train ({'step-0 eval over all of them, then ' if evals else ''}"
+                    "one GRPO step)")
         run_dir = args.out / "limits_data_runs" / f"n{n}"
         if run_dir.exists():
             import shutil
 
             shutil.rmtree(run_dir)
-        results.append(run_one(folder, n, run_dir, args.timeout, QUICK if args.quick else []))
+        results.append(run_one(folder, n, run_dir, args.timeout, QUICK if args.quick else [], evals))
         lc.progress(json.dumps(results[-1]))
     ok = [r for r in results if "failed" not in r]
     growth = ok[-1]["driver_peak_rss_mb"] - ok[0]["driver_peak_rss_mb"] if len(ok) > 1 else None
@@ -168,9 +177,10 @@ def main() -> None:
               "rss_growth_mb": growth, "rss_growth_between": [ok[0]["images"], ok[-1]["images"]] if ok else None,
               "targets": TARGETS}
     path = lc.write_report(args.out, "limits_data", report)
-    rows = [[f"{r['images']:,}", f"{r['driver_peak_rss_mb']:.0f}", *(
-        [f"{r['data_ready_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['first_step_s']:.1f}", f"{r['eval_s']:.1f}",
-         f"{r['eval_images_per_s']:.1f}"] if "failed" not in r else ["failed", "", "", "", ""])] for r in results]
+    cell = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.1f}"  # noqa: E731
+    keys = ["data_ready_s", "startup_s", "first_step_s", "eval_s", "eval_images_per_s"]
+    rows = [[f"{r['images']:,}", f"{r['driver_peak_rss_mb']:.0f}",
+             *([cell(r, k) for k in keys] if "failed" not in r else ["failed", "", "", "", ""])] for r in results]
     print(lc.md_table(["test images", "driver peak RSS (MB)", "data ready (s)", "start-up (s)", "first step (s)",
                        "eval (s)", "eval images/s"], rows))
     if growth is not None:

@@ -30,7 +30,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
         resumed_at = first if resume else None
         with MetricsLogger(job.run_dir, cfg.train.loggers, resumed_at) as metrics, \
                 MetricsLogger(job.run_dir, (), resumed_at, TRAINED_FILE, keep_rows=False) as trained:
-            if first == 0:
+            if first == 0 and cfg.train.eval_at_start:
                 metrics.log({"step": 0, **evaluate(job, 0)})
             watch = CollapseWatch(window=cfg.train.collapse_window)  # warns when GRPO stops learning
             bar = tqdm(range(first + 1, cfg.train.steps + 1), desc=steps.name, initial=first,
@@ -51,7 +51,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: str | bool | None 
     if cfg.train.mode == "grpo":
         write_staleness(steps.staleness, job.run_dir, cfg)
     staleness = dict(sorted(steps.staleness.items()))
-    return {"grpo_start": accuracies[0], "final": accuracies[-1], "steps": cfg.train.steps,
+    start = accuracies[0] if cfg.train.eval_at_start or resume else None
+    return {"grpo_start": start, "final": accuracies[-1], "steps": cfg.train.steps,
             "seconds": time.time() - started, "run_dir": str(run_dir), "staleness": staleness}
 
 

@@ -21,7 +21,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from protocol.overrides import load_config
     from telemetry.logs import quiet_console
     from telemetry.metrics import check_loggers
-    from telemetry.tables import md_table
 
     cfg = load_config(ExperimentConfig, args.config, args.overrides)
     check_loggers(cfg.train.loggers)  # a missing tracker package fails here, not after the job has started
@@ -31,14 +30,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     args.log_dir = run_dir  # where main() puts the traceback of a user error
     with quiet_console(run_dir, verbose=args.verbose):  # libraries' and Ray actors' output to files
         result = train(cfg, run_dir, resume=args.resume)
-    mode = cfg.train.mode.upper()
-    warm = ", after the format warm start" if cfg.train.warm_start_steps else ""
-    rows = [[f"{mode} start (step 0{warm})", f"{result['grpo_start']:.3f}"],
-            [f"after {result['steps']} {mode} steps", f"{result['final']:.3f}"]]
-    print("\n" + md_table(["policy", "held-out accuracy"], rows))
+    print("\n" + result_table(result, cfg.train.mode, bool(cfg.train.warm_start_steps)))
     print(f"\nrun directory: {run_dir} ({result['seconds']:.0f} s): metrics.jsonl, curves.png, tensorboard/, "
           "checkpoints/")
     return 0
+
+
+def result_table(result: dict, mode: str, warm_started: bool) -> str:
+    """The run's held-out accuracy before and after training, as the console shows it."""
+    from telemetry.tables import md_table
+
+    mode = mode.upper()
+    warm = ", after the format warm start" if warm_started else ""
+    start = result["grpo_start"]
+    start = "not run (train.eval_at_start=false)" if start is None else f"{start:.3f}"
+    rows = [[f"{mode} start (step 0{warm})", start],
+            [f"after {result['steps']} {mode} steps", f"{result['final']:.3f}"]]
+    return md_table(["policy", "held-out accuracy"], rows)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

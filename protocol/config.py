@@ -188,6 +188,9 @@ class TrainConfig:
     warm_start_steps: int = 0  # supervised steps teaching the answer format (targets: random candidates)
     warm_start_lr: float = 1e-3
     eval_every: int = 10  # greedy held-out accuracy at step 0, every N steps and at the end (0 = start/end)
+    # the step-0 eval; false starts training at once (a whole ImageNet-size test split is minutes of engine
+    # time before step 1), as verl's val_before_train
+    eval_at_start: bool = True
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 0  # checkpoints kept: the newest K (0 = keep all) ...
     keep_best: int = 0  # ... plus the K with the best held-out accuracy at their step

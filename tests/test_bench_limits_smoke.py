@@ -107,13 +107,19 @@ def test_scaling_model_reads_the_calibration_and_plots(tmp_path):
 
 
 @pytest.mark.slow
-def test_data_limits_measure_the_driver_through_a_whole_split_eval(tmp_path):
+def test_data_limits_measure_the_driver_through_a_whole_split_eval_and_one_without_it(tmp_path):
+    """20 images: the step-0 eval covers the split; 60 (quick's --no-eval-from): train.eval_at_start=false, so
+    the run has no step-0 row and its first step is timed from launch."""
     report, rows = run_bench("limits_data", tmp_path, timeout=1200)
     results = report["results"]
     assert [r["images"] for r in results] == [20, 60] and not any("failed" in r for r in results)
-    for r in results:
-        assert 0 < r["data_ready_s"] < r["startup_s"] < r["first_step_s"]
-        assert r["eval_images_per_s"] == pytest.approx(r["images"] / r["eval_s"])
-        assert r["driver_peak_rss_mb"] > 100
+    evaluated, skipped = results
+    assert 0 < evaluated["data_ready_s"] < evaluated["startup_s"] < evaluated["first_step_s"]
+    assert evaluated["eval_images_per_s"] == pytest.approx(evaluated["images"] / evaluated["eval_s"])
+    assert 0 < skipped["data_ready_s"] < skipped["first_step_s"] and skipped["eval_s"] is None
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "limits_data_runs" / "n60" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1  # no step-0 eval row
+    assert all(r["driver_peak_rss_mb"] > 100 for r in results)
     assert report["rss_growth_mb"] == pytest.approx(results[1]["driver_peak_rss_mb"] - results[0]["driver_peak_rss_mb"])
     assert report["max_pixels"] == 401408 and rows[0].startswith("| test images |") and len(rows) == 3

@@ -107,3 +107,13 @@ def test_a_misspelt_reward_fails_at_data_loading_naming_the_key():
     with pytest.raises(ConfigError, match=r"config key 'task.rewards': unknown reward 'cls_equalty' "
                                           r"\(did you mean 'cls_equality'\?\)"):
         load_run_data(cfg)
+
+
+def test_the_result_table_says_when_the_start_eval_was_skipped():
+    from commands.cli import result_table
+
+    shown = result_table({"grpo_start": 0.25, "final": 0.5, "steps": 3}, "grpo", True)
+    assert "| GRPO start (step 0, after the format warm start) | 0.250 |" in shown
+    assert "| after 3 GRPO steps | 0.500 |" in shown
+    skipped = result_table({"grpo_start": None, "final": 0.5, "steps": 3}, "sft", False)
+    assert "| SFT start (step 0) | not run (train.eval_at_start=false) |" in skipped
