@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -111,14 +112,17 @@ class Job:
             wanted = None if self.resume is True else self.resume
             resume_tag, self.state = read_checkpoint(self.ckpt_root, wanted)
             self._warn_config_changes(self.state.config)
-        self._load_data()
+        # the data scan, model build and warm start run beside Ray's start-up (seconds at 50k test images)
+        with ThreadPoolExecutor(1, thread_name_prefix="clsrl-data") as pool:
+            data = pool.submit(self._load_data)
+            self.ray_desc = init_ray(cfg.cluster, local_runtime_env(), log_to_driver=ray_log_to_driver())
+            data.result()
         by_dataset: dict[str, list[str]] = {name: [] for name in self.tasks}
         for e in self.train_examples:
             by_dataset[e.dataset].append(e.id)
         self.order = MixtureOrder(by_dataset, self.weights, cfg.train.seed)
         if resume_tag:  # a data set added since the checkpoint starts fresh, a removed one is dropped
             self.order.load_state_dict(self.state.data_order["order"], allow_new=True, allow_removed=True)
-        self.ray_desc = init_ray(cfg.cluster, local_runtime_env(), log_to_driver=ray_log_to_driver())
         announce(f"ray: {self.ray_desc}")
         note_ray_logs(self.run_dir)  # quiet console: where the actors' output is
         # after Ray: a private server listens where every node's actors reach it (cluster/nodes.py)
