@@ -1,11 +1,18 @@
 """learner.allocator: a learner rank's process runs on the malloc its config names, or fails saying why."""
 from __future__ import annotations
 
+import ctypes.util
+
 import pytest
 
 from learner.allocator import allocator_env, check_allocator, loaded_allocator
 
+# .ci/run installs it (and fails if it cannot); elsewhere `make test` runs without it, saying so with -rs
+needs_jemalloc = pytest.mark.skipif(ctypes.util.find_library("jemalloc") is None,
+                                    reason="no libjemalloc.so.2 here: apt-get install libjemalloc2")
 
+
+@needs_jemalloc
 def test_jemalloc_is_preloaded_into_a_learner_actor_and_the_default_stays_glibc(ray_local):
     from actors.learner_actor import LearnerActor
 
