@@ -107,6 +107,7 @@ class Job:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(recorded_config(cfg), sort_keys=False))
         self.state = DriverState(step=0, policy_version=0, config=recorded_config(cfg))
+        self.learner_env = allocator_env(cfg.learner.allocator)  # a missing allocator fails before Ray starts
         resume_tag = None
         if self.resume:
             wanted = None if self.resume is True else self.resume
@@ -183,8 +184,7 @@ class Job:
             self._start_rollout_workers()  # engines load beside the learners
         Learner = ray.remote(LearnerActor)
         n = cfg.cluster.learner_ranks
-        env = allocator_env(cfg.learner.allocator)
-        extra = {"runtime_env": {"env_vars": env}} if env else {}
+        extra = {"runtime_env": {"env_vars": self.learner_env}} if self.learner_env else {}
         self.learners = [Learner.options(**p.options("learner", r), **extra).remote(rank=r, world_size=n)
                          for r in range(n)]
         addr, port = form_learner_group(self.learners, cfg.cluster.rendezvous_timeout_s,
