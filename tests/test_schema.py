@@ -95,7 +95,7 @@ def _literal_keys(cls=ExperimentConfig, prefix=""):
 def test_every_fixed_choice_key_is_a_literal():
     assert set(_literal_keys()) == {
         "model.tiny.kind", "data.format", "data.classes", "task.prompt", "algorithm.advantage_scale", "algorithm.kl",
-        "algorithm.loss_agg", "algorithm.off_policy", "learner.lr_schedule", "learner.precision",
+        "algorithm.loss_agg", "algorithm.off_policy", "learner.lr_schedule", "learner.precision", "learner.allocator",
         "learner.attn_implementation", "learner.optimizer", "rollout.engine", "rollout.dtype", "cluster.strategy",
         "redis.appendfsync", "redis.listen", "weight_sync.backend", "train.mode"}
 
