@@ -102,7 +102,8 @@ def data_ready_s(run_dir: Path, launched: float) -> float | None:
 
 
 def run_one(folder: Path, n: int, run_dir: Path, timeout_s: float, extra: list[str], eval_at_start: bool) -> dict:
-    overrides = [f"train.eval_at_start={str(eval_at_start).lower()}",f"data.root={folder}", f"data.max_pixels={MAX_PIXELS}", "data.eval_limit=null",
+    overrides = [f"train.eval_at_start={str(eval_at_start).lower()}",
+                 f"data.root={folder}", f"data.max_pixels={MAX_PIXELS}", "data.eval_limit=null",
                  f"model.tiny.min_pixels={QWEN2_VL_2B_PIXELS[0]}", f"model.tiny.max_pixels={QWEN2_VL_2B_PIXELS[1]}",
                  "train.steps=2", "train.eval_every=0", "train.warm_start_steps=0", "train.prompts_per_step=4",
                  "train.save_every=0", "sampling.n=2", "learner.micro_batch_size=4", "rollout.eval_max_new_tokens=4",

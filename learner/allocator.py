@@ -2,9 +2,9 @@
 
 A learner frees and reallocates activations, gathered ZeRO-3 weights and gradients every micro-batch. glibc's
 heap keeps what it freed resident (its mmap threshold rises after large frees), so a rank's host RSS ends
-far above what it holds live; jemalloc returns it. Measured on 2 CPU ranks of a 46M model (BENCHMARKS.md,
-`bench/limits_learner.py`): peak RSS above start 1,021 -> 850 MiB (ZeRO-2) and 1,588-1,650 -> 958 MiB
-(ZeRO-3), for a step 3-6% (ZeRO-2) and about 15% (ZeRO-3) slower, hence opt-in.
+far above what it holds live; jemalloc returns it. Measured on 2 CPU ranks (BENCHMARKS.md,
+`bench/limits_learner.py`): peak RSS above start 30-45% lower on the 46M and 160M models (ZeRO-3, 160M:
+4,915 -> 2,703 MiB), for a CPU step 0.97-1.16x as long, hence opt-in.
 
 An allocator must be in place before the process allocates, so it goes in through the actor's environment
 (LD_PRELOAD by soname: each node's loader finds its own copy), and the rank checks it was loaded.
