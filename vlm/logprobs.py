@@ -68,14 +68,13 @@ def model_outputs(model, batch: SequenceBatch, **kwargs):
 
 def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits that predict each completion token: ([N, T, V], targets [N, T], mask [N, T]) for T = longest."""
-    width = batch.input_ids.shape[1]
+    width, device = batch.input_ids.shape[1], batch.input_ids.device
     steps = int(batch.completion_lens.max()) if len(batch.completion_lens) else 0
-    offsets = torch.arange(steps)
-    mask = offsets[None, :] < batch.completion_lens[:, None].cpu()
+    offsets = torch.arange(steps, device=device)
+    mask = offsets[None, :] < batch.completion_lens[:, None].to(device)
     # the logit at position t predicts token t+1, so completion token j is predicted at prompt_len + j - 1
-    pos = (batch.prompt_lens[:, None].cpu() - 1 + offsets[None, :]).clamp(max=width - 1)
-    targets = batch.input_ids.cpu().gather(1, (pos + 1).clamp(max=width - 1))
-    device = batch.input_ids.device
+    pos = (batch.prompt_lens[:, None].to(device) - 1 + offsets[None, :]).clamp(max=width - 1)
+    targets = batch.input_ids.gather(1, (pos + 1).clamp(max=width - 1))
     if steps and _keeps_positions(type(getattr(model, "module", model))):
         # only the span of completion positions meets the lm_head: with a real vocabulary (152k) and a few
         # hundred image tokens per prompt, the full [N, L, V] logits were most of a micro-batch's memory.
@@ -86,8 +85,8 @@ def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.
         pos = pos - first
     else:
         logits = model_outputs(model, batch).logits
-    picked = logits.gather(1, pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))
-    return picked, (targets * mask).to(device), mask.to(device)
+    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    return picked, targets * mask, mask
 
 
 def completion_logprobs(model, batch: SequenceBatch, temperature: float = 1.0,
