@@ -1,6 +1,9 @@
 """The tiny offline VLM and the model I/O shared by rollout and learner."""
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 from transformers import AutoModelForImageTextToText
 
@@ -130,11 +133,21 @@ def test_training_forward_backpropagates(tiny_model_dir, shapes_dataset):
     assert torch.isfinite(loss) and vision_grad is not None and vision_grad.abs().sum() > 0
 
 
+def _logprobs_and_grads(model, batch, **replaced):
+    """completion_logprobs of `batch` and the gradients of their sum, with the named vlm.logprobs helpers
+    replaced for the call (to compare a path against the plain one)."""
+    import vlm.logprobs
+
+    model.zero_grad()
+    with mock.patch.multiple(vlm.logprobs, **replaced) if replaced else contextlib.nullcontext():
+        lp, mask = completion_logprobs(model, batch, 1.0, vision_token_ids(model.config))
+    (lp * mask).sum().backward()
+    return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_training_forward_encodes_each_image_once(tiny_model_dir, shapes_dataset):
     """Rows repeating a prompt (a group's G completions) share one vision-tower pass: the same log-probs bit
     for bit and the same gradients (to summation order) as encoding every row's copy of the image."""
-    import vlm.logprobs as logprobs
-
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     processor = load_processor(tiny_model_dir)
     prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
@@ -148,19 +161,9 @@ def test_training_forward_encodes_each_image_once(tiny_model_dir, shapes_dataset
     encoded = []
     hook = model.model.visual.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0]))
 
-    def run(apart: bool):
-        model.zero_grad()
-        if not apart:  # the plain call: every row's patches through the vision tower
-            logprobs._encodes_apart = lambda model_type: False
-        try:
-            lp, mask = completion_logprobs(model, batch, 1.0, vision_token_ids(model.config))
-        finally:
-            logprobs._encodes_apart = encodes_apart
-        (lp * mask).sum().backward()
-        return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    encodes_apart = logprobs._encodes_apart
-    shared, per_row = run(True), run(False)
+    shared = _logprobs_and_grads(model, batch)
+    # the plain call: every row's patches through the vision tower
+    per_row = _logprobs_and_grads(model, batch, _encodes_apart=lambda model_type: False)
     hook.remove()
     assert encoded == [batch.pixel_values.shape[0], batch.row_pixel_values().shape[0]]
     assert torch.equal(shared[0], per_row[0])
@@ -172,8 +175,6 @@ def test_training_forward_encodes_each_image_once(tiny_model_dir, shapes_dataset
 def test_training_forward_projects_only_completion_positions(tiny_model_dir, shapes_dataset):
     """The lm_head sees only the span of completion positions (not the prompts' image and text tokens), and
     the log-probs and gradients equal those taken from the full-sequence logits."""
-    import vlm.logprobs as logprobs
-
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     processor = load_processor(tiny_model_dir)
     prompts = [e.inputs for e in _examples(processor, shapes_dataset, n=2)]
@@ -184,19 +185,8 @@ def test_training_forward_projects_only_completion_positions(tiny_model_dir, sha
     projected = []
     hook = model.lm_head.register_forward_hook(lambda m, args, out: projected.append(tuple(args[0].shape[:2])))
 
-    def run(keep: bool):
-        model.zero_grad()
-        if not keep:
-            logprobs._keeps_positions = lambda model_type: False
-        try:
-            lp, mask = completion_logprobs(model, batch, 1.0, vision_token_ids(model.config))
-        finally:
-            logprobs._keeps_positions = keeps_positions
-        (lp * mask).sum().backward()
-        return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    keeps_positions = logprobs._keeps_positions
-    kept, full = run(True), run(False)
+    kept = _logprobs_and_grads(model, batch)
+    full = _logprobs_and_grads(model, batch, _keeps_positions=lambda model_type: False)
     hook.remove()
     span = int((batch.prompt_lens + batch.completion_lens).max() - batch.prompt_lens.min())
     assert span < batch.input_ids.shape[1] // 2
