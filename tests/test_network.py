@@ -3,6 +3,7 @@ Redis listens, redis.url from the environment, roles placed by custom resources.
 itself is tests/test_multinode.py."""
 from __future__ import annotations
 
+import itertools
 import socket
 
 import pytest
@@ -13,7 +14,8 @@ from protocol.components import RedisConfig
 from protocol.config import ClusterConfig
 from protocol.overrides import ConfigError
 from stream.server import PrivateRedis, configured_url, connect, make_client
-from weights.network import GLOO_VAR, NCCL_VAR, bind_collectives, interface_of, route_source
+from weights.network import (GLOO_VAR, LISTEN_PORTS_FROM, NCCL_VAR, bind_collectives, ephemeral_ports, interface_of,
+                             listen_port, route_source)
 
 
 def test_collectives_bind_to_the_interface_holding_the_node_ip_unless_the_user_chose_one():
@@ -23,6 +25,41 @@ def test_collectives_bind_to_the_interface_holding_the_node_ip_unless_the_user_c
     mine = {GLOO_VAR: "eth7", NCCL_VAR: "ib0"}
     assert bind_collectives("127.0.0.1", mine)[0] == "eth7"
     assert mine == {GLOO_VAR: "eth7", NCCL_VAR: "ib0"}
+
+
+class _Fixed:
+    """A Random whose sample is the given ports, in order."""
+
+    def __init__(self, ports):
+        self.ports = ports
+
+    def sample(self, pool, k):
+        assert all(p in pool for p in self.ports)
+        return self.ports
+
+
+def test_a_listen_port_is_free_and_below_the_range_outgoing_connections_take_their_ports_from():
+    low, high = ephemeral_ports()
+    assert 1024 <= low < high
+    for _ in range(20):
+        port = listen_port("127.0.0.1")
+        assert LISTEN_PORTS_FROM <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # it really is free
+    taken, free = itertools.islice((p for p in range(LISTEN_PORTS_FROM, low) if _bindable(p)), 2)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", taken))
+        held.listen()
+        assert listen_port("127.0.0.1", _Fixed([taken, free])) == free  # a port in use is passed over
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def test_an_address_no_interface_holds_is_named_with_what_the_host_has():

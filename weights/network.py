@@ -10,13 +10,17 @@ routes to the peer from), unless the user chose one with GLOO_SOCKET_IFNAME / NC
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import MutableMapping
+from pathlib import Path
 
 import psutil
 
 GLOO_VAR = "GLOO_SOCKET_IFNAME"
 NCCL_VAR = "NCCL_SOCKET_IFNAME"
+# below the kernel's ephemeral range and above Ray's worker ports (10002-19999 by default)
+LISTEN_PORTS_FROM = 20000
 
 
 def route_source(peer: str) -> str:
@@ -61,3 +65,30 @@ def gloo_devices(peer: str) -> list:
     if chosen:
         return [dist.ProcessGroupGloo.create_device(interface=i) for i in chosen.split(",") if i]
     return [dist.ProcessGroupGloo.create_device(hostname=route_source(peer))]
+
+
+def ephemeral_ports(proc_file: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The range the kernel draws bind(0) and outgoing connections' local ports from."""
+    try:
+        low, high = (int(v) for v in Path(proc_file).read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
+def listen_port(host: str, rng: random.Random | None = None, tries: int = 50) -> int:
+    """A port free on `host` now, for a server that binds it a moment later (a rendezvous, Redis). Taken
+    below the ephemeral range when there is room: a bind(0) port lies inside it, where every outgoing
+    connection on the node draws its local port, so on a busy node one of them could take the port before
+    the server binds it (EADDRINUSE); below the range only an explicit bind can."""
+    low, _ = ephemeral_ports()
+    pool = range(LISTEN_PORTS_FROM, low)
+    picks = (rng or random.Random()).sample(pool, min(tries, len(pool))) if len(pool) >= tries else []
+    for port in [*picks, 0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host}")  # bind(0) failed too: the host has no port left
