@@ -38,10 +38,15 @@ def observe(report: Path) -> None:
     def broadcast(self, version: int, *args, **kwargs):
         update = real(self, version, *args, **kwargs)
         learner = ray.get(self.learners[0].checksums.remote())
-        members = [i for i in range(len(self.rollout_workers)) if i not in self.absent]
-        equal = [ray.get(self.rollout_workers[i].checksums.remote()) == learner for i in members]
+        members, equal, lost = [], [], []
+        for i in (i for i in range(len(self.rollout_workers)) if i not in self.absent):
+            try:
+                equal.append(ray.get(self.rollout_workers[i].checksums.remote()) == learner)
+                members.append(i)
+            except ray.exceptions.RayActorError:  # its node died after this broadcast: the next leaves it out
+                lost.append(i)
         seen["broadcasts"].append({"version": version, "time": time.time(), "engines": members,
-                                   "equal": equal, "params": len(learner)})
+                                   "equal": equal, "lost": lost, "params": len(learner)})
         if not seen["nodes"]:
             seen["nodes"] = actor_nodes()
         report.write_text(json.dumps(seen))

@@ -14,8 +14,16 @@ from protocol.components import RedisConfig
 from protocol.config import ClusterConfig
 from protocol.overrides import ConfigError
 from stream.server import PrivateRedis, configured_url, connect, make_client
-from weights.network import (GLOO_VAR, LISTEN_PORTS_FROM, NCCL_VAR, bind_collectives, ephemeral_ports, interface_of,
-                             listen_port, route_source)
+from weights.network import (
+    GLOO_VAR,
+    LISTEN_PORTS_FROM,
+    NCCL_VAR,
+    bind_collectives,
+    ephemeral_ports,
+    interface_of,
+    listen_port,
+    route_source,
+)
 
 
 def test_collectives_bind_to_the_interface_holding_the_node_ip_unless_the_user_chose_one():
