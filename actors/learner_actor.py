@@ -177,7 +177,9 @@ class LearnerActor:
     def open_weight_group(self, num_engines: int, cfg: WeightSyncConfig) -> tuple[str, int]:
         if self.sender is not None:
             self.sender.close()
-        host = self.address()[0]
+        import ray
+
+        host = ray.util.get_node_ip_address()
         self.sender = WeightSender(host, 0, num_engines, cfg, connect=False)
         return host, self.sender.port
 

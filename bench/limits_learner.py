@@ -21,7 +21,6 @@ import math
 import multiprocessing as mp
 import os
 import resource
-import socket
 import statistics
 import time
 
@@ -30,12 +29,6 @@ import limits_common as lc
 QUICK = {"sizes": ["tiny"], "stages": [1, 3], "steps": 1}
 FULL = {"sizes": ["tiny", "small", "medium", "large", "xlarge"], "stages": [1, 2, 3], "steps": 2}
 MiB = 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib() -> float:
@@ -108,7 +101,9 @@ def collect(results, procs: list, timeout_s: float = 900) -> list[dict]:
 def run_config(model_dir: str, stage: int, shares: list[list[bytes]], micro: int, steps: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    from weights.network import listen_port
+
+    port = listen_port("127.0.0.1")
     procs = [ctx.Process(target=rank_main, args=(r, port, model_dir, stage, shares[r], micro, steps, results), daemon=True)
              for r in range(2)]
     for p in procs:

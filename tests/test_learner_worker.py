@@ -1,8 +1,6 @@
 """The DeepSpeed learner group on a real local Ray cluster: two ranks over gloo."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -13,12 +11,7 @@ from protocol.rollout import RolloutGroup, RolloutRequest
 from tasks.examples import build_examples
 from vlm.generation import sample_completions
 from weights.checksum import checksums
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from weights.network import listen_port
 
 
 def _groups(tiny_policy, dataset, prompts=4, n=4):
@@ -37,7 +30,7 @@ def _groups(tiny_policy, dataset, prompts=4, n=4):
 def test_two_rank_train_step(ray_local, tiny_model_dir, tiny_policy, shapes_dataset, stage, beta, tmp_path):
     ray = ray_local
     Worker = ray.remote(num_cpus=1)(LearnerWorker)
-    port = _free_port()
+    port = listen_port("127.0.0.1")
     # learner.attn_implementation reaches the model: sdpa (auto on CPU) for ZeRO-2, eager for ZeRO-3
     attn = "auto" if stage == 2 else "eager"
     cfg = LearnerConfig(zero_stage=stage, micro_batch_size=4, lr=1e-3, attn_implementation=attn)

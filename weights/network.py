@@ -83,7 +83,7 @@ def listen_port(host: str, rng: random.Random | None = None, tries: int = 50) ->
     the server binds it (EADDRINUSE); below the range only an explicit bind can."""
     low, _ = ephemeral_ports()
     pool = range(LISTEN_PORTS_FROM, low)
-    picks = (rng or random.Random()).sample(pool, min(tries, len(pool))) if len(pool) >= tries else []
+    picks = (rng or random.Random()).sample(pool, tries) if len(pool) >= tries else []
     for port in [*picks, 0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
