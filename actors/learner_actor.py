@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from learner.allocator import check_allocator, loaded_allocator
+from learner.deepspeed_setup import import_deepspeed
 from learner.grpo import group_advantages
-from learner.worker import LearnerWorker, import_deepspeed
+from learner.worker import LearnerWorker
 from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSyncConfig
 from protocol.results import LearnerStep, SFTStep, WeightUpdate
 from stream.buffer import RolloutBuffer

@@ -48,8 +48,9 @@ def rank_main(rank: int, port: int, model_dir: str, stage: int, blobs: list[byte
 
     torch.set_num_threads(1)
     from learner.allocator import loaded_allocator
+    from learner.deepspeed_setup import import_deepspeed
     from learner.grpo import group_advantages
-    from learner.worker import LearnerWorker, import_deepspeed
+    from learner.worker import LearnerWorker
     from protocol.components import GRPOConfig, LearnerConfig
     from stream.codec import decode_group
 

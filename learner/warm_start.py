@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from learner.deepspeed_setup import import_deepspeed
 from learner.objective import sft_objective
 from tasks.examples import PromptExample, candidates_in, encode_source, format_target
 from vlm.cache import build_once
@@ -49,6 +50,7 @@ def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: lis
             opt.zero_grad()
             loss.backward()
             opt.step()
+        import_deepspeed()  # save_pretrained imports DeepSpeed through accelerate: without MLflow, 1.7 s less
         model.save_pretrained(out)
         save_processor(processor, out)
         (out / "warm_start.done").write_text(f"{steps} steps, lr {lr}, seed {seed}\n")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from learner.deepspeed_setup import import_deepspeed
 from learner.kernels import adam_params, attention
 from learner.objective import grpo_objective, pad_rows, sft_objective
 from learner.zero_buckets import model_hidden_size, zero_buckets
@@ -21,33 +21,6 @@ from protocol.components import GRPOConfig, LearnerConfig
 from vlm.inputs import build_sequence_batch, vision_token_ids
 from vlm.logprobs import completion_logprobs
 from vlm.processor import load_processor, save_processor
-
-
-def import_deepspeed():
-    """`import deepspeed` in a learner process, with three settings that keep it cheap:
-    - no MLflow import by DeepSpeed's autotuner when MLflow is installed (about 1 s of CPU and 100 MiB per
-      rank): learners never log to MLflow, the driver does;
-    - no shared-memory all-reduce op: DeepSpeed compiles it when a CPU process group starts (about a minute
-      of CPU on each new machine, and a C++ compiler on every node) for DeepSpeed-inference's all-reduce,
-      which a learner never calls; marked incompatible, DeepSpeed skips it (its own path for an op it cannot
-      build) and any inference all-reduce falls back to torch.distributed;
-    - this environment's `ninja` first on PATH, for the ops DeepSpeed still compiles: two versions (a system
-      1.11, the 1.13 pip installs beside DeepSpeed) read each other's build log as a changed command, so each
-      recompiled (about a minute of CPU) whenever the other had built last."""
-    bin_dir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if os.path.isfile(os.path.join(bin_dir, "ninja")) and not path.startswith(bin_dir + os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + path
-    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
-        sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError inside DeepSpeed's import
-        try:
-            import deepspeed
-        finally:
-            del sys.modules["mlflow"]
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # ShareMemCommBuilder.NAME
-    return deepspeed
 
 
 def lr_lambda(cfg: LearnerConfig, total_steps: int):
