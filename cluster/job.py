@@ -33,6 +33,7 @@ from cluster.scheduler import RolloutScheduler
 from cluster.staleness import StalenessManager
 from cluster.weight_push import broadcast_weights, form_weight_group, share_colocated
 from learner.allocator import allocator_env
+from learner.deepspeed_setup import import_deepspeed
 from learner.warm_start import format_warm_start
 from protocol.config import ExperimentConfig
 from protocol.overrides import to_dict
@@ -113,6 +114,8 @@ class Job:
             wanted = None if self.resume is True else self.resume
             resume_tag, self.state = read_checkpoint(self.ckpt_root, wanted)
             self._warn_config_changes(self.state.config)
+        if cfg.train.warm_start_steps:  # its save imports DeepSpeed, whose op builders import setuptools'
+            import_deepspeed()  # distutils shim under Python's import lock: beside Ray's forks, a deadlock
         # the data scan, model build and warm start run beside Ray's start-up (seconds at 50k test images)
         with ThreadPoolExecutor(1, thread_name_prefix="clsrl-data") as pool:
             data = pool.submit(self._load_data)
