@@ -12,6 +12,7 @@ from commands.cli import REPO_ROOT
 from commands.transfer import run_transfer
 from protocol.config import ExperimentConfig
 from protocol.overrides import ConfigError, from_dict, load_config
+from tasks.data import load_run_data
 
 SMALL_TRAIN = dict(prompts_per_step=8, warm_start_steps=0, eval_every=0, save_every=0)
 
@@ -58,16 +59,28 @@ def test_sft_learns_the_answers_in_each_tasks_format(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_transfer_matrix_trains_on_each_and_tests_on_all(ray_local, tmp_path):
-    cfg = _multi(steps=2)
+    cfg = _multi(mode="sft", steps=30)  # supervised: each model learns its own data set's answers
     result = run_transfer(cfg, tmp_path)
     names = ["shapes", "digits"]
     assert result["datasets"] == names
-    for t in names:
-        for s in names:
-            assert result["delta"][t][s] == pytest.approx(result["accuracy"][t][s] - result["zero_shot"][s])
+    # the table from the graded answers on disk: each trained model's, and the start model's (zero-shot)
+    evals = {t: json.loads((tmp_path / "eval" / t / "eval.json").read_text()) for t in names}
+    start = json.loads((tmp_path / "zero_shot" / "eval.json").read_text())
+    assert start["model"] == load_run_data(cfg).model_path  # the model every run starts from
+
+    def accuracy(ev: dict, s: str) -> float:
+        answers = ev["datasets"][s]["answers"]
+        assert len(answers) == {"shapes": 8, "digits": 10}[s]  # every test image of the data set, once
+        return sum(a["correct"] for a in answers) / len(answers)
+
     rows = list(csv.reader(open(tmp_path / "transfer.csv")))
     assert rows[0] == ["trained on \\ tested on", *names]
     assert [r[0] for r in rows[1:]] == [*names, "zero-shot accuracy"]
+    assert accuracy(evals["shapes"], "shapes") > accuracy(start, "shapes")  # not a table of zeros
+    for t, row in zip(names, rows[1:]):
+        assert evals[t]["model"].startswith(str(tmp_path / "runs" / t))  # tested: the model trained on t
+        assert row[1:] == [f"{100 * (accuracy(evals[t], s) - accuracy(start, s)):.2f}" for s in names]
+    assert rows[-1][1:] == [f"{100 * accuracy(start, s):.2f}" for s in names]
     assert (tmp_path / "transfer.png").stat().st_size > 5000
     assert "| trained on | shapes | digits |\n|---|---:|---:|\n" in (tmp_path / "transfer.md").read_text()
     assert (tmp_path / "runs" / "shapes" / "metrics.jsonl").is_file()
