@@ -114,8 +114,9 @@ class Job:
             wanted = None if self.resume is True else self.resume
             resume_tag, self.state = read_checkpoint(self.ckpt_root, wanted)
             self._warn_config_changes(self.state.config)
-        if cfg.train.warm_start_steps:  # its save imports DeepSpeed, whose op builders import setuptools'
-            import_deepspeed()  # distutils shim under Python's import lock: beside Ray's forks, a deadlock
+        # the data thread's saves (warm start, a first tiny-model build) import DeepSpeed, whose op builders
+        # import setuptools' distutils shim under Python's import lock: beside Ray's forks, a deadlock
+        import_deepspeed()
         # the data scan, model build and warm start run beside Ray's start-up (seconds at 50k test images)
         with ThreadPoolExecutor(1, thread_name_prefix="clsrl-data") as pool:
             data = pool.submit(self._load_data)
