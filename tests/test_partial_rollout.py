@@ -42,12 +42,14 @@ def _old_and_new(engine) -> tuple[dict, dict]:
     return old, new
 
 
-def _pause_at_forward(model, k: int, engine, reached: threading.Event):
-    """After the model's k-th forward of a generate call (the one that samples token k), block the generating
-    thread until a weight update waits, so the update lands after exactly k tokens."""
+def _pause_at_forward(model, k: int, engine, reached: threading.Event, rows: int):
+    """After the model's k-th forward over the `rows` sampled rows (the one that samples token k), block the
+    generating thread until a weight update waits, so the update lands after exactly k tokens."""
     calls = [0]
 
     def hook(module, args, output):
+        if output.logits.shape[0] != rows:  # the prompts' one shared forward (shared_prefill) samples nothing
+            return
         calls[0] += 1
         if calls[0] == k:
             reached.set()
@@ -62,7 +64,7 @@ def _pause_at_forward(model, k: int, engine, reached: threading.Event):
 
 def _generate_with_update(engine, requests, new: dict, version: int) -> list:
     reached, out = threading.Event(), {}
-    handle = _pause_at_forward(engine.model, SWITCH_AFTER, engine, reached)
+    handle = _pause_at_forward(engine.model, SWITCH_AFTER, engine, reached, len(requests) * SAMPLING.n)
     worker = threading.Thread(target=lambda: out.update(groups=engine.generate(requests, SAMPLING, seed=5)))
     worker.start()
     try:

@@ -10,9 +10,9 @@ from transformers import AutoModelForImageTextToText
 from learner.objective import pad_rows
 from protocol.components import SamplingConfig, TinyVLMSpec
 from tasks.examples import build_examples
-from vlm.generation import sample_completions
-from vlm.inputs import build_sequence_batch, encode_prompt, vision_token_ids
-from vlm.logprobs import completion_logprobs
+from vlm.generation import _generation_config, generate_segment, sample_completions
+from vlm.inputs import build_sequence_batch, encode_prompt, left_pad_prompts, vision_token_ids
+from vlm.logprobs import completion_logprobs, policy_logprobs
 from vlm.processor import Qwen2VLImageOnlyProcessor, load_processor
 from vlm.tiny import ensure_tiny_vlm
 
@@ -79,6 +79,31 @@ def test_greedy_is_deterministic_and_single(tiny_policy, shapes_dataset):
     b = sample_completions(model, processor.tokenizer, prompts, cfg, image_processor=processor.image_processor)
     assert [len(g) for g in a] == [1, 1]
     assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
+
+
+def test_samples_of_a_prompt_share_one_forward_over_it_and_are_what_generate_samples(tiny_policy, shapes_dataset):
+    """G samples of a prompt share one forward over the prompt (image tokens included), not G: and they are
+    the tokens and log-probs that generate's own expansion (num_return_sequences) samples for the same seed."""
+    model, processor = tiny_policy
+    prompts = [e.inputs for e in _examples(processor, shapes_dataset)]  # different lengths: left-padded
+    inputs = left_pad_prompts(prompts, model.generation_config.pad_token_id, model.config.image_token_id,
+                              processor.image_processor)
+    cfg, width = SamplingConfig(n=4, max_new_tokens=6), inputs["input_ids"].shape[1]
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    torch.manual_seed(7)
+    ids, logprobs = generate_segment(model, inputs, cfg, 4, 6)
+    hook.remove()
+    assert seen[0] == (3, width - 1) and set(seen[1:]) == {(12, 1)}, seen  # the prompts once, then one token a step
+
+    torch.manual_seed(7)
+    ref = model.generate(**inputs, generation_config=_generation_config(model, cfg, 4, 6))
+    ref_ids = ref.sequences[:, width:]
+    assert ids == ref_ids.tolist()
+    ref_logprobs = policy_logprobs(torch.stack(ref.logits, dim=1), ref_ids, cfg.temperature,
+                                   vision_token_ids(model.config))
+    torch.testing.assert_close(logprobs, ref_logprobs, rtol=0, atol=1e-5)
 
 
 def test_stop_token_ends_completion(tiny_policy, shapes_dataset):
@@ -186,7 +211,7 @@ def test_training_forward_projects_only_completion_positions(tiny_model_dir, sha
     hook = model.lm_head.register_forward_hook(lambda m, args, out: projected.append(tuple(args[0].shape[:2])))
 
     kept = _logprobs_and_grads(model, batch)
-    full = _logprobs_and_grads(model, batch, _keeps_positions=lambda model_type: False)
+    full = _logprobs_and_grads(model, batch, keeps_positions=lambda model_type: False)
     hook.remove()
     span = int((batch.prompt_lens + batch.completion_lens).max() - batch.prompt_lens.min())
     assert span < batch.input_ids.shape[1] // 2

@@ -1,14 +1,19 @@
 """Sampling G completions per prompt with Hugging Face `generate` (the CPU engine, and a GPU fallback)."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
 from protocol.components import SamplingConfig
 from protocol.rollout import Completion, PromptInputs
 from vlm.inputs import left_pad_prompts, vision_token_ids
-from vlm.logprobs import policy_logprobs
+from vlm.logprobs import keeps_positions, policy_logprobs
+
+# the per-row inputs a prompt's samples repeat; pixels are not among them: the shared cache holds the image
+ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def _generation_config(model, cfg: SamplingConfig, n: int, max_new_tokens: int):
@@ -30,6 +35,33 @@ def eos_token_ids(model) -> set[int]:
     return set(ids if isinstance(ids, list) else [ids])
 
 
+@cache
+def _cache_argument(model_type: type) -> str:
+    """What the model calls its KV cache: `cache` from transformers 5.20, `past_key_values` before (vLLM's
+    CPU build pins 5.19)."""
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+def shared_prefill(model, inputs: dict, n: int) -> dict | None:
+    """generate's inputs for `n` samples of each row with the rows' prompts run through the model once.
+    `num_return_sequences` repeats every row n times before the first forward, so the prompt (hundreds of
+    image tokens at real sizes) was computed n times over; here all but its last token is, once, and the
+    KV cache repeated n times, and generate goes on from the last token: the same logits, so the same samples
+    for the same seed. None where there is nothing to share (n = 1, or the last token is not text)."""
+    ids, kinds = inputs["input_ids"], inputs.get("mm_token_type_ids")
+    if n == 1 or ids.shape[1] < 2 or (kinds is not None and bool(kinds[:, -1].any())):
+        return None
+    name = _cache_argument(type(model))
+    head = {k: v[:, :-1] if k in ROW_KEYS else v for k, v in inputs.items()}
+    keep = {"logits_to_keep": 1} if keeps_positions(type(model)) else {}
+    kv = getattr(model(**head, use_cache=True, **keep), name)
+    kv.batch_repeat_interleave(n)
+    core = getattr(model, "model", None)
+    if getattr(core, "rope_deltas", None) is not None:  # Qwen2-VL's image position offsets, one per row
+        core.rope_deltas = core.rope_deltas.repeat_interleave(n, dim=0)
+    return {**{k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in ROW_KEYS}, name: kv}
+
+
 @torch.no_grad()
 def generate_segment(model, inputs: dict, cfg: SamplingConfig, n: int, max_new_tokens: int,
                      stopping_criteria=None) -> tuple[list[list[int]], torch.Tensor]:
@@ -38,8 +70,9 @@ def generate_segment(model, inputs: dict, cfg: SamplingConfig, n: int, max_new_t
     token."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    out = model.generate(**inputs, generation_config=_generation_config(model, cfg, n, max_new_tokens),
-                         stopping_criteria=stopping_criteria)
+    shared = shared_prefill(model, inputs, n)
+    out = model.generate(**(shared or inputs), stopping_criteria=stopping_criteria,
+                         generation_config=_generation_config(model, cfg, 1 if shared else n, max_new_tokens))
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     logits = torch.stack(out.logits, dim=1)  # raw logits, [rows, steps, V]
     logprobs = policy_logprobs(logits, new_tokens, 1.0 if cfg.greedy else cfg.temperature,

@@ -45,7 +45,7 @@ def _encodes_apart(model_type: type) -> bool:
 
 
 @cache
-def _keeps_positions(model_type: type) -> bool:
+def keeps_positions(model_type: type) -> bool:
     """The model's forward projects only the positions it is given onto the vocabulary (`logits_to_keep`)."""
     return "logits_to_keep" in inspect.signature(model_type.forward).parameters
 
@@ -75,7 +75,7 @@ def completion_logits(model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.
     # the logit at position t predicts token t+1, so completion token j is predicted at prompt_len + j - 1
     pos = (batch.prompt_lens[:, None].to(device) - 1 + offsets[None, :]).clamp(max=width - 1)
     targets = batch.input_ids.gather(1, (pos + 1).clamp(max=width - 1))
-    if steps and _keeps_positions(type(getattr(model, "module", model))):
+    if steps and keeps_positions(type(getattr(model, "module", model))):
         # only the span of completion positions meets the lm_head: with a real vocabulary (152k) and a few
         # hundred image tokens per prompt, the full [N, L, V] logits were most of a micro-batch's memory.
         # A 1-D range: transformers 5.19 (vLLM's pin) takes no per-row 2-D positions
