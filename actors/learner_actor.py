@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,6 @@ import torch.distributed as dist
 from learner.allocator import check_allocator, loaded_allocator
 from learner.deepspeed_setup import import_deepspeed
 from learner.grpo import group_advantages
-from learner.worker import LearnerWorker
 from protocol.components import GRPOConfig, LearnerConfig, RedisConfig, WeightSyncConfig
 from protocol.results import LearnerStep, SFTStep, WeightUpdate
 from stream.buffer import RolloutBuffer
@@ -23,6 +23,9 @@ from telemetry.collapse import group_answer_shares
 from telemetry.timer import StageTimer
 from weights.network import bind_collectives, listen_port
 from weights.sender import WeightSender
+
+if TYPE_CHECKING:  # the driver imports this module to create the actor: transformers only where it runs
+    from learner.worker import LearnerWorker
 
 
 class LearnerActor:
@@ -69,6 +72,8 @@ class LearnerActor:
               samples_per_rank: int, total_steps: int, redis_url: str, redis_cfg: RedisConfig,
               trust_remote_code: bool = False) -> None:
         import ray
+
+        from learner.worker import LearnerWorker
 
         check_allocator(cfg.allocator, f"learner rank {self.rank} on node {ray.util.get_node_ip_address()}")
         self.algo = algo

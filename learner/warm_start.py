@@ -17,7 +17,6 @@ from learner.objective import sft_objective
 from tasks.examples import PromptExample, candidates_in, encode_source, format_target
 from vlm.cache import build_once
 from vlm.inputs import build_sequence_batch
-from vlm.processor import load_processor, save_processor
 
 
 def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: list[PromptExample],
@@ -27,6 +26,8 @@ def format_warm_start(model_path: str | Path, out_dir: str | Path, examples: lis
     resume). `styles` maps each example's data set to its prompt style (the answer format taught)."""
     def build(out: Path) -> None:
         from transformers import AutoModelForImageTextToText
+
+        from vlm.processor import load_processor, save_processor
 
         torch.manual_seed(seed)
         rng = random.Random(seed)

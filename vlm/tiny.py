@@ -14,7 +14,6 @@ import torch
 
 from protocol.components import TinyVLMSpec
 from vlm.cache import build_key, build_once, models_dir
-from vlm.processor import Qwen2VLImageOnlyProcessor, save_processor
 from vlm.tokenizer import (
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN_SPECIAL_TOKENS,
@@ -40,7 +39,7 @@ def build_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str]):
     """Return (model, processor) with random weights and a tokenizer trained on `corpus`."""
     from transformers import Qwen2VLImageProcessor
 
-    from vlm.processor import torchvision_usable
+    from vlm.processor import Qwen2VLImageOnlyProcessor, torchvision_usable
 
     # the PIL backend is what transformers falls back to anyway, minus the warning
     if not torchvision_usable():
@@ -99,6 +98,8 @@ def ensure_tiny_vlm(spec: TinyVLMSpec, corpus: Sequence[str], cache_dir: str | P
     root = models_dir(cache_dir)
 
     def write(tmp: Path) -> None:
+        from vlm.processor import save_processor
+
         model, processor = build_tiny_vlm(spec, corpus)
         model.save_pretrained(tmp)
         save_processor(processor, tmp)
