@@ -94,6 +94,8 @@ class RolloutBuffer:
         self.lost = 0  # pending entries trimmed away before anyone acked them
         self.corrupt = 0  # entries that did not decode (acked and dropped, or they would come back forever)
         self._inflight: set[str] = set()  # taken by this object, not yet acked
+        self._failures_seen = 0  # the client's failed attempts when this object last looked
+        self._lost_replies = False  # entries Redis may have delivered to us whose reply never came
         self._group_ready = False
 
     @classmethod
@@ -217,6 +219,8 @@ class RolloutBuffer:
         if not self._group_ready:
             self.ensure_group()
         out = self._claim(n)
+        if self._connection_failed() or self._lost_replies:
+            out += self._recover_lost_replies(n - len(out))
         if len(out) < n:
             resp = self._call("XREADGROUP", self._r.xreadgroup, self.group, self.consumer,
                               {self.stream: ">"}, count=n - len(out),
@@ -224,6 +228,7 @@ class RolloutBuffer:
             for _, entries in (resp.items() if isinstance(resp, dict) else resp or []):
                 for eid, fields in entries:
                     self._accept(_s(eid), fields, out)
+            self._lost_replies |= self._connection_failed()  # a retried read: the next take looks
         # Only what we hand out is in flight: if this call failed half-way, what it had claimed or read stays
         # pending on us and comes back (to us or another consumer) after claim_idle_ms instead of sticking.
         self._inflight.update(eid for eid, _ in out)
@@ -262,12 +267,38 @@ class RolloutBuffer:
                 break
         return out
 
+    def _connection_failed(self) -> bool:
+        """Whether the client failed an attempt (and retried) since the last look."""
+        failures = getattr(self._r.get_retry(), "failures", 0)
+        failed, self._failures_seen = failures != self._failures_seen, failures
+        return failed
+
+    def _own_pending(self) -> list[tuple[str, dict | None]]:
+        """Our pending entries that this object did not hand out (a history read: no fields where the data
+        is gone)."""
+        resp = self._call("XREADGROUP 0", self._r.xreadgroup, self.group, self.consumer, {self.stream: "0"})
+        return [(_s(eid), fields) for _, entries in (resp.items() if isinstance(resp, dict) else resp or [])
+                for eid, fields in entries if _s(eid) not in self._inflight]
+
+    def _recover_lost_replies(self, n: int) -> list[tuple[str, RolloutGroup]]:
+        """After a failed attempt: up to n entries Redis delivered to us whose reply was lost (the server
+        died or the connection broke after it had recorded the delivery). They are pending on us, so a
+        read of new entries never returns them, and XAUTOCLAIM would only after claim_idle_ms."""
+        own = self._own_pending()
+        self._drop_gone([eid for eid, fields in own if not fields])
+        live = [(eid, fields) for eid, fields in own if fields]
+        out: list[tuple[str, RolloutGroup]] = []
+        for eid, fields in live[:max(n, 0)]:
+            self._accept(eid, fields, out)
+        self._lost_replies = len(live) > n
+        return out
+
     def _drop_trimmed_pending(self) -> None:
         """Redis 6.2: find our pending entries whose data is gone (history reads return them empty) and ack
         them."""
-        resp = self._call("XREADGROUP 0", self._r.xreadgroup, self.group, self.consumer, {self.stream: "0"})
-        gone = [_s(eid) for _, entries in (resp.items() if isinstance(resp, dict) else resp or [])
-                for eid, fields in entries if not fields and _s(eid) not in self._inflight]
+        self._drop_gone([eid for eid, fields in self._own_pending() if not fields])
+
+    def _drop_gone(self, gone: list[str]) -> None:
         if gone:
             self._ack_ids(gone)
             self._count_lost(len(gone))

@@ -16,6 +16,7 @@ tests/test_buffer.py).
 from __future__ import annotations
 
 import atexit
+import copy
 import ctypes
 import logging
 import os
@@ -66,9 +67,19 @@ class LoggedRetry(Retry):
     def __init__(self, backoff: ExponentialBackoff, retries: int, where: str, logger: logging.Logger) -> None:
         super().__init__(backoff, retries, is_retryable=_retryable)  # on ConnectionError and TimeoutError
         self.where, self.logger = where, logger
+        self.tally = [0]  # failed attempts so far: each may have lost the reply to a command Redis ran
+
+    @property
+    def failures(self) -> int:
+        return self.tally[0]
+
+    def __deepcopy__(self, memo: dict) -> LoggedRetry:
+        # redis-py gives every connection a deep copy of the client's Retry: the copies count into one tally
+        return copy.copy(self)
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
         def failed(err: Exception, failures: int) -> None:
+            self.tally[0] += 1
             if failures <= self._retries and _retryable(err):  # a retry follows (redis-py calls this first)
                 self.logger.warning("Redis at %s: call failed (%s), retry %d/%d in %.2f s", self.where, err,
                                     failures, self._retries, self._backoff.compute(failures))

@@ -43,6 +43,31 @@ def test_appendonly_survives_a_restart(tmp_path):
         assert b.ack(ids(got)) == 4 and b.depth() == 0
 
 
+def test_entries_whose_read_reply_was_lost_come_back_on_the_next_take(tmp_path):
+    """A read that Redis carried out but whose reply never arrived (the server died or the connection broke
+    after it recorded the delivery) leaves its entries pending on this consumer, where reads of new entries
+    never return them: once a call has failed and been retried, take hands them out at once, not after
+    claim_idle_ms (the learner would wait minutes for groups it was already given)."""
+    cfg = RedisConfig(retry_attempts=3, retry_backoff_s=0.01)
+    with PrivateRedis(cfg, tmp_path) as srv:
+        producer = RolloutBuffer(srv.url, "s", "g", "P", cfg=cfg)
+        learner = RolloutBuffer(srv.url, "s", "g", "A", claim_idle_ms=60_000, cfg=cfg)
+        learner.ensure_group()
+        put = [producer.put(group(i)) for i in range(2)]
+        admin = srv.client()
+        admin.xreadgroup("g", "A", {"s": ">"}, count=2)  # what Redis recorded for the read whose reply is lost
+        first: list = []
+        reader = threading.Thread(target=lambda: first.extend(learner.take(2, block_ms=1500)))
+        reader.start()
+        wait_until(lambda: any(c["cmd"] == "xreadgroup" for c in admin.client_list()), "a blocked read")
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1  # it fails mid-call, is retried
+        reader.join(20)
+        assert not reader.is_alive() and first == []  # the retried read found nothing new
+        got = learner.take(2)
+        assert ids(got) == put and prompts(got) == ["p0", "p1"]
+        assert learner.ack(ids(got)) == 2 and learner.pending() == 0
+
+
 # ------------------------------------------------------------------------- the server crashes and comes back
 
 
