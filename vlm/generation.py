@@ -1,16 +1,14 @@
 """Sampling G completions per prompt with Hugging Face `generate` (the CPU engine, and a GPU fallback)."""
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from functools import cache
 
 import torch
 
 from protocol.components import SamplingConfig
 from protocol.rollout import Completion, PromptInputs
 from vlm.inputs import left_pad_prompts, vision_token_ids
-from vlm.logprobs import keeps_positions, policy_logprobs
+from vlm.logprobs import forward_parameters, keeps_positions, policy_logprobs
 
 # the per-row inputs a prompt's samples repeat; pixels are not among them: the shared cache holds the image
 ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -35,11 +33,10 @@ def eos_token_ids(model) -> set[int]:
     return set(ids if isinstance(ids, list) else [ids])
 
 
-@cache
 def _cache_argument(model_type: type) -> str:
     """What the model calls its KV cache: `cache` from transformers 5.20, `past_key_values` before (vLLM's
     CPU build pins 5.19)."""
-    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_parameters(model_type) else "past_key_values"
 
 
 def shared_prefill(model, inputs: dict, n: int) -> dict | None:

@@ -38,16 +38,20 @@ def policy_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: 
 
 
 @cache
+def forward_parameters(model_type: type) -> frozenset[str]:
+    """The names the model's forward takes (what a transformers version supports differs)."""
+    return frozenset(inspect.signature(model_type.forward).parameters)
+
+
 def _encodes_apart(model_type: type) -> bool:
     """The model (transformers' Qwen2-VL, Qwen2.5-VL) takes precomputed vision features."""
-    return hasattr(model_type, "get_image_features") and "mm_encoder_outputs" in inspect.signature(
-        model_type.forward).parameters
+    return (hasattr(model_type, "get_image_features")
+            and "mm_encoder_outputs" in forward_parameters(model_type))
 
 
-@cache
 def keeps_positions(model_type: type) -> bool:
     """The model's forward projects only the positions it is given onto the vocabulary (`logits_to_keep`)."""
-    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+    return "logits_to_keep" in forward_parameters(model_type)
 
 
 def model_outputs(model, batch: SequenceBatch, **kwargs):
