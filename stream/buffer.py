@@ -219,7 +219,8 @@ class RolloutBuffer:
         if not self._group_ready:
             self.ensure_group()
         out = self._claim(n)
-        if self._connection_failed() or self._lost_replies:
+        self._lost_replies |= self._connection_failed()
+        if self._lost_replies:
             out += self._recover_lost_replies(n - len(out))
         if len(out) < n:
             resp = self._call("XREADGROUP", self._r.xreadgroup, self.group, self.consumer,
